@@ -1,0 +1,199 @@
+"""Backends: the same MLP as a native model of each array library.
+
+``names()`` lists the backends usable on this machine; ``mlp(name, sizes, ...)``
+builds ``(model, params)`` with identical initial weights on every backend (drawn
+with NumPy, then converted); ``asarray`` and ``to_numpy`` move arrays between
+NumPy and a backend.
+
+Backends: ``numpy``, ``array_api_strict`` and ``cupy`` (the explicit array-API
+MLP of :mod:`curvcore.backends._mlp`), ``torch`` (``nn.Sequential`` wrapped by
+:mod:`curvcore.backends.torch`), ``jax`` (a pure function wrapped by
+:mod:`curvcore.backends.jax`).
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from ._activations import NAMES as ACTIVATIONS
+from ._activations import check_activation
+from ._mlp import ArrayAPIMLP
+
+Array = Any
+
+ALL = ("numpy", "array_api_strict", "torch", "jax", "cupy")
+_ARRAY_API = ("numpy", "array_api_strict", "cupy")
+INITS = ("lecun", "he", "uniform")
+
+__all__ = ["ALL", "ACTIVATIONS", "ArrayAPIMLP", "names", "mlp", "asarray", "to_numpy", "init_params", "namespace"]
+
+
+def _probe(name: str) -> bool:
+    """Whether backend ``name`` imports and can allocate an array here."""
+    try:
+        if name == "numpy":
+            return True
+        if name == "array_api_strict":
+            importlib.import_module("array_api_strict")
+            return True
+        if name == "cupy":
+            cp = importlib.import_module("cupy")
+            cp.empty(3)  # raises without a CUDA device
+            return True
+        importlib.import_module(f"{__name__}.{name}")  # the adapter imports its framework
+        return True
+    except Exception:
+        return False
+
+
+_AVAILABLE: dict[str, bool] = {}
+
+
+def available(name: str) -> bool:
+    """Whether backend ``name`` is usable here (cached probe)."""
+    if name not in ALL:
+        raise ValueError(f"unknown backend {name!r}; choose one of {', '.join(ALL)}")
+    if name not in _AVAILABLE:
+        _AVAILABLE[name] = _probe(name)
+    return _AVAILABLE[name]
+
+
+def names() -> list[str]:
+    """The backends importable (and, for CuPy, with a GPU) on this machine."""
+    return [n for n in ALL if available(n)]
+
+
+def _require(name: str) -> None:
+    if not available(name):
+        hint = {"cupy": "pip install 'curvcore[cupy]' on a machine with an NVIDIA GPU"}.get(
+            name, f"pip install 'curvcore[{name}]'" if name in ("torch", "jax") else f"pip install {name}"
+        )
+        raise ImportError(f"backend {name!r} is not available here ({hint})")
+
+
+def namespace(name: str) -> Any:
+    """The array-API namespace of a backend (``array_api_compat`` wrapped where needed)."""
+    _require(name)
+    if name == "numpy":
+        import array_api_compat.numpy as xp
+    elif name == "array_api_strict":
+        xp = importlib.import_module("array_api_strict")
+    elif name == "cupy":
+        import array_api_compat.cupy as xp
+    elif name == "torch":
+        import array_api_compat.torch as xp
+    else:
+        xp = importlib.import_module("jax.numpy")
+    return xp
+
+
+def _library_of(array: Any) -> str:
+    mod = type(array).__module__.split(".")[0]
+    return {"jaxlib": "jax"}.get(mod, mod)
+
+
+def to_numpy(array: Any) -> np.ndarray:
+    """A NumPy copy of an array of any backend (moved to host, detached)."""
+    lib = _library_of(array)
+    if lib == "torch":
+        return array.detach().cpu().numpy().copy()
+    if lib == "cupy":
+        return array.get()
+    if lib == "array_api_strict":
+        return np.from_dlpack(array).copy()
+    return np.array(array, copy=True)
+
+
+def asarray(name: str, array: Any, dtype: str | None = None, device: Any = None) -> Any:
+    """Convert a NumPy-compatible array to backend ``name`` (optionally casting).
+
+    Integer arrays keep an integer dtype (``int64``; ``int32`` on JAX without x64).
+    """
+    _require(name)
+    a = np.asarray(to_numpy(array) if not isinstance(array, np.ndarray) and _library_of(array) != "numpy" else array)
+    if dtype is not None and np.issubdtype(a.dtype, np.floating):
+        a = a.astype(dtype)
+    if name == "numpy":
+        return a.copy()
+    if name == "array_api_strict":
+        xp = namespace(name)
+        return xp.asarray(a.copy())
+    if name == "cupy":
+        cp = importlib.import_module("cupy")
+        if device is not None:
+            with cp.cuda.Device(_cuda_index(device)):
+                return cp.asarray(a)
+        return cp.asarray(a)
+    module = importlib.import_module(f"{__name__}.{name}")
+    return module.from_numpy(a, device=device)
+
+
+def _cuda_index(device: Any) -> int:
+    text = str(device)
+    return int(text.split(":")[1]) if ":" in text else 0
+
+
+def init_params(sizes: Sequence[int], seed: int = 0, init: str = "lecun") -> list[np.ndarray]:
+    """Initial ``[W1, b1, ...]`` in float64 NumPy, the same for every backend.
+
+    ``init="lecun"``: ``W ~ N(0, 1/n_in)``; ``"he"``: ``N(0, 2/n_in)``;
+    ``"uniform"``: ``U(-1/sqrt(n_in), 1/sqrt(n_in))`` (PyTorch's default).
+    Biases start at zero for ``lecun``/``he`` and uniform for ``uniform``.
+    """
+    if init not in INITS:
+        raise ValueError(f"unknown init {init!r}; choose one of {', '.join(INITS)}")
+    rng = np.random.default_rng(seed)
+    params: list[np.ndarray] = []
+    for n_in, n_out in zip(sizes[:-1], sizes[1:]):
+        if init == "uniform":
+            bound = 1.0 / np.sqrt(n_in)
+            params += [rng.uniform(-bound, bound, (n_out, n_in)), rng.uniform(-bound, bound, n_out)]
+        else:
+            scale = np.sqrt((2.0 if init == "he" else 1.0) / n_in)
+            params += [scale * rng.standard_normal((n_out, n_in)), np.zeros(n_out)]
+    return params
+
+
+def mlp(
+    name: str,
+    sizes: Sequence[int],
+    activation: str = "tanh",
+    dtype: str = "float64",
+    seed: int = 0,
+    device: Any = None,
+    init: str = "lecun",
+) -> tuple[Any, list[Any]]:
+    """Build the same MLP as a native model of backend ``name``.
+
+    Args:
+        name: one of :data:`ALL` (see :func:`names` for what is usable here).
+        sizes: widths, input first, e.g. ``[64, 32, 10]``.
+        activation: hidden activation: tanh, sigmoid, relu, leaky_relu
+            (slope 0.01), softplus or identity; the output layer is linear.
+        dtype: ``"float64"`` or ``"float32"``.
+        seed: seed of the NumPy draw of the initial weights.
+        device: e.g. ``"cuda"`` for torch/jax/cupy; ``None`` = the default.
+        init: ``"lecun"`` (default), ``"he"`` or ``"uniform"``; see :func:`init_params`.
+
+    Returns:
+        ``(model, params)``: a protocol model and ``[W1, b1, ...]`` on the backend.
+    """
+    if name not in ALL:
+        raise ValueError(f"unknown backend {name!r}; choose one of {', '.join(ALL)}")
+    check_activation(activation)
+    if dtype not in ("float64", "float32"):
+        raise ValueError(f"dtype must be 'float64' or 'float32', got {dtype!r}")
+    sizes = [int(s) for s in sizes]
+    if len(sizes) < 2 or min(sizes) < 1:
+        raise ValueError(f"sizes must list at least two positive widths, got {sizes}")
+    _require(name)
+    params_np = [p.astype(dtype) for p in init_params(sizes, seed, init)]
+    if name in _ARRAY_API:
+        params = [asarray(name, p, device=device) for p in params_np]
+        return ArrayAPIMLP(sizes, activation, xp=namespace(name)), params
+    module = importlib.import_module(f"{__name__}.{name}")
+    return module.build_mlp(sizes, activation, params_np, device=device)

@@ -1,0 +1,61 @@
+"""Elementwise activations and their first three derivatives, array-API code.
+
+Each entry maps ``z`` to ``(act(z), act'(z), act''(z), act'''(z))`` lazily via
+``derivatives(name, z, order)``; the MLP backend needs order 1 for JVP/VJP and
+layer records and order 3 for Taylor-mode jets.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from array_api_compat import array_namespace
+
+Array = Any
+
+LEAKY_SLOPE = 0.01
+NAMES = ("tanh", "sigmoid", "relu", "leaky_relu", "softplus", "identity")
+
+
+def check_activation(name: str) -> str:
+    """Return ``name`` if it is a known activation, else raise ``ValueError``."""
+    if name not in NAMES:
+        raise ValueError(f"unknown activation {name!r}; choose one of {', '.join(NAMES)}")
+    return name
+
+
+def _sigmoid(xp: Any, z: Array) -> Array:
+    # stable for large |z|: exp of a non-positive number only
+    e = xp.exp(-xp.abs(z))
+    return xp.where(z >= 0, 1 / (1 + e), e / (1 + e))
+
+
+def derivatives(name: str, z: Array, order: int) -> list[Array]:
+    """``[act(z), act'(z), ..., act^(order)(z)]`` for ``order`` in 0..3."""
+    xp = array_namespace(z)
+    one, zero = xp.ones_like(z), xp.zeros_like(z)
+    if name == "tanh":
+        t = xp.tanh(z)
+        d1 = 1 - t * t
+        out = [t, d1, -2 * t * d1, d1 * (6 * t * t - 2)]
+    elif name in ("sigmoid", "softplus"):
+        s = _sigmoid(xp, z)
+        d1 = s * (1 - s)
+        d2 = d1 * (1 - 2 * s)
+        d3 = d1 * (1 - 6 * s + 6 * s * s)
+        if name == "sigmoid":
+            out = [s, d1, d2, d3]
+        else:  # softplus = log(1 + e^z), stable form; its derivatives are the sigmoid's
+            sp = xp.where(z > 0, z, zero) + xp.log(1 + xp.exp(-xp.abs(z)))
+            out = [sp, s, d1, d2]
+    elif name == "relu":
+        pos = z > 0
+        out = [xp.where(pos, z, zero), xp.where(pos, one, zero), zero, zero]
+    elif name == "leaky_relu":
+        pos = z > 0
+        out = [xp.where(pos, z, LEAKY_SLOPE * z), xp.where(pos, one, LEAKY_SLOPE * one), zero, zero]
+    elif name == "identity":
+        out = [z, one, zero, zero]
+    else:
+        check_activation(name)
+    return out[: order + 1]

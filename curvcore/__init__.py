@@ -1,0 +1,29 @@
+"""curvcore: second-order training methods written once over the Python array API.
+
+>>> import curvcore as cc
+>>> model, params = cc.backends.mlp("numpy", [64, 32, 10], activation="tanh", seed=0)
+>>> opt = cc.SGD(lr=0.1, momentum=0.9)
+>>> state = opt.init(params)
+"""
+
+from . import losses, methods
+from .methods import REGISTRY
+from .methods import get as get_method
+from .methods import names as method_names
+from .methods.adam import Adam
+from .methods.sgd import SGD
+from .protocol import LayerRecord, Model
+
+from . import backends  # noqa: E402  (backends import the core; keep last)
+
+__version__ = "0.1.0"
+
+
+def __getattr__(name: str):
+    """Every registered method class by name (``cc.CurveBall``)."""
+    return getattr(methods, name)
+
+
+__all__ = [
+    "Adam", "SGD", "LayerRecord", "Model", "REGISTRY", "backends", "get_method", "losses", "method_names",
+]

@@ -1,0 +1,64 @@
+"""Adam (Kingma & Ba 2015): the adaptive first-order baseline."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, NamedTuple
+
+
+from .._checks import check_interval, check_nonnegative, check_positive
+from ..protocol import Array, tree_map, tree_sub, tree_zeros_like
+from ._base import Method, check_grads_finite, count_as_float, step_info, value_and_grad, zero_count
+from ._registry import register
+
+
+class AdamState(NamedTuple):
+    """First and second moment estimates (like params) and the step counter."""
+
+    m: list
+    v: list
+    count: Any
+
+
+class Adam(Method):
+    """Adam: ``m <- b1 m + (1-b1) g``, ``v <- b2 v + (1-b2) g^2``,
+    ``theta <- theta - lr mhat / (sqrt(vhat) + eps)`` with bias-corrected
+    ``mhat = m/(1-b1^t)``, ``vhat = v/(1-b2^t)``. Cost: one forward, one VJP.
+
+    Args:
+        lr: learning rate > 0.
+        betas: ``(b1, b2)``, each in [0, 1).
+        eps: denominator offset > 0.
+    """
+
+    def __init__(self, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8):
+        check_positive("lr", lr)
+        if len(betas) != 2:
+            raise ValueError(f"betas must be a pair (b1, b2), got {betas!r}")
+        check_interval("betas[0]", betas[0], 0.0, 1.0, "[)")
+        check_interval("betas[1]", betas[1], 0.0, 1.0, "[)")
+        check_nonnegative("eps", eps)
+        self.lr, self.betas, self.eps = lr, tuple(betas), eps
+
+    def init(self, params: Sequence[Array]) -> AdamState:
+        """Zero moments, count 0."""
+        return AdamState(m=tree_zeros_like(params), v=tree_zeros_like(params), count=zero_count(params))
+
+    def step(self, model: Any, loss: Any, params: Sequence[Array], state: AdamState, x: Array, y: Array):
+        """One Adam step; returns ``(params, state, info)`` with ``loss``, ``step_norm``."""
+        xp = self._check_inputs(model, params, x, y)
+        self._check_state_tree("state.m", state.m, params)
+        self._check_state_tree("state.v", state.v, params)
+        value, g, _ = value_and_grad(model, loss, params, x, y)
+        check_grads_finite(g, self.validate)
+        b1, b2 = self.betas
+        count = state.count + 1
+        t = count_as_float(count, params[0])
+        m = tree_map(lambda mi, gi: b1 * mi + (1 - b1) * gi, state.m, g)
+        v = tree_map(lambda vi, gi: b2 * vi + (1 - b2) * gi * gi, state.v, g)
+        c1, c2 = 1 - b1**t, 1 - b2**t
+        delta = tree_map(lambda mi, vi: self.lr * (mi / c1) / (xp.sqrt(vi / c2) + self.eps), m, v)
+        return tree_sub(params, delta), AdamState(m=m, v=v, count=count), step_info(value, delta)
+
+
+register("adam", Adam, compare={"lr": 1e-2}, test={"lr": 1e-2}, description="Adam (baseline)")

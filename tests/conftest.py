@@ -1,0 +1,55 @@
+"""Shared fixtures: backends (skipped cleanly when missing), problems, tolerances."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import numpy as np
+import pytest
+
+sys.path.insert(0, os.path.dirname(__file__))
+
+try:  # float64 in JAX must be switched on before any JAX array exists (tests only)
+    import jax
+
+    jax.config.update("jax_enable_x64", True)
+    jax.config.update("jax_default_matmul_precision", "highest")
+except ImportError:  # pragma: no cover - jax is in the test extra
+    pass
+
+import curvcore as cc  # noqa: E402
+from cases import make_problem  # noqa: E402
+
+ALL_BACKENDS = list(cc.backends.ALL)
+
+
+def backend_param(name: str):
+    """A pytest param for a backend that skips (with the reason) when it is unavailable."""
+    reason = f"backend {name!r} not available here"
+    if name == "cupy":
+        reason = "cupy is not installed or no CUDA device is present"
+    return pytest.param(name, id=name, marks=pytest.mark.skipif(not cc.backends.available(name), reason=reason))
+
+
+BACKENDS = [backend_param(n) for n in ALL_BACKENDS]
+# the array-API MLP backends: protocol checks that must hold without autodiff
+ARRAY_API_BACKENDS = [backend_param(n) for n in ("numpy", "array_api_strict", "cupy")]
+
+
+@pytest.fixture(params=BACKENDS)
+def backend(request):
+    """Every backend, skipped where missing."""
+    return request.param
+
+
+@pytest.fixture(params=ARRAY_API_BACKENDS)
+def array_api_backend(request):
+    """numpy, array_api_strict, cupy."""
+    return request.param
+
+
+@pytest.fixture
+def problem():
+    """``make_problem`` as a fixture: ``problem(backend, sizes=..., ...)``."""
+    return make_problem
