@@ -29,7 +29,10 @@ ALL = ("numpy", "array_api_strict", "torch", "jax", "cupy")
 _ARRAY_API = ("numpy", "array_api_strict", "cupy")
 INITS = ("lecun", "he", "uniform")
 
-__all__ = ["ALL", "ACTIVATIONS", "ArrayAPIMLP", "names", "mlp", "asarray", "to_numpy", "init_params", "namespace"]
+__all__ = [
+    "ALL", "ACTIVATIONS", "ArrayAPIMLP", "available", "asarray", "block_until_ready", "init_params", "mlp", "names",
+    "namespace", "to_numpy",
+]
 
 
 def _probe(name: str) -> bool:
@@ -197,3 +200,32 @@ def mlp(
         return ArrayAPIMLP(sizes, activation, xp=namespace(name)), params
     module = importlib.import_module(f"{__name__}.{name}")
     return module.build_mlp(sizes, activation, params_np, device=device)
+
+
+def block_until_ready(tree: Any) -> Any:
+    """Wait until the device work producing ``tree`` (an array or list of arrays) is done.
+
+    CUDA (torch, CuPy) and JAX calls return before the work finishes; timings
+    must synchronise. A no-op for NumPy and ``array_api_strict``.
+    """
+    leaves = list(tree) if isinstance(tree, (list, tuple)) else [tree]
+    if not leaves:
+        return tree
+    lib = _library_of(leaves[0])
+    if lib == "jax":
+        importlib.import_module("jax").block_until_ready(leaves)
+    elif lib == "torch" and leaves[0].is_cuda:
+        importlib.import_module("torch").cuda.synchronize(leaves[0].device)
+    elif lib == "cupy":
+        importlib.import_module("cupy").cuda.get_current_stream().synchronize()
+    return tree
+
+
+def enable_jax_x64() -> None:
+    """Switch JAX to float64 (``jax_enable_x64``) if JAX is available.
+
+    The library never does this on import; call it (or set ``JAX_ENABLE_X64=1``)
+    before creating JAX arrays when float64 is wanted.
+    """
+    if available("jax"):
+        importlib.import_module("jax").config.update("jax_enable_x64", True)

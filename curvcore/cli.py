@@ -1,0 +1,268 @@
+"""Command line: ``curvcore compare`` trains an MLP on digits with every registered method.
+
+Example::
+
+    curvcore compare                          # every method, NumPy backend
+    curvcore compare --methods curveball,sgd --backend torch --epochs 10
+    curvcore compare --backend all            # same method on every backend, max param difference
+    curvcore compare --list                   # registered methods
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from . import backends, losses
+from .data import digits, one_hot
+from .methods import REGISTRY
+
+BASELINES = ("sgd", "adam")
+
+
+def _ordered_methods() -> list[str]:
+    """Baselines first, then the curvature methods in registry order."""
+    return [m for m in BASELINES if m in REGISTRY] + [m for m in REGISTRY if m not in BASELINES]
+
+
+def _parse_methods(text: str | None) -> list[str]:
+    if not text or text == "all":
+        return _ordered_methods()
+    names = [m.strip() for m in text.split(",") if m.strip()]
+    unknown = [m for m in names if m not in REGISTRY]
+    if unknown:
+        raise SystemExit(f"unknown method(s) {', '.join(unknown)}; registered: {', '.join(_ordered_methods())}")
+    return names
+
+
+def _parse_backends(text: str) -> list[str]:
+    if text == "all":
+        return backends.names()
+    if text not in backends.ALL:
+        raise SystemExit(f"unknown backend {text!r}; choose one of {', '.join(backends.ALL)} or 'all'")
+    if not backends.available(text):
+        raise SystemExit(f"backend {text!r} is not available here (installed: {', '.join(backends.names())})")
+    return [text]
+
+
+def _step_function(opt: Any, model: Any, loss: Any, backend: str):
+    """``opt.step`` bound to model and loss; ``jax.jit``-ed on the JAX backend."""
+    if backend == "jax":
+        from .backends import jax as jax_backend
+
+        jitted = jax_backend.jit_step(opt, model, loss)
+        return lambda params, state, x, y, **kw: jitted(params, state, x, y, **kw)
+    return lambda params, state, x, y, **kw: opt.step(model, loss, params, state, x, y, **kw)
+
+
+def _evaluate(model: Any, loss: Any, params: list, data: dict) -> tuple[float, float]:
+    """Full training-set loss and test accuracy."""
+    train_loss = float(loss.value(model.forward(params, data["x_train"]), data["y_train"]))
+    logits = backends.to_numpy(model.forward(params, data["x_test"]))
+    acc = float(np.mean(np.argmax(logits, axis=1) == data["labels_test"]))
+    return train_loss, acc
+
+
+def train_one(method: str, backend: str, args: argparse.Namespace, progress: Any = None) -> dict:
+    """Train one method on one backend; return its history and summary."""
+    spec = REGISTRY[method]
+    loss_name = args.loss
+    if loss_name not in spec.losses:
+        return {"method": method, "backend": backend, "error": f"{method} does not support loss {loss_name!r}"}
+    split = digits(seed=0)
+    sizes = [split.x_train.shape[1], *args.hidden, 10]
+    model, params = backends.mlp(backend, sizes, activation=args.activation, dtype=args.dtype,
+                                 seed=args.seed, device=args.device)
+    loss = losses.get(loss_name)
+
+    def put(a: np.ndarray) -> Any:
+        return backends.asarray(backend, a.astype(args.dtype) if a.dtype.kind == "f" else a, device=args.device)
+
+    y_train = one_hot(split.y_train) if loss_name == "mse" else split.y_train
+    y_test = one_hot(split.y_test) if loss_name == "mse" else split.y_test
+    data = {"x_train": put(split.x_train), "y_train": put(y_train), "x_test": put(split.x_test),
+            "y_test": put(y_test), "labels_test": split.y_test}
+    opt = spec.make()
+    state = opt.init(params)
+    step = _step_function(opt, model, loss, backend)
+    rng = np.random.default_rng(args.seed)
+    n, bs = split.x_train.shape[0], args.batch_size
+    history = {"epoch": [0], "wall": [0.0], "train_loss": [], "test_acc": []}
+    tl, acc = _evaluate(model, loss, params, data)
+    history["train_loss"].append(tl)
+    history["test_acc"].append(acc)
+    step_times: list[float] = []
+    wall = 0.0
+    try:
+        for epoch in range(1, args.epochs + 1):
+            order = rng.permutation(n)
+            for start in range(0, n - bs + 1, bs):  # drop the last partial batch (static shapes for jit)
+                idx = order[start:start + bs]
+                kwargs = {}
+                if getattr(opt, "needs_refresh", None) is not None and opt.needs_refresh(state):
+                    kwargs["cov_batch"] = put(split.x_train[rng.choice(n, size=min(200, n), replace=False)])
+                xb, yb = put(split.x_train[idx]), put(y_train[idx])
+                t0 = time.perf_counter()
+                params, state, info = step(params, state, xb, yb, **kwargs)
+                backends.block_until_ready(params)
+                dt = time.perf_counter() - t0
+                step_times.append(dt)
+                wall += dt
+                if progress is not None:
+                    progress.update(1)
+                    progress.set_postfix(loss=f"{float(info['loss']):.4f}", refresh=False)
+            tl, acc = _evaluate(model, loss, params, data)
+            for key, val in (("epoch", epoch), ("wall", wall), ("train_loss", tl), ("test_acc", acc)):
+                history[key].append(val)
+            if not np.isfinite(tl):
+                raise FloatingPointError(f"training loss became {tl}")
+    except (ValueError, FloatingPointError, np.linalg.LinAlgError) as err:
+        return {"method": method, "backend": backend, "error": f"{type(err).__name__}: {err}", "history": history}
+    # the first step may include compilation (jax.jit); the median is robust to it
+    return {
+        "method": method, "backend": backend, "settings": repr(opt), "history": history,
+        "train_loss": history["train_loss"][-1], "test_acc": history["test_acc"][-1], "wall": wall,
+        "steps": len(step_times), "step_ms": 1e3 * float(np.median(step_times)),
+        "params": [backends.to_numpy(p) for p in params],
+    }
+
+
+def _table(runs: Sequence[dict]) -> str:
+    """Markdown table of the runs, with time per step relative to SGD on the same backend."""
+    sgd = {r["backend"]: r["step_ms"] for r in runs if r["method"] == "sgd" and "step_ms" in r}
+    lines = ["| method | backend | train loss | test acc | wall (s) | ms/step | step / SGD step |",
+             "|---|---|---|---|---|---|---|"]
+    for r in runs:
+        if "error" in r:
+            lines.append(f"| {r['method']} | {r['backend']} | failed: {r['error'][:60]} | | | | |")
+            continue
+        ratio = f"{r['step_ms'] / sgd[r['backend']]:.2f}" if r["backend"] in sgd else "n/a"
+        lines.append(f"| {r['method']} | {r['backend']} | {r['train_loss']:.4f} | {r['test_acc']:.3f} | "
+                     f"{r['wall']:.2f} | {r['step_ms']:.2f} | {ratio} |")
+    return "\n".join(lines)
+
+
+def _backend_differences(runs: Sequence[dict]) -> dict[str, float]:
+    """Largest absolute parameter difference between backends, per method (vs the first backend)."""
+    out: dict[str, float] = {}
+    for method in dict.fromkeys(r["method"] for r in runs):
+        ok = [r for r in runs if r["method"] == method and "params" in r]
+        if len(ok) < 2:
+            continue
+        ref = ok[0]["params"]
+        out[method] = max(float(np.max(np.abs(a - b))) for r in ok[1:] for a, b in zip(r["params"], ref))
+    return out
+
+
+def _plot(runs: Sequence[dict], path: str, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.2))
+    for r in runs:
+        h = r.get("history")
+        if not h or not h["train_loss"]:
+            continue
+        label = r["method"] if len({q["backend"] for q in runs}) == 1 else f"{r['method']} ({r['backend']})"
+        k = len(h["train_loss"])
+        ax1.plot(h["epoch"][:k], h["train_loss"], marker="o", ms=3, label=label)
+        ax2.plot(h["wall"][:k], h["train_loss"], marker="o", ms=3, label=label)
+    for ax, xlabel in ((ax1, "epoch"), (ax2, "training wall time (s)")):
+        ax.set_yscale("log")
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel("full training-set loss")
+        ax.grid(True, alpha=0.3)
+    ax1.legend(fontsize=8)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def compare(args: argparse.Namespace) -> list[dict]:
+    """Run ``curvcore compare``: train, print the table, write JSON and PNG into ``args.out``."""
+    from tqdm.auto import tqdm
+
+    methods = _parse_methods(args.methods)
+    backend_names = _parse_backends(args.backend)
+    split_n = digits(seed=0).x_train.shape[0]
+    steps = args.epochs * (split_n // args.batch_size)
+    runs = []
+    with tqdm(total=steps * len(methods) * len(backend_names), disable=args.quiet, unit="step",
+              file=sys.stderr, mininterval=0.5) as bar:
+        for method in methods:
+            for backend in backend_names:
+                bar.set_description(f"{method} on {backend}")
+                runs.append(train_one(method, backend, args, bar))
+    print(_table(runs))
+    diffs = _backend_differences(runs) if len(backend_names) > 1 else {}
+    if diffs:
+        print("\nLargest parameter difference between backends after training:")
+        for m, d in diffs.items():
+            print(f"  {m}: {d:.3e}")
+    os.makedirs(args.out, exist_ok=True)
+    title = (f"digits, MLP {[64, *args.hidden, 10]} {args.activation}, {args.loss}, batch {args.batch_size}, "
+             f"{args.dtype}")
+    _plot(runs, os.path.join(args.out, "compare.png"), title)
+    with open(os.path.join(args.out, "results.json"), "w") as fh:
+        json.dump({"args": {k: v for k, v in vars(args).items() if k != "func"},
+                   "runs": [{k: v for k, v in r.items() if k != "params"} for r in runs],
+                   "max_param_difference_between_backends": diffs}, fh, indent=1)
+    print(f"\nwrote {os.path.join(args.out, 'compare.png')} and {os.path.join(args.out, 'results.json')}")
+    return runs
+
+
+def _list(_: argparse.Namespace) -> None:
+    for name in _ordered_methods():
+        spec = REGISTRY[name]
+        print(f"{name:16s} {spec.cls.__name__:14s} {spec.description}  (compare settings: {spec.compare})")
+    print(f"\nbackends available here: {', '.join(backends.names())}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``curvcore`` argument parser."""
+    parser = argparse.ArgumentParser(prog="curvcore", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("compare", help="train an MLP on digits with every registered method")
+    p.add_argument("--backend", default="numpy", help=f"one of {', '.join(backends.ALL)}, or 'all'")
+    p.add_argument("--methods", default="all", help="comma-separated method names (default: all registered)")
+    p.add_argument("--epochs", type=int, default=5)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--hidden", type=lambda s: [int(v) for v in s.split(",") if v], default=[32],
+                   help="hidden widths, comma-separated (default 32)")
+    p.add_argument("--activation", default="tanh")
+    p.add_argument("--loss", default="ce", choices=["ce", "mse"])
+    p.add_argument("--dtype", default="float64", choices=["float64", "float32"])
+    p.add_argument("--device", default=None, help="e.g. cuda for torch/jax/cupy")
+    p.add_argument("--out", default="compare_out", help="folder for compare.png and results.json")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--list", action="store_true", help="list the registered methods and exit")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``curvcore`` command."""
+    args = build_parser().parse_args(argv)
+    if args.list:
+        _list(args)
+        return 0
+    if args.epochs < 1 or args.batch_size < 1:
+        raise SystemExit("--epochs and --batch-size must be >= 1")
+    if args.backend in ("jax", "all") and args.dtype == "float64":
+        backends.enable_jax_x64()  # float64 on JAX for this command-line run only
+    runs = compare(args)
+    return 0 if all("error" not in r for r in runs) else 1
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
