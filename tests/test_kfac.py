@@ -1,0 +1,235 @@
+"""K-FAC and centered gradient descent: check C7 of shared/spec/acp.md §8, MC Fisher, the PSD solver.
+
+References: explicit ``np.kron`` solves, complex-step gradients and per-example
+``dL/dz`` (``acp_reference.py``), ``numpy.linalg``.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import curvcore as cc
+from acp_reference import grads, kfac_kron_step, layer_inputs, per_example_dz, to_np
+from cases import make_problem
+from curvcore import _linalg
+from reference import assert_rel, softmax
+
+SIZES = [4, 6, 5, 3]
+
+
+def _deltas(new, old):
+    return [a - b for a, b in zip(to_np(new), to_np(old))]
+
+
+def _mc_delta(loss_name, f, seed, count):
+    """The documented MC draw, replicated: default_rng([seed, count]); MSE noise, CE inverse-CDF sampling."""
+    rng = np.random.default_rng([seed, count])
+    B, C = f.shape
+    if loss_name == "mse":
+        return -rng.standard_normal((B, C))  # delta = f - y~ with y~ = f + noise
+    u = rng.random((B, 1))
+    labels = np.minimum((np.cumsum(softmax(f), axis=1) < u).sum(1), C - 1)
+    return softmax(f) - np.eye(C)[labels]
+
+
+# --------------------------------------------------------------------------- C7 (K-FAC)
+@pytest.mark.parametrize("fisher", ["empirical", "mc"])
+@pytest.mark.parametrize("loss_name", ["mse", "ce"])
+def test_c7_kfac_equals_explicit_kronecker_solve(backend, loss_name, fisher):
+    """C7: K-FAC == -lr (G_d kron A_d)^-1 vec_row([gW gb]) built with np.kron (<= 1e-10)."""
+    model, params, x, y, loss = make_problem(backend, SIZES, "tanh", loss_name, batch=9, seed=12, shift=0.4)
+    lr, damping, seed = 0.3, 1e-2, 5
+    opt = cc.KFAC(lr=lr, damping=damping, refresh_every=1, fisher=fisher, seed=seed)
+    state = opt.init(params)._replace(count=opt.init(params).count + 4)  # an MC draw at count 4
+    new, _, info = opt.step(model, loss, params, state, x, y)
+    got = _deltas(new, params)
+    ps, xn, yn = to_np(params), cc.backends.to_numpy(x), cc.backends.to_numpy(y)
+    g = grads(SIZES, "tanh", loss_name, ps, xn, yn)
+    a = layer_inputs(SIZES, "tanh", ps, xn)
+    B = xn.shape[0]
+    if fisher == "mc":  # per-example dl/dz at the sampled targets: the output delta pulled back layer by layer
+        from acp_reference import forward_from
+
+        f = forward_from(SIZES, "tanh", ps, xn)
+        dout = _mc_delta(loss_name, f, seed, 4)
+    for k in range(len(SIZES) - 1):
+        if fisher == "empirical":
+            delta = B * per_example_dz(SIZES, "tanh", loss_name, ps, xn, yn, k)
+        else:
+            delta = dout
+            for j in range(len(SIZES) - 2, k, -1):  # delta_k = (delta_{k+1} W_{k+1}) * tanh'(z_k)
+                z = a[j]  # a[j] = tanh(z_{j-1})
+                delta = (delta @ ps[2 * j]) * (1 - z ** 2)
+        dW, db = kfac_kron_step(a[k], delta, g[2 * k], g[2 * k + 1], damping, lr)
+        assert_rel(got[2 * k], dW, 1e-10, f"dW{k}")
+        assert_rel(got[2 * k + 1], db, 1e-10, f"db{k}")
+    assert float(info["refreshed"]) == 1.0
+
+
+def test_kfac_refresh_interval_keeps_factors(backend):
+    """With refresh_every=3 the inverses change only at counts 0, 3, 6 and are reused in between."""
+    model, params, x, y, loss = make_problem(backend, SIZES, "tanh", "ce", batch=9, seed=1)
+    opt = cc.KFAC(lr=0.1, refresh_every=3)
+    state = opt.init(params)
+    flags = []
+    for t in range(7):
+        params_before, state_before = params, state
+        params, state, info = opt.step(model, loss, params, state, x, y)
+        flags.append(float(info["refreshed"]))
+        if t % 3:
+            for a, b in zip(state.A_inv + state.G_inv, state_before.A_inv + state_before.G_inv):
+                assert np.array_equal(cc.backends.to_numpy(a), cc.backends.to_numpy(b))
+    assert flags == [1.0, 0.0, 0.0, 1.0, 0.0, 0.0, 1.0]
+
+
+@pytest.mark.parametrize("loss_name", ["mse", "ce"])
+def test_kfac_mc_fisher_matches_its_expectation(loss_name):
+    """Last layer: E[G_mc] = 1/B sum_i H_i (MSE: I; CE: diag p_i - p_i p_i^T); the error shrinks with repeats."""
+    model, params, x, y, loss = make_problem("numpy", [4, 5, 3], "tanh", loss_name, batch=6, seed=2)
+    f = model.forward(params, x)
+    B = f.shape[0]
+    expected = np.eye(3) if loss_name == "mse" else sum(np.diag(p) - np.outer(p, p) for p in softmax(f)) / B
+    root = np.sqrt(1e-2)
+    Gs = []
+    for seed in range(400):
+        opt = cc.KFAC(fisher="mc", seed=seed)
+        st = opt.step(model, loss, params, opt.init(params), x, y)[1]
+        Gs.append(np.linalg.inv(st.G_inv[-1]) - root * np.eye(3))
+    errs = [np.max(np.abs(np.mean(Gs[:n], axis=0) - expected)) / np.max(np.abs(expected)) for n in (25, 400)]
+    assert errs[1] < errs[0] and errs[1] < 0.15, errs
+    # the same seed and count give the same draw; another count another one
+    opt = cc.KFAC(fisher="mc", seed=3)
+    s0 = opt.init(params)
+    g1 = opt.step(model, loss, params, s0, x, y)[1].G_inv[-1]
+    g2 = opt.step(model, loss, params, s0, x, y)[1].G_inv[-1]
+    g3 = opt.step(model, loss, params, s0._replace(count=s0.count + 1), x, y)[1].G_inv[-1]
+    assert np.array_equal(g1, g2) and not np.allclose(g1, g3)
+
+
+def test_kfac_singular_factor_and_bad_loss():
+    model, params, x, y, loss = make_problem("numpy", [4, 5, 3], "tanh", "ce", batch=2, seed=0)
+    opt = cc.KFAC(damping=0.0)
+    with pytest.raises(ValueError, match=r"KFAC: the damped .* factor .* of layer \d is not positive definite"):
+        opt.step(model, loss, params, opt.init(params), x, y)
+
+    class Other(cc.losses.MSE):
+        name = "huber"
+
+    opt = cc.KFAC(fisher="mc")
+    with pytest.raises(ValueError, match="KFAC: fisher='mc' supports"):
+        opt.step(model, Other(), params, opt.init(params), x, cc.backends.asarray("numpy", np.zeros((2, 3))))
+
+
+def test_kfac_mc_refuses_jit():
+    if not cc.backends.available("jax"):
+        pytest.skip("backend 'jax' not available here")
+    import jax
+
+    model, params, x, y, loss = make_problem("jax", SIZES, "tanh", "ce", batch=9, seed=1)
+    opt = cc.KFAC(fisher="mc")
+    with pytest.raises(TypeError, match="KFAC: fisher='mc'.*cannot run inside jax.jit"):
+        jax.jit(lambda p, s: opt.step(model, loss, p, s, x, y))(params, opt.init(params))
+    emp = cc.KFAC(refresh_every=2)
+    jstep = jax.jit(lambda p, s: emp.step(model, loss, p, s, x, y))
+    p, s = params, emp.init(params)
+    for _ in range(3):
+        p, s, _ = jstep(p, s)
+    ref_model, ref_params, x0, y0, _ = make_problem("numpy", SIZES, "tanh", "ce", batch=9, seed=1)
+    rs = emp.init(ref_params)
+    for _ in range(3):
+        ref_params, rs, _ = emp.step(ref_model, loss, ref_params, rs, x0, y0)
+    for a, b in zip(to_np(p), ref_params):
+        assert_rel(a, b, 1e-10, "jit K-FAC vs numpy")
+
+
+# --------------------------------------------------------------------------- C7 (centered GD)
+def test_c7_centered_gd_equals_sgd_on_zero_mean_inputs(backend):
+    """C7: one layer whose inputs have zero batch mean: centered GD == SGD (<= 1e-13)."""
+    rng = np.random.default_rng(4)
+    X = rng.standard_normal((12, 5))
+    X = X - X.mean(0)
+    model, params = cc.backends.mlp(backend, [5, 3], activation="identity", seed=3)
+    x = cc.backends.asarray(backend, X)
+    y = cc.backends.asarray(backend, rng.integers(0, 3, 12))
+    loss = cc.losses.CrossEntropy()
+    for bc in (False, True):
+        c = cc.CenteredSGD(lr=0.3, bias_correction=bc)
+        s = cc.SGD(lr=0.3)
+        pc = to_np(c.step(model, loss, params, c.init(params), x, y)[0])
+        ps = to_np(s.step(model, loss, params, s.init(params), x, y)[0])
+        for k, (a, b) in enumerate(zip(pc, ps)):
+            assert_rel(a, b, 1e-13, f"params[{k}]")
+
+
+@pytest.mark.parametrize("bias_correction", [False, True])
+def test_centered_gd_matches_reference(backend, bias_correction):
+    """Alg 3: dW = -lr sum_i g_i (a_i - abar)^T, db = -lr sum_i g_i (- dW abar), on a shifted MLP."""
+    model, params, x, y, loss = make_problem(backend, SIZES, "sigmoid", "mse", batch=8, seed=5, shift=1.5)
+    opt = cc.CenteredSGD(lr=0.4, bias_correction=bias_correction)
+    got = _deltas(opt.step(model, loss, params, opt.init(params), x, y)[0], params)
+    ps, xn, yn = to_np(params), cc.backends.to_numpy(x), cc.backends.to_numpy(y)
+    for k, a in enumerate(layer_inputs(SIZES, "sigmoid", ps, xn)):
+        g = per_example_dz(SIZES, "sigmoid", "mse", ps, xn, yn, k)
+        dW = -0.4 * g.T @ (a - a.mean(0))
+        db = -0.4 * g.sum(0) - (dW @ a.mean(0) if bias_correction else 0)
+        assert_rel(got[2 * k], dW, 1e-12, f"dW{k}")
+        assert_rel(got[2 * k + 1], db, 1e-12, f"db{k}")
+
+
+def test_centered_gd_bias_corrected_is_acp_with_identity_covariance():
+    """bias_correction=True is ACP with C := I, alpha = 1, eps = 0 (spec §5)."""
+    model, params, x, y, loss = make_problem("numpy", SIZES, "tanh", "ce", batch=8, seed=6, shift=1.0)
+    acp = cc.ACP(lr=0.2, eps=0.0, alpha=1.0, refresh_every=1000)
+    state = acp.init(params)._replace(count=acp.init(params).count + 1)  # no refresh at count 1
+    state = state._replace(s=[np.ones_like(s) for s in state.s])
+    pa = acp.step(model, loss, params, state, x, y)[0]
+    c = cc.CenteredSGD(lr=0.2, bias_correction=True)
+    pc = c.step(model, loss, params, c.init(params), x, y)[0]
+    for k, (a, b) in enumerate(zip(pa, pc)):
+        assert_rel(a, b, 1e-13, f"params[{k}]")
+
+
+# --------------------------------------------------------------------------- cross-backend (C8 style)
+@pytest.mark.parametrize("name", ["kfac", "centered_sgd"])
+@pytest.mark.parametrize("steps", [1, 10])
+def test_cross_backend(backend, name, steps):
+    def run(b):
+        model, params, x, y, loss = make_problem(b, SIZES, "tanh", "ce", batch=10, seed=9)
+        opt = cc.get_method(name).make_test()
+        state = opt.init(params)
+        for _ in range(steps):
+            params, state, _ = opt.step(model, loss, params, state, x, y)
+        return to_np(params)
+
+    for k, (a, b) in enumerate(zip(run(backend), run("numpy"))):
+        assert_rel(a, b, 1e-10, f"{name} params[{k}]")
+
+
+def test_kfac_mc_cross_backend(backend):
+    def run(b):
+        model, params, x, y, loss = make_problem(b, SIZES, "tanh", "mse", batch=10, seed=9)
+        opt = cc.KFAC(lr=0.1, fisher="mc", seed=7, refresh_every=2)
+        state = opt.init(params)
+        for _ in range(5):
+            params, state, _ = opt.step(model, loss, params, state, x, y)
+        return to_np(params)
+
+    for k, (a, b) in enumerate(zip(run(backend), run("numpy"))):
+        assert_rel(a, b, 1e-10, f"params[{k}]")
+
+
+# --------------------------------------------------------------------------- _linalg.solve_psd
+def test_solve_psd_native_and_fallback(backend):
+    """solve_psd (scipy / torch / jax Cholesky, xp.linalg.solve fallback) == numpy.linalg.solve; errors."""
+    rng = np.random.default_rng(0)
+    M = rng.standard_normal((6, 6))
+    A = M @ M.T + 0.1 * np.eye(6)
+    b = rng.standard_normal((6, 2))
+    put = lambda a: cc.backends.asarray(backend, a)  # noqa: E731
+    assert_rel(cc.backends.to_numpy(_linalg.solve_psd(put(A), put(b))), np.linalg.solve(A, b), 1e-12, "matrix rhs")
+    assert_rel(cc.backends.to_numpy(_linalg.solve_psd(put(A), put(b[:, 0]))), np.linalg.solve(A, b[:, 0]), 1e-12,
+               "vector rhs")
+    assert_rel(cc.backends.to_numpy(_linalg.inv_psd(put(A))), np.linalg.inv(A), 1e-12, "inverse")
+    with pytest.raises(ValueError, match="my factor is not positive definite"):
+        _linalg.solve_psd(put(np.zeros((3, 3))), put(np.ones(3)), what="my factor")
