@@ -1,0 +1,375 @@
+"""Per-layer math shared by ESN and MK (spec ``shared/spec/esn_mk.md``), as pure functions.
+
+Everything here works on the protocol's layer records (``LayerRecord``) and
+plain arrays, over the array API. Notation (spec §1), per sample ``p`` and
+layer ``k = 1..n`` (list index ``k - 1``):
+
+* ``a_k``: the layer input (B, n_{k-1}); ``D_k``: ``act'(z_k)`` (B, n_k);
+* ``ĝ_k = B * record.g``: the per-sample gradient ``dℓ_p/dz_k`` (B, n_k);
+* ``ρ_k``: the penalty weight on ``a_k`` (per sample, shape (B,)); the
+  regularised per-sample objective is ``J_R = ℓ + Σ_{k>=2} ρ_k/2 ||a_k||²``;
+* ``γ_k = ||ĝ_k||²``, ``s_k = ||a_k||²``, ``m_k = max_i |D_{k,i}|``;
+* ``q = A⁺ ĝ_n``: the granular term (Newton step on the output bias alone).
+
+Reductions over the batch go through :mod:`curvcore._reduce`; reductions over
+features (per-sample norms) are plain ``xp.sum(..., axis=1)``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, NamedTuple
+
+from array_api_compat import array_namespace
+from array_api_compat import device as _dev
+
+from .._checks import concrete_bool
+from .._linalg import eigh
+from .._reduce import batch_gram, batch_mean, batch_sum
+from ..losses import MSE, CrossEntropy
+from ..protocol import Array, LayerRecord
+from ..protocol import tree_scale, tree_sub
+from ._base import Method, check_grads_finite, step_info
+
+
+class Terms(NamedTuple):
+    """The per-sample pieces of one step (lists have one entry per layer).
+
+    Attributes:
+        a: layer inputs ``a_k`` (B, n_{k-1}).
+        ghat: per-sample gradients ``ĝ_k`` used by the formulas (regularised
+            when ``reg_grad``), (B, n_k).
+        rho: penalty weights ``ρ_k`` (B,).
+        q: granular term ``A⁺ ĝ_n`` (B, C).
+        gq: ``ĝ_nᵀ q`` (B,).
+    """
+
+    a: list
+    ghat: list
+    rho: list
+    q: Array
+    gq: Array
+
+
+# ---------------------------------------------------------------------------
+# records -> per-sample quantities
+# ---------------------------------------------------------------------------
+
+
+def check_linear_output(recs: Sequence[LayerRecord]) -> None:
+    """Raise ``NotImplementedError`` unless the last layer is linear (``dact`` all ones).
+
+    Skipped (no error) while tracing, where the values are abstract.
+    """
+    d = recs[-1].dact
+    xp = array_namespace(d)
+    if concrete_bool(xp.all(d == 1)) is False:
+        raise NotImplementedError("ESN/MK need a linear output layer")
+
+
+def sample_grads(recs: Sequence[LayerRecord]) -> list[Array]:
+    """``ĝ_k = B * g_k``: per-sample gradients (the records hold the batch-MEAN gradient)."""
+    return [r.g * r.g.shape[0] for r in recs]
+
+
+def sq_norm(u: Array) -> Array:
+    """Per-sample squared norm over features: (B, n) -> (B,)."""
+    return array_namespace(u).sum(u * u, axis=1)
+
+
+def safe_ratio(num: Array, den: Array, eps: float) -> tuple[Array, Array]:
+    """``(num/den where den > eps else 0, den <= eps)``; never divides by a small number."""
+    xp = array_namespace(num, den)
+    bad = den <= eps
+    return xp.where(bad, xp.zeros_like(num), num / xp.where(bad, xp.ones_like(den), den)), bad
+
+
+def rho_fixed(lam: float | Sequence[float], n: int, like: Array) -> list[Array]:
+    """Constant ``ρ_k`` broadcast to (B,): a float for every layer or a list of n floats.
+
+    Raises:
+        ValueError: the list does not have one entry per layer.
+    """
+    xp = array_namespace(like)
+    values = list(lam) if isinstance(lam, (list, tuple)) else [lam] * n
+    if len(values) != n:
+        raise ValueError(f"lam lists {len(values)} values but the model has {n} layers (ρ_1..ρ_n)")
+    ones = xp.ones((like.shape[0],), dtype=like.dtype, device=_dev(like))
+    return [float(v) * ones for v in values]
+
+
+def rho_auto(ghat: Sequence[Array], dacts: Sequence[Array]) -> list[Array]:
+    """MK eq 65 + white layer (spec §4): ``ρ_1 = ||ĝ_1||``, ``ρ_k = ||ĝ_k|| / m_{k-1}`` (0 if ``m_{k-1} = 0``).
+
+    ``ĝ`` must be the NON-regularised gradients (MK §5.2).
+    """
+    xp = array_namespace(ghat[0])
+    rho = [xp.sqrt(sq_norm(ghat[0]))]
+    for k in range(1, len(ghat)):
+        m_prev = xp.max(xp.abs(dacts[k - 1]), axis=1)
+        rho.append(safe_ratio(xp.sqrt(sq_norm(ghat[k])), m_prev, 0.0)[0])
+    return rho
+
+
+def output_scale_auto(ghat_n: Array) -> Array:
+    """MK eq 68: ``λ_n = ||∂ℓ/∂out|| / m_n`` per sample; ``= ||ĝ_n||`` for the required linear output."""
+    return array_namespace(ghat_n).sqrt(sq_norm(ghat_n))
+
+
+def scale_rho(rho: Sequence[Array], lam_out: Array | float) -> list[Array]:
+    """``ρ_k / λ_n`` (spec §4, MK eqs 67-68); a per-sample ``λ_n = 0`` leaves ``ρ`` unchanged."""
+    if isinstance(lam_out, (int, float)):
+        return [r / lam_out for r in rho]
+    xp = array_namespace(lam_out)
+    safe = xp.where(lam_out > 0, lam_out, xp.ones_like(lam_out))
+    return [r / safe for r in rho]
+
+
+def regularized_backward(ghat: Sequence[Array], recs: Sequence[LayerRecord], weights: Sequence[Array],
+                         rho: Sequence[Array]) -> list[Array]:
+    """Gradient of ``J_R`` w.r.t. the pre-activations (spec §5 step 3, MK eq 19).
+
+    ``ĝ_n`` is kept; for k = n-1..1: ``ĝ_k = D_k ⊙ (ĝ_{k+1} W_{k+1} + ρ_{k+1} a_{k+1})``.
+    Cost: one extra backward sweep of matmuls (no model call).
+    """
+    xp = array_namespace(ghat[0])
+    out = list(ghat)
+    for k in range(len(ghat) - 2, -1, -1):
+        up = xp.matmul(out[k + 1], weights[k + 1]) + rho[k + 1][:, None] * recs[k + 1].a
+        out[k] = recs[k].dact * up
+    return out
+
+
+def granular_term(loss: Any, out: Array, y: Array, ghat_n: Array) -> tuple[Array, Array]:
+    """``q = A⁺ ĝ_n`` and ``ĝ_nᵀ q`` in closed form (spec §1), for a linear output layer.
+
+    MSE: ``A = I``, ``q = ĝ_n``. CrossEntropy: ``A = diag(p) - ppᵀ``,
+    ``q = (1/p_y)(1/C - e_y)``, ``ĝ_nᵀ q = (1 - p_y)/p_y`` (``p_y`` floored at the
+    dtype's smallest normal number, which only matters once ``p_y`` underflows).
+
+    Raises:
+        NotImplementedError: a loss other than MSE and CrossEntropy.
+    """
+    xp = array_namespace(out)
+    if isinstance(loss, MSE):
+        return ghat_n, sq_norm(ghat_n)
+    if isinstance(loss, CrossEntropy):
+        onehot = loss.onehot(out, y)
+        p_y = xp.sum(loss.softmax(out) * onehot, axis=1)
+        p_y = xp.maximum(p_y, xp.asarray(xp.finfo(out.dtype).smallest_normal, dtype=out.dtype, device=_dev(out)))
+        q = (1.0 / out.shape[1] - onehot) / p_y[:, None]
+        return q, (1 - p_y) / p_y
+    check_loss(loss)
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+def compute_terms(model: Any, loss: Any, params: Sequence[Array], x: Array, y: Array, lam: Any,
+                  reg_grad: bool, lam_out: Any = 1.0, validate: bool = True) -> tuple[Array, Terms]:
+    """Spec §5 steps 1-4 from ONE ``model.layers`` call (one forward, one backward).
+
+    Returns ``(ℓ, terms)``: the batch-mean loss before the step and the
+    per-sample :class:`Terms`. ``ρ`` comes from the non-regularised ``ĝ``
+    (``lam="auto"``) or the constants, divided by ``λ_n`` (``lam_out``); with
+    ``reg_grad`` the gradients are then recomputed for ``J_R`` using the
+    ``W``'s of ``params``.
+
+    Raises:
+        NotImplementedError: a loss other than MSE/CE, a non-linear output layer.
+        FloatingPointError: the output or the back-propagated gradients are not finite.
+    """
+    check_loss(loss)
+    recs = model.layers(params, x, lambda out: loss.grad(out, y))
+    out = recs[-1].h
+    ghat = sample_grads(recs)
+    if validate:
+        check_linear_output(recs)
+        check_grads_finite([out, *ghat], validate)
+    rho = rho_auto(ghat, [r.dact for r in recs]) if lam == "auto" else rho_fixed(lam, len(recs), x)
+    if lam_out == "auto":
+        rho = scale_rho(rho, output_scale_auto(ghat[-1]))
+    elif lam_out != 1.0:
+        rho = scale_rho(rho, lam_out)
+    if reg_grad:
+        ghat = regularized_backward(ghat, recs, params[0::2], rho)
+    q, gq = granular_term(loss, out, y, ghat[-1])
+    return loss.value(out, y), Terms([r.a for r in recs], ghat, rho, q, gq)
+
+
+def check_loss(loss: Any) -> None:
+    """Raise ``NotImplementedError`` for losses without a closed-form granular term."""
+    if not isinstance(loss, (MSE, CrossEntropy)):
+        raise NotImplementedError(f"ESN/MK support the MSE and CrossEntropy losses, got {type(loss).__name__}")
+
+
+# ---------------------------------------------------------------------------
+# closed forms (newton, saddle_free, MK), batch mean of per-sample steps
+# ---------------------------------------------------------------------------
+
+
+def weight_mean(ghat: Array, coef: Array, a: Array) -> Array:
+    """``(1/B) Σ_p coef_p ĝ_p a_pᵀ``: one matmul, shape like ``W``."""
+    return batch_gram(ghat * coef[:, None], a) / ghat.shape[0]
+
+
+def closed_form(terms: Terms, variant: str, mu: float, eps: float) -> tuple[list[Array], list[Array]]:
+    """Direction ``[N_1, η_1, ..., N_n, η_n]`` (batch mean) and per-layer degenerate masks (B,).
+
+    ``newton``:  ``N_k = ρ ĝ aᵀ/γ``, ``η_k = -(ρ s/γ) ĝ + [k=n] q`` (spec §2, corrected eq 17);
+    ``saddle_free``: the same with ``+(ρ s/γ) ĝ`` (ICLR eq 21);
+    ``mk``: ``N_k = ρ ĝ aᵀ/(μρ + γ)``, ``η_k = c ĝ/(μc + γ)``, ``c = ρ s + [k=n] ĝ_nᵀq`` (MK eq 42).
+    A sample whose denominator is ``<= eps`` contributes 0 to that layer (mask True).
+    """
+    n = len(terms.ghat)
+    direction: list[Array] = []
+    masks: list[Array] = []
+    for k in range(n):
+        ghat, a, rho = terms.ghat[k], terms.a[k], terms.rho[k]
+        gamma, s = sq_norm(ghat), sq_norm(a)
+        last = k == n - 1
+        w_coef, w_bad = safe_ratio(rho, mu * rho + gamma, eps)
+        if variant == "mk":
+            c = rho * s + (terms.gq if last else 0.0)
+            b_coef, b_bad = safe_ratio(c, mu * c + gamma, eps)
+            eta = batch_mean(ghat * b_coef[:, None])
+            bad = w_bad | b_bad
+        else:
+            sign = -1.0 if variant == "newton" else 1.0
+            b_coef = sign * s * w_coef
+            eta = batch_mean(ghat * b_coef[:, None]) + (batch_mean(terms.q) if last else 0.0)
+            bad = w_bad
+        direction += [weight_mean(ghat, w_coef, a), eta]
+        masks.append(bad)
+    return direction, masks
+
+
+def first_zero_gradient(terms: Terms, eps: float) -> tuple[int, int] | None:
+    """``(k, p)`` (1-based layer, 0-based sample) of the first ``γ_k <= eps`` with ``k >= 2``, or None.
+
+    Returns None as well while tracing (abstract values).
+    """
+    xp = array_namespace(terms.ghat[0])
+    for k in range(1, len(terms.ghat)):
+        bad = sq_norm(terms.ghat[k]) <= eps
+        if concrete_bool(xp.any(bad)):
+            return k + 1, int(xp.argmax(xp.astype(bad, xp.int32)))
+    return None
+
+
+def count(masks: Sequence[Array], like: Array) -> Array:
+    """Number of True entries over all masks, as a 0-d array of ``like``'s dtype."""
+    xp = array_namespace(like)
+    total = xp.zeros((), dtype=like.dtype, device=_dev(like))
+    for m in masks:
+        total = total + batch_sum(xp.astype(m, like.dtype))
+    return total
+
+
+def mean_rho(rho: Sequence[Array]) -> Array:
+    """Mean of ``ρ`` over samples and layers (0-d)."""
+    total = batch_mean(rho[0])
+    for r in rho[1:]:
+        total = total + batch_mean(r)
+    return total / len(rho)
+
+
+# ---------------------------------------------------------------------------
+# randomized ESN (ICLR eqs 24, 26; A.6): expectations and the per-layer solves
+# ---------------------------------------------------------------------------
+
+
+class Moments(NamedTuple):
+    """Expectations of one layer: ``C = E[ĝĝᵀ]``, ``R = E[ρ ĝ aᵀ]``, ``m = E[a]``, ``P = E[aaᵀ]``.
+
+    ``P`` is only needed by the Sylvester solver (``None`` otherwise).
+    """
+
+    C: Array
+    R: Array
+    m: Array
+    P: Array | None
+
+
+def batch_moments(ghat: Array, a: Array, rho: Array, second_moment: bool) -> Moments:
+    """Batch-mean estimates of one layer's :class:`Moments` (B = 1: the rank-one spot estimate)."""
+    B = ghat.shape[0]
+    P = batch_gram(a, a) / B if second_moment else None
+    return Moments(batch_gram(ghat, ghat) / B, batch_gram(ghat * rho[:, None], a) / B, batch_mean(a), P)
+
+
+def ema(old: Array, new: Array, beta: float) -> Array:
+    """``β old + (1 - β) new``."""
+    return beta * old + (1 - beta) * new
+
+
+def debias(value: Array, beta: float, t: Array) -> Array:
+    """Adam-style bias correction ``value / (1 - β^t)`` (``t >= 1`` a float 0-d array)."""
+    return value / (1 - beta**t)
+
+
+def ema_moments(old: Moments, new: Moments, beta: float, t: Array) -> tuple[Moments, Moments]:
+    """``(raw EMAs to store, bias-corrected EMAs to use)`` (spec §3.5, ``t`` the new step count)."""
+    raw = Moments(*(None if v is None else ema(o, v, beta) for o, v in zip(old, new)))
+    return raw, Moments(*(None if v is None else debias(v, beta, t) for v in raw))
+
+
+def _shifted(C: Array, damping: float) -> Array:
+    xp = array_namespace(C)
+    return C + damping * xp.eye(C.shape[0], dtype=C.dtype, device=_dev(C))
+
+
+def _check_nonsingular(den_min: Array, den_max: Array, eps: float, layer: int, what: str) -> None:
+    if concrete_bool(den_min <= eps * den_max):
+        raise ValueError(
+            f"ESN randomized: the system of layer {layer} ({what}) is singular; use damping > 0"
+        )
+
+
+def solve_identity(C: Array, R: Array, damping: float, eps: float, layer: int) -> Array:
+    """ICLR eq 26: ``N = (δI + C)⁻¹ R``.
+
+    With ``δ > 0`` a plain solve; with ``δ = 0`` an eigendecomposition that
+    raises ``ValueError`` naming the layer when ``C`` is singular
+    (``σ_min <= eps σ_max``).
+    """
+    xp = array_namespace(C, R)
+    if damping > 0:
+        return xp.linalg.solve(_shifted(C, damping), R)
+    sigma, U = eigh(C)
+    _check_nonsingular(xp.min(sigma), xp.max(xp.abs(sigma)), eps, layer, "E[ĝĝᵀ]")
+    coef = xp.matmul(xp.matrix_transpose(U), R) / sigma[:, None]
+    return xp.matmul(U, coef)
+
+
+def solve_sylvester(C: Array, V: Array, R: Array, damping: float, eps: float, layer: int) -> Array:
+    """ICLR eq 24: ``(δI + C) N + N V = R`` with ``V = Var(a)``, via two eigendecompositions.
+
+    ``δI + C = UΣUᵀ``, ``V = QΘQᵀ``: ``N = U [(UᵀRQ)_ij / (Σ_i + Θ_j)] Qᵀ``
+    (denominators >= δ since ``V`` is PSD). With ``δ = 0`` a singular system
+    raises ``ValueError`` naming the layer.
+    """
+    xp = array_namespace(C, V, R)
+    sigma, U = eigh(_shifted(C, damping))
+    theta, Q = eigh(V)
+    den = sigma[:, None] + theta[None, :]
+    if damping <= 0:
+        _check_nonsingular(xp.min(den), xp.max(xp.abs(den)), eps, layer, "Sylvester operator")
+    rot = xp.matmul(xp.matmul(xp.matrix_transpose(U), R), Q)
+    return xp.matmul(xp.matmul(U, rot / den), xp.matrix_transpose(Q))
+
+
+class LayerwiseMethod(Method):
+    """Base of ESN and MK: ``step`` = ``direction`` then ``params - lr d``."""
+
+    needs = ("layers",)
+    lr: float
+
+    def direction(self, model: Any, loss: Any, params: Sequence[Array], state: Any, x: Array,
+                  y: Array) -> tuple[list[Array], Any, dict[str, Array]]:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def step(self, model: Any, loss: Any, params: Sequence[Array], state: Any, x: Array, y: Array):
+        """One step ``params - lr d``; ``info``: ``loss``, ``step_norm`` (``lr ||d||``) and the method's extras."""
+        d, new_state, extras = self.direction(model, loss, params, state, x, y)
+        delta = tree_scale(d, self.lr)
+        value = extras.pop("loss")
+        return tree_sub(params, delta), new_state, step_info(value, delta, **extras)

@@ -1,0 +1,219 @@
+"""ESN: the exact stochastic Newton method (ICLR 2022 submission), spec ``shared/spec/esn_mk.md``."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, NamedTuple
+
+from array_api_compat import array_namespace, device
+
+from .._checks import check_choice, check_interval, check_nonnegative, check_positive
+from .._reduce import batch_mean
+from ..protocol import Array
+from . import _layerwise as lw
+from ._base import count_as_float, zero_count
+from ._registry import register
+
+VARIANTS = ("newton", "saddle_free", "randomized")
+_RANDOMIZED_DEFAULTS = {"damping": 1.0, "solver": "identity", "estimator": "batch", "beta": 0.99, "granular": False}
+
+
+class ESNState(NamedTuple):
+    """Step counter ``t`` (0-d int) and, for ``estimator="ema"``, the running moments per layer.
+
+    ``C_k = E[ĝĝᵀ]``, ``R_k = E[ρĝaᵀ]``, ``m_k = E[a]`` (uncorrected EMAs) and,
+    with the Sylvester solver, ``P_k = E[aaᵀ]`` (for ``Var(a) = P - mmᵀ``).
+    Empty lists otherwise.
+    """
+
+    t: Any
+    C: list
+    R: list
+    m: list
+    P: list
+
+
+def check_lam(lam: Any) -> Any:
+    """Validate ``lam``: ``"auto"``, a float >= 0 or a list of floats >= 0 (ρ_1..ρ_n).
+
+    Raises:
+        ValueError: anything else.
+    """
+    if isinstance(lam, str):
+        if lam != "auto":
+            raise ValueError(f"lam must be 'auto', a float >= 0 or a list of floats >= 0, got {lam!r}")
+        return lam
+    if isinstance(lam, (list, tuple)):
+        if not lam:
+            raise ValueError("lam must not be an empty list")
+        for i, v in enumerate(lam):
+            check_nonnegative(f"lam[{i}]", v)
+        return [float(v) for v in lam]
+    check_nonnegative("lam", lam)
+    return float(lam)
+
+
+class ESN(lw.LayerwiseMethod):
+    """Exact Stochastic Newton (ICLR 2022 eqs 17, 21, 24, 26; spec §2-§6).
+
+    Per sample ``p`` and layer ``k`` (``ĝ_k`` per-sample gradient at the
+    pre-activation, ``a_k`` the layer input, ``γ = ||ĝ||²``, ``s = ||a||²``,
+    ``q = A⁺ĝ_n`` the granular term), the update is ``W ← W - lr N``,
+    ``b ← b - lr η`` with, averaged over the batch:
+
+    * ``"newton"`` (corrected eq 17): ``N_k = ρ_k ĝ_k a_kᵀ/γ_k``,
+      ``η_k = -(ρ_k s_k/γ_k) ĝ_k + [k=n] q``. For B = 1 and ``reg_grad`` it
+      solves ``H d = ∇J_R`` exactly, ``J_R = ℓ + Σ_{k>=2} ρ_k/2 ||a_k||²``
+      (the ρ held fixed). Not a descent direction: for checks, not training.
+    * ``"saddle_free"`` (eq 21): the same with ``η_k = +(ρ_k s_k/γ_k) ĝ_k + [k=n] q``.
+    * ``"randomized"`` (eq 26, the default): ``N_k = (δI + C_k)⁻¹ R_k``,
+      ``η_k = N_k m_k`` (``+ [k=n] E[q]`` if ``granular``), ``C = E[ĝĝᵀ]``,
+      ``R = E[ρĝaᵀ]``, ``m = E[a]``; ``solver="sylvester"`` solves eq 24,
+      ``(δI + C)N + N Var(a) = R``, instead. Expectations are batch means
+      (``estimator="batch"``; B = 1 is the rank-one method of A.6) or
+      bias-corrected EMAs (``"ema"``, the direct method of A.6; ``E[q]`` stays
+      the batch mean).
+
+    ``ρ`` (spec §4): ``lam`` a float or a list ``[ρ_1..ρ_n]``, or ``"auto"``
+    (MK eq 65 + white layer): ``ρ_1 = ||ĝ_1||``, ``ρ_k = ||ĝ_k|| / max|act'(z_{k-1})|``
+    from the non-regularised gradient.
+
+    Paper corrections (spec §7, each checked in ``tests/test_esn_mk.py``):
+    the granular term has the sign ``q = A⁺ĝ_n`` with update ``b - η`` (ICLR
+    §A.3 and MK eqs 34/35 print the opposite sign, which leaves a Newton
+    residual ~2; ours < 1e-10); the theorem needs neither strict
+    monotonicity nor a specific ``ρ_1`` (layer 1's part lies in ker H) but
+    non-zero ``ĝ_k`` for ``k >= 2``, and its direction is not the min-norm
+    solution; eq 26 is not the minimiser of eq 23 (that is the Sylvester
+    solution, eq 24) unless ``Var(a) = I``; only B = 1 is exact.
+
+    Cost per step: one forward + one backward (``model.layers``), plus one
+    matmul per layer (``newton``/``saddle_free``, ≈ an SGD step) or, for
+    ``randomized``, the Gram matrices ``O(B n_k²)`` and an ``n_k x n_k`` solve
+    (two eigendecompositions for Sylvester). ``reg_grad`` adds one backward
+    sweep of matmuls (no model call).
+
+    Args:
+        lr: learning rate > 0.
+        lam: ``"auto"``, a float >= 0, or a list of n floats >= 0 (ρ_1..ρ_n).
+        variant: ``"newton"``, ``"saddle_free"`` or ``"randomized"``.
+        damping: ``δ >= 0`` of the randomized solve (the paper's 1).
+        solver: ``"identity"`` (eq 26) or ``"sylvester"`` (eq 24).
+        estimator: ``"batch"`` or ``"ema"``.
+        beta: EMA factor in (0, 1).
+        granular: add ``E[q]`` to the output bias (randomized; A.6 drops it).
+        reg_grad: use the gradient of ``J_R`` (regularised backward);
+            ``None`` = True for ``"newton"`` (required there), False otherwise.
+        eps: a sample whose denominator ``γ_k`` is ``<= eps`` is dropped from
+            that layer and counted in ``info["skipped"]``; also the relative
+            singularity threshold of the ``damping=0`` solves.
+
+    Raises:
+        ValueError: invalid hyperparameters; randomized-only settings changed
+            for another variant; ``reg_grad=False`` with ``"newton"``.
+    """
+
+    def __init__(self, lr: float = 0.01, lam: Any = "auto", variant: str = "randomized", damping: float = 1.0,
+                 solver: str = "identity", estimator: str = "batch", beta: float = 0.99, granular: bool = False,
+                 reg_grad: bool | None = None, eps: float = 1e-12) -> None:
+        check_positive("lr", lr)
+        check_choice("variant", variant, VARIANTS)
+        check_nonnegative("damping", damping)
+        check_choice("solver", solver, ("identity", "sylvester"))
+        check_choice("estimator", estimator, ("batch", "ema"))
+        check_interval("beta", beta, 0.0, 1.0, "()")
+        check_nonnegative("eps", eps)
+        if not isinstance(granular, bool):
+            raise ValueError(f"granular must be True or False, got {granular!r}")
+        given = {"damping": damping, "solver": solver, "estimator": estimator, "beta": beta, "granular": granular}
+        if variant != "randomized":
+            changed = [k for k, v in given.items() if v != _RANDOMIZED_DEFAULTS[k]]
+            if changed:
+                raise ValueError(f"{', '.join(changed)} only apply to variant='randomized', not {variant!r}")
+        if reg_grad is None:
+            reg_grad = variant == "newton"
+        if not isinstance(reg_grad, bool):
+            raise ValueError(f"reg_grad must be None, True or False, got {reg_grad!r}")
+        if variant == "newton" and not reg_grad:
+            raise ValueError("variant='newton' needs reg_grad=True: the exact Newton direction uses the gradient of J_R")
+        self.lr, self.lam, self.variant = lr, check_lam(lam), variant
+        self.damping, self.solver, self.estimator, self.beta, self.granular = damping, solver, estimator, beta, granular
+        self.reg_grad, self.eps = reg_grad, eps
+
+    def init(self, params: Sequence[Array]) -> ESNState:
+        """``t = 0``; zero moments for ``estimator="ema"`` (``P`` only with the Sylvester solver)."""
+        t = zero_count(params)
+        if self.variant != "randomized" or self.estimator != "ema":
+            return ESNState(t, [], [], [], [])
+        xp = array_namespace(*params)
+        W = params[0::2]
+        zeros = [lambda w: xp.zeros((w.shape[0], w.shape[0]), dtype=w.dtype, device=device(w)),
+                 xp.zeros_like,
+                 lambda w: xp.zeros((w.shape[1],), dtype=w.dtype, device=device(w)),
+                 lambda w: xp.zeros((w.shape[1], w.shape[1]), dtype=w.dtype, device=device(w))]
+        C, R, m, P = ([f(w) for w in W] for f in zeros)
+        return ESNState(t, C, R, m, P if self.solver == "sylvester" else [])
+
+    def direction(self, model: Any, loss: Any, params: Sequence[Array], state: ESNState, x: Array,
+                  y: Array) -> tuple[list[Array], ESNState, dict[str, Array]]:
+        """The direction ``d = [N_1, η_1, ...]`` (update ``params - lr d``), the new state and info extras.
+
+        Raises:
+            ValueError: ``"newton"`` with a zero back-propagated gradient in a
+                layer ``k >= 2``; a singular ``damping=0`` system; bad inputs.
+            NotImplementedError: a non-linear output layer or another loss.
+            FloatingPointError: the forward/backward pass overflowed.
+        """
+        xp = self._check_inputs(model, params, x, y)
+        value, terms = lw.compute_terms(model, loss, params, x, y, self.lam, self.reg_grad, validate=self.validate)
+        if self.variant == "newton":
+            bad = lw.first_zero_gradient(terms, self.eps)
+            if bad is not None:
+                raise ValueError(f"ESN newton: backpropagated gradient of layer {bad[0]} is zero for sample {bad[1]}; "
+                                 "the exact Newton direction does not exist")
+        masks: list[Array] = []
+        if self.variant == "randomized":
+            d, state = self._randomized(terms, state, params)
+        else:
+            d, masks = lw.closed_form(terms, self.variant, 0.0, self.eps)
+            state = state._replace(t=state.t + 1)
+        damping = self.damping if self.variant == "randomized" else 0.0
+        extras = {"loss": value, "lam_mean": lw.mean_rho(terms.rho), "skipped": lw.count(masks, zero_count(params)),
+                  "damping": xp.asarray(damping, dtype=params[0].dtype, device=device(params[0]))}
+        return d, state, extras
+
+    def _randomized(self, terms: lw.Terms, state: ESNState, params: Sequence[Array]) -> tuple[list[Array], ESNState]:
+        """ICLR eq 26 / eq 24 per layer, with batch or EMA expectations."""
+        xp = array_namespace(*params)
+        n = len(terms.ghat)
+        ema = self.estimator == "ema"
+        sylvester = self.solver == "sylvester"
+        if ema and (len(state.C) != n or (sylvester and len(state.P) != n)):
+            raise ValueError("state does not match this ESN and model; create it with init(params)")
+        t = state.t + 1
+        tf = count_as_float(t, params[0])
+        kept: list[lw.Moments] = []
+        d: list[Array] = []
+        for k in range(n):
+            mom = lw.batch_moments(terms.ghat[k], terms.a[k], terms.rho[k], sylvester)
+            if ema:
+                old = lw.Moments(state.C[k], state.R[k], state.m[k], state.P[k] if sylvester else None)
+                raw, mom = lw.ema_moments(old, mom, self.beta, tf)
+                kept.append(raw)
+            if sylvester:
+                V = mom.P - mom.m[:, None] * mom.m[None, :]
+                N = lw.solve_sylvester(mom.C, V, mom.R, self.damping, self.eps, k + 1)
+            else:
+                N = lw.solve_identity(mom.C, mom.R, self.damping, self.eps, k + 1)
+            eta = xp.matmul(N, mom.m)
+            if self.granular and k == n - 1:
+                eta = eta + batch_mean(terms.q)
+            d += [N, eta]
+        new = ESNState(t, [m.C for m in kept], [m.R for m in kept], [m.m for m in kept],
+                       [m.P for m in kept] if sylvester else [])
+        return d, new
+
+
+register("esn", ESN, compare={"lr": 0.1}, test={"lr": 0.01},
+         losses=("mse", "ce"),
+         description="Exact Stochastic Newton, randomized eq 26 (per-layer (I+E[gg^T])^-1 E[rho g a^T])")
