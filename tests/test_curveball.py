@@ -334,6 +334,7 @@ def test_c8_rosenbrock_deterministic(lam, start, expected):
     assert steps is not None and abs(steps - expected) <= 1, steps
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("lims, ref_mean", [((1.0, 1.0), 10.7), ((0.0, 1.0), 10.5), ((0.0, 3.0), 10.8)])
 def test_c8_rosenbrock_table_protocol(lims, ref_mean):
     rng = np.random.default_rng(0)
@@ -343,6 +344,7 @@ def test_c8_rosenbrock_table_protocol(lims, ref_mean):
     assert abs(np.mean(steps) - ref_mean) <= 0.5 and max(steps) <= 20, (np.mean(steps), max(steps))
 
 
+@pytest.mark.slow
 def test_c9_rahimi_recht():
     rng = np.random.default_rng(0)
     U, V = np.linalg.qr(rng.standard_normal((6, 6)))[0], np.linalg.qr(rng.standard_normal((6, 6)))[0]
