@@ -22,6 +22,7 @@ import numpy as np
 from ._activations import NAMES as ACTIVATIONS
 from ._activations import check_activation
 from ._mlp import ArrayAPIMLP
+from .function import FunctionModel
 
 Array = Any
 
@@ -30,7 +31,7 @@ _ARRAY_API = ("numpy", "array_api_strict", "cupy")
 INITS = ("lecun", "he", "uniform")
 
 __all__ = [
-    "ALL", "ACTIVATIONS", "ArrayAPIMLP", "available", "asarray", "block_until_ready", "init_params", "mlp", "names",
+    "ALL", "ACTIVATIONS", "ArrayAPIMLP", "FunctionModel", "available", "asarray", "block_until_ready", "init_params", "mlp", "names",
     "namespace", "to_numpy",
 ]
 
