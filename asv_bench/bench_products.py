@@ -1,0 +1,124 @@
+"""Curvature products on their own: curvcore vs hand-written native code, peers, each method's core product."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from . import common as C
+from . import core_products
+
+
+class GGNOverhead:
+    """curvcore's GGN-vector product vs a hand-written torch.func / JAX one on the same MLP (cross-entropy).
+
+    curvcore: the adapter's ``jvp`` and ``vjp`` with the array-API loss Hessian
+    in between (``common.curvcore_ggn``); native: the same three steps written
+    directly in the framework (``common.native_functions``). Both jitted on JAX.
+    ``track_ggn_over_native`` is the core's overhead (target <= 1.1).
+    """
+
+    params = (C.NATIVE_BACKENDS, list(C.NETS))
+    param_names = ("backend", "net")
+    timeout = 300
+
+    def setup(self, backend: str, net: str) -> None:
+        batch = C.DEFAULT_BATCH[net]
+        C.in_grid(backend, net, batch)
+        self.prob = C.make_problem(backend, C.NETS[net], batch)
+        self.v = C.random_tangent(self.prob)
+        curv, nat = C.curvcore_ggn_function(self.prob), C.native_functions(self.prob)["ggn"]
+        p, v = self.prob, self.v
+        self.curvcore = lambda: p.sync(curv(v))
+        self.native = lambda: p.sync(nat(v))
+        self.curvcore()  # compile / warm up
+        self.native()
+
+    def time_ggn_curvcore(self, *args: Any) -> None:
+        self.curvcore()
+
+    time_ggn_curvcore.timer = C.timer  # type: ignore[attr-defined]  # CPU time with CURVCORE_BENCH_CPU_TIME=1
+
+    def time_ggn_native(self, *args: Any) -> None:
+        self.native()
+
+    time_ggn_native.timer = C.timer  # type: ignore[attr-defined]  # CPU time with CURVCORE_BENCH_CPU_TIME=1
+
+    def track_ggn_over_native(self, *args: Any) -> float:
+        t = C.interleaved_min({"curvcore": self.curvcore, "native": self.native})
+        return t["curvcore"] / t["native"]
+
+    track_ggn_over_native.unit = "ratio"  # type: ignore[attr-defined]
+
+
+class Peers:
+    """The same GGN-vector product with a peer library vs curvcore on the same network and batch.
+
+    ``curvlinops`` (``GGNLinearOperator @ v``) and ``backpack``
+    (``ggn_vector_product_from_plist``, forward included) against curvcore's
+    torch backend; ``kfac_jax`` (``ImplicitExactCurvature.multiply_ggn``,
+    jitted) against curvcore's jax backend. ``track_curvcore_over_peer`` < 1
+    means curvcore is faster. Peers that are not installed are skipped.
+    """
+
+    params = (["curvlinops", "backpack", "kfac_jax"], ["cpu", "cuda"], list(C.NETS))
+    param_names = ("peer", "device", "net")
+    timeout = 300
+
+    def setup(self, peer: str, device: str, net: str) -> None:
+        batch = C.DEFAULT_BATCH[net]
+        lib = "jax" if peer == "kfac_jax" else "torch"
+        backend = f"{lib}:{device}"
+        C.in_grid(backend, net, batch)
+        self.prob = C.make_problem(backend, C.NETS[net], batch)
+        self.v = C.random_tangent(self.prob)
+        curv, peer_fn = C.curvcore_ggn_function(self.prob), core_products.peer_ggn(peer, self.prob)
+        p, v = self.prob, self.v
+        self.curvcore = lambda: p.sync(curv(v))
+        self.peer = lambda: p.sync(peer_fn(v))
+        self.curvcore()
+        self.peer()
+
+    def time_peer_ggn(self, *args: Any) -> None:
+        self.peer()
+
+    time_peer_ggn.timer = C.timer  # type: ignore[attr-defined]  # CPU time with CURVCORE_BENCH_CPU_TIME=1
+
+    def track_curvcore_over_peer(self, *args: Any) -> float:
+        t = C.interleaved_min({"curvcore": self.curvcore, "peer": self.peer})
+        return t["curvcore"] / t["peer"]
+
+    track_curvcore_over_peer.unit = "ratio"  # type: ignore[attr-defined]
+
+
+class CoreProduct:
+    """Each method's characteristic product on its own (see ``core_products.CORE``).
+
+    CurveBall's ``dz``, the pseudo-Hessian's S x S system, ESN's layer solve,
+    ACP's covariance refresh: timed by calling the method's own internal
+    functions; skipped where the method (or such a function) is not there.
+    """
+
+    params = (C.BACKENDS, list(core_products.CORE), list(C.NETS))
+    param_names = ("backend", "method", "net")
+    timeout = 300
+
+    def setup(self, backend: str, method: str, net: str) -> None:
+        batch = C.DEFAULT_BATCH[net]
+        C.in_grid(backend, net, batch)
+        if method not in C.cc.REGISTRY:
+            raise NotImplementedError(f"{method} is not registered (yet)")
+        self.prob = C.make_problem(backend, C.NETS[net], batch)
+        self.st = C.make_stepper(method, self.prob)
+        self.fn = core_products.CORE[method](self.st)
+        self.fn()
+
+    def time_core(self, *args: Any) -> None:
+        self.fn()
+
+    time_core.timer = C.timer  # type: ignore[attr-defined]  # CPU time with CURVCORE_BENCH_CPU_TIME=1
+
+    def track_core_over_step(self, *args: Any) -> float:
+        t = C.interleaved_min({"core": self.fn, "step": self.st.call(1)})
+        return t["core"] / t["step"]
+
+    track_core_over_step.unit = "ratio"  # type: ignore[attr-defined]

@@ -1,0 +1,257 @@
+"""Print the benchmark ratio tables as markdown.
+
+Two sources, the same tables:
+
+* from asv results (default): the newest results file of a machine under
+  ``.asv/results`` (written by ``asv run --python=same --set-commit-hash ...``)::
+
+      python asv_bench/report.py [--results .asv/results] [--machine NAME] [--commit HASH]
+
+* from a same-process measurement (no asv needed; it runs the ``setup`` and
+  ``track_*`` code of the benchmark classes directly, one process)::
+
+      python asv_bench/report.py --measure [--backends numpy,torch:cpu,jax:cpu] [--nets small,medium]
+
+The targets of issue #9 are printed beside the ratios; they are reported,
+never asserted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import datetime as _dt
+import glob
+import itertools
+import json
+import math
+import os
+import platform
+import sys
+import time
+from typing import Any
+
+if __package__ in (None, ""):  # run as a script: make ``asv_bench`` importable
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+# (table title, benchmark key, column params) -- keys are "<module>.<Class>.<function>"
+RATIO_BENCHMARKS = {
+    "step_over_sgd": "bench_step.StepRatio.track_step_over_sgd",
+    "ph_budget": "bench_step.PseudoHessianBudget.track_step_over_grad_plus_s_hvp",
+    "ggn_over_native": "bench_products.GGNOverhead.track_ggn_over_native",
+    "curvcore_over_peer": "bench_products.Peers.track_curvcore_over_peer",
+    "core_over_step": "bench_products.CoreProduct.track_core_over_step",
+    "step_time": "bench_step.Step.time_step",
+}
+
+
+def _target(method: str) -> str:
+    from asv_bench.common import TARGETS
+
+    if method == "pseudo_hessian":
+        return "1 grad + S HVP (table below)"
+    return f"<= {TARGETS[method]}" if method in TARGETS else ""
+
+
+def _fmt(v: Any, unit: str = "") -> str:
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "skip"
+    if isinstance(v, str):
+        return v
+    if unit == "s":
+        return f"{v * 1e3:.3g} ms" if v < 1 else f"{v:.3g} s"
+    return f"{v:.2f}"
+
+
+# -- loading asv results --------------------------------------------------------
+def load_asv(results_dir: str, machine: str | None = None, commit: str | None = None) -> tuple[dict, dict]:
+    """``({key: {param_tuple: value}}, meta)`` from the newest asv results file.
+
+    ``key`` as in :data:`RATIO_BENCHMARKS`; ``param_tuple`` the benchmark's
+    parameter values (strings, quotes removed); ``value`` a float or ``nan``
+    (skipped) or ``None`` (failed).
+    """
+    machines = [m for m in sorted(os.listdir(results_dir)) if os.path.isdir(os.path.join(results_dir, m))]
+    if machine is None:
+        if not machines:
+            raise SystemExit(f"no asv results under {results_dir}; run asv first (docs/benchmarks.md)")
+        machine = max(machines, key=lambda m: max((os.path.getmtime(f) for f in glob.glob(
+            os.path.join(results_dir, m, "*.json"))), default=0))
+    files = [f for f in glob.glob(os.path.join(results_dir, machine, "*.json")) if not f.endswith("machine.json")]
+    if commit:
+        files = [f for f in files if os.path.basename(f).startswith(commit[:8])]
+    if not files:
+        raise SystemExit(f"no results for machine {machine!r}{' commit ' + commit if commit else ''}")
+    path = max(files, key=os.path.getmtime)
+    with open(path) as fh:
+        data = json.load(fh)
+    cols = data["result_columns"]
+    out: dict[str, dict[tuple, Any]] = {}
+    for name, row in data["results"].items():
+        rec = dict(zip(cols, row))
+        params = [[_unquote(p) for p in ps] for ps in rec.get("params") or []]
+        values = rec["result"] if isinstance(rec["result"], list) else [rec["result"]]
+        combos = list(itertools.product(*params)) if params else [()]
+        out[name] = {c: (float(v) if v is not None else None) for c, v in zip(combos, values)}
+    machine_info = {}
+    mpath = os.path.join(results_dir, machine, "machine.json")
+    if os.path.exists(mpath):
+        with open(mpath) as fh:
+            machine_info = json.load(fh)
+    date = _dt.datetime.fromtimestamp(data["date"] / 1000, _dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    meta = {"source": f"asv results {os.path.relpath(path)}", "machine": machine, "date": date,
+            "commit": data.get("commit_hash", "")[:8], "cpu": machine_info.get("cpu", ""),
+            "num_cpu": machine_info.get("num_cpu", "")}
+    return out, meta
+
+
+def _unquote(p: str) -> str:
+    try:
+        v = ast.literal_eval(p)
+        return str(v)
+    except (ValueError, SyntaxError):
+        return p
+
+
+# -- same-process measurement ---------------------------------------------------
+def measure(backends: list[str], nets: list[str], methods: list[str] | None, peers: bool = True,
+            log: Any = sys.stderr) -> tuple[dict, dict]:
+    """Run the ``track_*`` code of the benchmark classes in this process; same layout as :func:`load_asv`."""
+    from asv_bench import bench_products as P
+    from asv_bench import bench_step as S
+    from asv_bench import common as C
+
+    methods = methods or C.method_names()
+    out: dict[str, dict[tuple, Any]] = {k: {} for k in RATIO_BENCHMARKS.values()}
+
+    def run(key: str, cls: type, fn: str, params: tuple) -> None:
+        t0 = time.perf_counter()
+        try:
+            bench = cls()
+            bench.setup(*params)
+            value = getattr(bench, fn)(*params)
+            if fn.startswith("time_"):
+                value = C.interleaved_min({"f": bench.fn}, budget_s=1.0)["f"]
+            out[key][tuple(str(p) for p in params)] = value
+            msg = _fmt(value, "s" if fn.startswith("time_") else "")
+        except NotImplementedError as err:
+            out[key][tuple(str(p) for p in params)] = float("nan")
+            msg = f"skip ({err})"
+        except Exception as err:  # report, keep going: the table shows "fail"
+            out[key][tuple(str(p) for p in params)] = None
+            msg = f"FAIL {type(err).__name__}: {str(err)[:200]}"
+        print(f"{key.split('.')[-1]} {params}: {msg} [{time.perf_counter() - t0:.1f}s]", file=log, flush=True)
+
+    for net in nets:
+        for backend in backends:
+            for m in methods:
+                run(RATIO_BENCHMARKS["step_over_sgd"], S.StepRatio, "track_step_over_sgd", (backend, m, net))
+                run(RATIO_BENCHMARKS["step_time"], S.Step, "time_step", (backend, m, net, C.DEFAULT_BATCH[net]))
+            if backend in C.NATIVE_BACKENDS:
+                run(RATIO_BENCHMARKS["ggn_over_native"], P.GGNOverhead, "track_ggn_over_native", (backend, net))
+                if "pseudo_hessian" in methods:
+                    run(RATIO_BENCHMARKS["ph_budget"], S.PseudoHessianBudget, "track_step_over_grad_plus_s_hvp",
+                        (backend, net))
+            for m in P.core_products.CORE:
+                if m in methods:
+                    run(RATIO_BENCHMARKS["core_over_step"], P.CoreProduct, "track_core_over_step", (backend, m, net))
+        if peers:
+            devices = sorted({C.parse_backend(b)[1] for b in backends})
+            for peer, dev in itertools.product(P.Peers.params[0], devices):
+                run(RATIO_BENCHMARKS["curvcore_over_peer"], P.Peers, "track_curvcore_over_peer", (peer, dev, net))
+    meta = {"source": "same-process measurement (asv_bench/report.py --measure)", "machine": platform.node(),
+            "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+            "cpu": platform.processor() or platform.machine(), "num_cpu": os.cpu_count()}
+    return out, meta
+
+
+# -- tables -----------------------------------------------------------------------
+def tables(results: dict, meta: dict) -> str:
+    """The markdown report."""
+    from asv_bench import common as C
+
+    lines = [f"Source: {meta['source']}; machine `{meta['machine']}` ({meta.get('cpu', '')}, "
+             f"{meta.get('num_cpu', '')} CPUs); {meta['date']}" + (f"; commit {meta['commit']}" if meta.get("commit") else "")]
+
+    ratio = results.get(RATIO_BENCHMARKS["step_over_sgd"], {})
+    times = results.get(RATIO_BENCHMARKS["step_time"], {})
+    cols = sorted({(b, n) for (b, _, n) in ratio}, key=lambda bn: (list(C.NETS).index(bn[1]) if bn[1] in C.NETS else 9,
+                                                                   C.BACKENDS.index(bn[0]) if bn[0] in C.BACKENDS else 9))
+    cols = [c for c in cols if any(_ok(v) for (b, _, n), v in ratio.items() if (b, n) == c)]
+    if cols:
+        methods = list(dict.fromkeys(m for (_, m, _) in ratio))
+        lines += ["", "### Step time / SGD step time (amortized over the method's schedule; same process)", ""]
+        lines.append("| method | target | " + " | ".join(f"{b} {n} (B={C.DEFAULT_BATCH.get(n, '')})" for b, n in cols) + " |")
+        lines.append("|---|---|" + "---|" * len(cols))
+        for m in methods:
+            cells = []
+            for b, n in cols:
+                r = ratio.get((b, m, n))
+                t = times.get((b, m, n, str(C.DEFAULT_BATCH.get(n, ""))))
+                cells.append(_fmt(r) + (f" ({_fmt(t, 's')})" if _ok(t) else ""))
+            lines.append(f"| {m} | {_target(m)} | " + " | ".join(cells) + " |")
+        lines.append("")
+        lines.append("In parentheses: the absolute time of one (plain) step, `Step.time_step`.")
+
+    ph = results.get(RATIO_BENCHMARKS["ph_budget"], {})
+    if any(_ok(v) for v in ph.values()):
+        lines += ["", "### Pseudo-Hessian step / (1 gradient + S Hessian-vector products), native torch.func / JAX "
+                      "(target <= 1)", "", "| backend | net | ratio |", "|---|---|---|"]
+        lines += [f"| {b} | {n} | {_fmt(v)} |" for (b, n), v in ph.items() if v is None or not _isnan(v)]
+
+    ggn = results.get(RATIO_BENCHMARKS["ggn_over_native"], {})
+    if any(_ok(v) for v in ggn.values()):
+        lines += ["", f"### curvcore GGN-vector product / hand-written native one (core overhead, target <= "
+                      f"{C.CORE_OVERHEAD_TARGET})", "", "| backend | net | ratio |", "|---|---|---|"]
+        lines += [f"| {b} | {n} | {_fmt(v)} |" for (b, n), v in ggn.items() if v is None or not _isnan(v)]
+
+    peer = results.get(RATIO_BENCHMARKS["curvcore_over_peer"], {})
+    if peer:
+        lines += ["", "### curvcore GGN-vector product / peer's (< 1: curvcore faster)", "",
+                  "| peer | device | net | ratio |", "|---|---|---|---|"]
+        lines += [f"| {p} | {d} | {n} | {_fmt(v)} |" for (p, d, n), v in peer.items()
+                  if not (d == "cuda" and _isnan(v))]
+
+    core = results.get(RATIO_BENCHMARKS["core_over_step"], {})
+    if any(_ok(v) for v in core.values()):
+        lines += ["", "### Core product / full step (share of the step)", "", "| backend | method | net | ratio |",
+                  "|---|---|---|---|"]
+        lines += [f"| {b} | {m} | {n} | {_fmt(v)} |" for (b, m, n), v in core.items() if v is None or not _isnan(v)]
+    return "\n".join(lines)
+
+
+def _isnan(v: Any) -> bool:
+    return isinstance(v, float) and math.isnan(v)
+
+
+def _ok(v: Any) -> bool:
+    return v is not None and not _isnan(v)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--results", default=".asv/results", help="asv results directory")
+    ap.add_argument("--machine", help="asv machine name (default: the most recent)")
+    ap.add_argument("--commit", help="commit hash prefix (default: the newest results file)")
+    ap.add_argument("--measure", action="store_true", help="measure in this process instead of reading asv results")
+    ap.add_argument("--backends", default="numpy,torch:cpu,jax:cpu")
+    ap.add_argument("--nets", default="small,medium")
+    ap.add_argument("--methods", default="", help="comma-separated (default: every registered method)")
+    ap.add_argument("--no-peers", action="store_true")
+    ap.add_argument("--json", help="also write the raw numbers to this JSON file")
+    args = ap.parse_args(argv)
+    if args.measure:
+        results, meta = measure(args.backends.split(","), args.nets.split(","),
+                                [m for m in args.methods.split(",") if m] or None, peers=not args.no_peers)
+    else:
+        results, meta = load_asv(args.results, args.machine, args.commit)
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump({"meta": meta, "results": {k: {"|".join(p): v for p, v in d.items()}
+                                                 for k, d in results.items()}}, fh, indent=1)
+    print(tables(results, meta))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
