@@ -14,7 +14,7 @@ class Step:
 
     Timed from the state after one step (a plain step of any refresh schedule;
     the amortized cost is :class:`StepRatio`'s). CPU runs the limited grid of
-    :mod:`asv_bench.common` unless ``CURVCORE_BENCH_FULL=1``.
+    :mod:`asv_bench.common` (``CURVCORE_BENCH_GRID``).
     """
 
     params = (C.BACKENDS, C.method_names(), list(C.NETS), C.BATCHES)
@@ -23,7 +23,7 @@ class Step:
     warmup_time = 0.0  # setup already stepped twice
 
     def setup(self, backend: str, method: str, net: str, batch: int) -> None:
-        C.in_grid(backend, net, batch)
+        C.in_grid(backend, net, batch, method)
         self.prob = C.make_problem(backend, C.NETS[net], batch)
         self.st = C.make_stepper(method, self.prob)
         self.fn = self.st.call(1)
@@ -47,7 +47,7 @@ class PeakMem:
     timeout = 600
 
     def setup(self, backend: str, method: str, net: str, batch: int) -> None:
-        C.in_grid(backend, net, batch)
+        C.in_grid(backend, net, batch, method, memory=True)
         self.prob = C.make_problem(backend, C.NETS[net], batch)
         self.st = C.make_stepper(method, self.prob)
         self.fn = self.st.call(1)
@@ -90,7 +90,7 @@ class StepRatio:
 
     def setup(self, backend: str, method: str, net: str) -> None:
         batch = C.DEFAULT_BATCH[net]
-        C.in_grid(backend, net, batch)
+        C.in_grid(backend, net, batch, method)
         self.prob = C.make_problem(backend, C.NETS[net], batch)
         self.st = C.make_stepper(method, self.prob, whole_cycle=True)
         self.sgd = C.make_stepper("sgd", self.prob)
@@ -117,7 +117,7 @@ class PseudoHessianBudget:
 
     def setup(self, backend: str, net: str) -> None:
         batch = C.DEFAULT_BATCH[net]
-        C.in_grid(backend, net, batch)
+        C.in_grid(backend, net, batch, "pseudo_hessian")
         if "pseudo_hessian" not in C.cc.REGISTRY:
             raise NotImplementedError("pseudo_hessian is not registered (yet)")
         self.prob = C.make_problem(backend, C.NETS[net], batch)

@@ -12,9 +12,13 @@ jax and cupy are imported inside the functions that need them. It defines no
 ``time_*``/``track_*``/``peakmem_*`` names, so asv finds no benchmark in it.
 
 Environment variables:
-    CURVCORE_BENCH_FULL=1: run the whole size x batch grid on CPU (by default
-        CPU runs only ``small``/B=64 and ``medium``/B=512; the ``large`` net
-        costs seconds per step on a 2-core CPU). GPU devices always run it all.
+    CURVCORE_BENCH_GRID: how much of the size x batch grid runs on CPU
+        (LimitedParamBenchmark-style; GPU devices always run all of it):
+        ``quick`` (default) runs ``small``/B=64 (memory: ``medium``/B=512,
+        NumPy and torch) and leaves out the JAX pseudo-Hessian, whose
+        ``jax.jit`` compilation alone takes 30 s or more on 2 cores; ``cpu``
+        adds ``medium``/B=512 and the JAX pseudo-Hessian; ``full`` runs every
+        size and batch (the ``large`` net costs seconds per step on 2 cores).
     CURVCORE_BENCH_DTYPE=float32: benchmark in float32 (default float64, the
         dtype of the test suite).
     CURVCORE_BENCH_CPU_TIME=1: time CPU benchmarks in process CPU time
@@ -51,10 +55,18 @@ CPU_BACKENDS = ["numpy", "torch:cpu", "jax:cpu"]
 NATIVE_BACKENDS = ["torch:cpu", "jax:cpu", "torch:cuda", "jax:cuda"]  # where a hand-written autodiff reference exists
 NETS = {"small": [64, 64, 10], "medium": [784, 512, 256, 10], "large": [2048, 2048, 2048, 10]}
 BATCHES = [64, 512]
-CPU_GRID = {("small", 64), ("medium", 512)}  # LimitedParamBenchmark-style default on CPU
+GRIDS = {  # (net, batch) pairs timed on CPU at each CURVCORE_BENCH_GRID level; None = all
+    "quick": {("small", 64)},
+    "cpu": {("small", 64), ("medium", 512)},
+    "full": None,
+}
+MEM_GRIDS = {"quick": {("medium", 512)}, "cpu": {("medium", 512)}, "full": None}
+SLOW_COMPILE = {("jax", "pseudo_hessian")}  # left out of the quick grid on CPU
 DEFAULT_BATCH = {"small": 64, "medium": 512, "large": 512}
 
-FULL = os.environ.get("CURVCORE_BENCH_FULL", "") not in ("", "0")
+GRID = os.environ.get("CURVCORE_BENCH_GRID", "quick")
+if GRID not in GRIDS:
+    raise ValueError(f"CURVCORE_BENCH_GRID must be one of {', '.join(GRIDS)}, got {GRID!r}")
 CPU_TIME = os.environ.get("CURVCORE_BENCH_CPU_TIME", "") not in ("", "0")
 DTYPE = os.environ.get("CURVCORE_BENCH_DTYPE", "float64")
 SEED = 0
@@ -105,11 +117,16 @@ def require(backend: str) -> tuple[str, str]:
     return lib, dev
 
 
-def in_grid(backend: str, net: str, batch: int) -> None:
-    """The limited default grid: raise ``NotImplementedError`` outside it (see the module docstring)."""
-    _, dev = parse_backend(backend)
-    if dev == "cpu" and not FULL and (net, int(batch)) not in CPU_GRID:
-        raise NotImplementedError(f"{net}/B={batch} on CPU runs only with CURVCORE_BENCH_FULL=1")
+def in_grid(backend: str, net: str, batch: int, method: str = "", memory: bool = False) -> None:
+    """The limited grid on CPU: raise ``NotImplementedError`` outside it (see ``CURVCORE_BENCH_GRID``)."""
+    lib, dev = parse_backend(backend)
+    if dev != "cpu":
+        return
+    allowed = (MEM_GRIDS if memory else GRIDS)[GRID]
+    if allowed is not None and (net, int(batch)) not in allowed:
+        raise NotImplementedError(f"{net}/B={batch} on CPU is not in CURVCORE_BENCH_GRID={GRID}")
+    if GRID == "quick" and ((lib, method) in SLOW_COMPILE or (memory and lib == "jax")):
+        raise NotImplementedError(f"{backend} {method or ''} is left out of CURVCORE_BENCH_GRID=quick")
 
 
 _CURRENT_DEVICE = ["cpu"]  # the device of the problem this process benchmarks (set by make_problem)

@@ -40,9 +40,10 @@ RATIO_BENCHMARKS = {
     "ph_budget": "bench_step.PseudoHessianBudget.track_step_over_grad_plus_s_hvp",
     "ggn_over_native": "bench_products.GGNOverhead.track_ggn_over_native",
     "curvcore_over_peer": "bench_products.Peers.track_curvcore_over_peer",
-    "core_over_step": "bench_products.CoreProduct.track_core_over_step",
+    "core_time": "bench_products.CoreProduct.time_core",
     "step_time": "bench_step.Step.time_step",
 }
+CORE_SHARE = "core_over_step"  # computed: same process with --measure, time_core / time_step from asv
 
 
 def _target(method: str) -> str:
@@ -124,14 +125,20 @@ def measure(backends: list[str], nets: list[str], methods: list[str] | None, pee
     methods = methods or C.method_names()
     out: dict[str, dict[tuple, Any]] = {k: {} for k in RATIO_BENCHMARKS.values()}
 
+    out[CORE_SHARE] = {}
+
     def run(key: str, cls: type, fn: str, params: tuple) -> None:
         t0 = time.perf_counter()
         try:
             bench = cls()
             bench.setup(*params)
-            value = getattr(bench, fn)(*params)
-            if fn.startswith("time_"):
+            if key == CORE_SHARE:
+                t = C.interleaved_min({"core": bench.fn, "step": bench.st.call(1)})
+                value = t["core"] / t["step"]
+            elif fn.startswith("time_"):
                 value = C.interleaved_min({"f": bench.fn}, budget_s=1.0)["f"]
+            else:
+                value = getattr(bench, fn)(*params)
             out[key][tuple(str(p) for p in params)] = value
             msg = _fmt(value, "s" if fn.startswith("time_") else "")
         except NotImplementedError as err:
@@ -154,7 +161,7 @@ def measure(backends: list[str], nets: list[str], methods: list[str] | None, pee
                         (backend, net))
             for m in P.core_products.CORE:
                 if m in methods:
-                    run(RATIO_BENCHMARKS["core_over_step"], P.CoreProduct, "track_core_over_step", (backend, m, net))
+                    run(CORE_SHARE, P.CoreProduct, "time_core", (backend, m, net))
         if peers:
             devices = sorted({C.parse_backend(b)[1] for b in backends})
             for peer, dev in itertools.product(P.Peers.params[0], devices):
@@ -212,7 +219,12 @@ def tables(results: dict, meta: dict) -> str:
         lines += [f"| {p} | {d} | {n} | {_fmt(v)} |" for (p, d, n), v in peer.items()
                   if not (d == "cuda" and _isnan(v))]
 
-    core = results.get(RATIO_BENCHMARKS["core_over_step"], {})
+    core = results.get(CORE_SHARE)
+    if core is None:  # asv results: time_core / time_step of the same backend, method, net and batch
+        core = {}
+        for (b, m, n), tc in results.get(RATIO_BENCHMARKS["core_time"], {}).items():
+            ts = times.get((b, m, n, str(C.DEFAULT_BATCH.get(n, ""))))
+            core[(b, m, n)] = tc / ts if _ok(tc) and _ok(ts) else tc
     if any(_ok(v) for v in core.values()):
         lines += ["", "### Core product / full step (share of the step)", "", "| backend | method | net | ratio |",
                   "|---|---|---|---|"]

@@ -33,7 +33,7 @@ def test_every_registered_method_is_benchmarked():
 
 @pytest.mark.parametrize("args, why", [
     (("cupy", "sgd", "small", 64), "cupy"),
-    (("numpy", "sgd", "large", 64), "CURVCORE_BENCH_FULL"),
+    (("numpy", "sgd", "large", 64), "CURVCORE_BENCH_GRID"),
     (("numpy", "no_such_method", "small", 64), "not registered"),
 ])
 def test_unavailable_combinations_skip(args, why):
