@@ -6,15 +6,30 @@ References are independent: a NumPy MLP, complex-step gradients and per-example
 
 from __future__ import annotations
 
+import sys
+
 import numpy as np
 import pytest
 
 import curvcore as cc
-from acp_reference import acp_block_step, grads, layer_inputs, per_example_dz, to_np
+from acp_reference import ALL_SLOW_BACKENDS, REF_BACKENDS, acp_block_step, grads, layer_inputs, per_example_dz, to_np
 from cases import make_problem
 from reference import assert_rel
 
 SIZES = [4, 6, 5, 3]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_torch_thread():
+    """These matrices are tiny: one torch thread avoids oversubscribing the shared 2-core CI machine."""
+    torch = sys.modules.get("torch")
+    if torch is None:
+        yield
+        return
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
 
 
 def _deltas(new, old):
@@ -28,11 +43,14 @@ def _ref_alpha(alpha, sizes, act, loss, ps, x, y, k):
 
 
 # --------------------------------------------------------------------------- C1, C4
+@pytest.mark.parametrize("backend", REF_BACKENDS)
 @pytest.mark.parametrize("alpha", [1.0, 0.3, "adaptive"])
 @pytest.mark.parametrize("activation", ["tanh", "sigmoid", "relu"])
 @pytest.mark.parametrize("loss_name", ["mse", "ce"])
 def test_c1_explicit_damped_block(backend, loss_name, activation, alpha):
     """C1: each layer's (dW, db) = -lr M^-1 grad_theta L with M built densely from J_i (<= 1e-10)."""
+    if backend in ("torch", "jax", "cupy") and (activation, alpha) not in (("tanh", "adaptive"), ("relu", 0.3)):
+        pytest.skip("full grid on numpy/array_api_strict; two cases per loss on the autodiff backends")
     model, params, x, y, loss = make_problem(backend, SIZES, activation, loss_name, batch=11, seed=3, shift=0.7)
     opt = cc.ACP(lr=0.7, eps=1e-2, alpha=alpha, refresh_every=1)
     new, _, info = opt.step(model, loss, params, opt.init(params), x, y)
@@ -52,6 +70,7 @@ def test_c1_explicit_damped_block(backend, loss_name, activation, alpha):
     assert abs(float(info["alpha_min"]) - min(alphas)) <= 1e-10 * max(alphas)
 
 
+@pytest.mark.parametrize("backend", REF_BACKENDS)
 @pytest.mark.parametrize("alpha", [0.3, "adaptive"])
 def test_c4_kronecker_form(backend, alpha):
     """C4: ACP == -(lr/alpha) [gW gb] Abar^-1, Abar = [[1/B sum a a^T + eps/alpha I, abar], [abar^T, 1]]."""
@@ -83,6 +102,7 @@ def _least_squares_problem(backend):
     return model, params, X, Y
 
 
+@pytest.mark.parametrize("backend", REF_BACKENDS)
 @pytest.mark.parametrize("eps", [0.0, 0.3])
 def test_c2_linear_least_squares(backend, eps):
     """C2: one step on a linear layer with MSE is the (ridge-to-W0) least-squares solution."""
@@ -104,6 +124,7 @@ def test_c2_linear_least_squares(backend, eps):
         W = np.linalg.solve((C + eps * np.eye(5)).T, (Cyx + eps * W0).T).T
         sol = np.hstack([W, (ybar - W @ xbar)[:, None]])
     assert_rel(np.hstack([new[0], new[1][:, None]]), sol, 1e-10, "[W b]")
+@pytest.mark.parametrize("backend", REF_BACKENDS)
 
 
 def test_c2_negative_control_without_bias_correction(backend):
@@ -148,9 +169,12 @@ def _shift_runs(backend, **kw):
     return to_np(pa), to_np(pb), fa, fb, c
 
 
+@pytest.mark.parametrize("backend", REF_BACKENDS)
 @pytest.mark.parametrize("kw", [{"alpha": 0.5, "lr": 0.1}, {"alpha": "adaptive", "lr": 0.5}], ids=["a0.5", "adaptive"])
 def test_c3_input_shift_invariance(backend, kw):
     """C3: training on x + c from b1 - W1 c gives the same outputs (<= 1e-9) and the same W_t."""
+    if backend in ("torch", "jax", "cupy") and kw["alpha"] != "adaptive":
+        pytest.skip("both settings on numpy/array_api_strict; the adaptive one on the autodiff backends")
     pa, pb, fa, fb, c = _shift_runs(backend, **kw)
     assert_rel(fb, fa, 1e-9, "outputs")
     for k in range(0, len(pa), 2):
@@ -165,6 +189,7 @@ def test_c3_negative_control_without_bias_correction():
 
 
 # --------------------------------------------------------------------------- C5
+@pytest.mark.parametrize("backend", ALL_SLOW_BACKENDS)
 def test_c5_amortization(backend):
     """C5: refresh at counts 0, 10, 20; cov_batch ignored bitwise between refreshes; stored C = cov(cov_batch)."""
     sizes = [4, 6, 5, 3]
@@ -212,9 +237,12 @@ def test_refresh_without_cov_batch_uses_minibatch():
 
 
 # --------------------------------------------------------------------------- C6
+@pytest.mark.parametrize("backend", REF_BACKENDS)
 @pytest.mark.parametrize("alpha", [1.0, "adaptive"])
 def test_c6_stacked_batch_and_scaling(backend, alpha):
     """C6: the step on [x; x] equals the step on x; (lr, alpha, eps) -> 7 (lr, alpha, eps) is the same step."""
+    if backend in ("torch", "jax", "cupy") and alpha != "adaptive":
+        pytest.skip("both alpha modes on numpy/array_api_strict; adaptive on the autodiff backends")
     model, params, x, y, loss = make_problem(backend, SIZES, "sigmoid", "ce", batch=8, seed=7, shift=0.3)
     xp = model.xp
     opt = cc.ACP(lr=0.2, eps=1e-2, alpha=alpha, refresh_every=1)

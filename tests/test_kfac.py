@@ -6,16 +6,31 @@ References: explicit ``np.kron`` solves, complex-step gradients and per-example
 
 from __future__ import annotations
 
+import sys
+
 import numpy as np
 import pytest
 
 import curvcore as cc
-from acp_reference import grads, kfac_kron_step, layer_inputs, per_example_dz, to_np
+from acp_reference import ALL_SLOW_BACKENDS, REF_BACKENDS, grads, kfac_kron_step, layer_inputs, per_example_dz, to_np
 from cases import make_problem
 from curvcore import _linalg
 from reference import assert_rel, softmax
 
 SIZES = [4, 6, 5, 3]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_torch_thread():
+    """These matrices are tiny: one torch thread avoids oversubscribing the shared 2-core CI machine."""
+    torch = sys.modules.get("torch")
+    if torch is None:
+        yield
+        return
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
 
 
 def _deltas(new, old):
@@ -34,6 +49,7 @@ def _mc_delta(loss_name, f, seed, count):
 
 
 # --------------------------------------------------------------------------- C7 (K-FAC)
+@pytest.mark.parametrize("backend", REF_BACKENDS)
 @pytest.mark.parametrize("fisher", ["empirical", "mc"])
 @pytest.mark.parametrize("loss_name", ["mse", "ce"])
 def test_c7_kfac_equals_explicit_kronecker_solve(backend, loss_name, fisher):
@@ -65,6 +81,7 @@ def test_c7_kfac_equals_explicit_kronecker_solve(backend, loss_name, fisher):
         assert_rel(got[2 * k], dW, 1e-10, f"dW{k}")
         assert_rel(got[2 * k + 1], db, 1e-10, f"db{k}")
     assert float(info["refreshed"]) == 1.0
+@pytest.mark.parametrize("backend", REF_BACKENDS)
 
 
 def test_kfac_refresh_interval_keeps_factors(backend):
@@ -121,6 +138,7 @@ def test_kfac_singular_factor_and_bad_loss():
         opt.step(model, Other(), params, opt.init(params), x, cc.backends.asarray("numpy", np.zeros((2, 3))))
 
 
+@pytest.mark.slow
 def test_kfac_mc_refuses_jit():
     if not cc.backends.available("jax"):
         pytest.skip("backend 'jax' not available here")
@@ -144,6 +162,7 @@ def test_kfac_mc_refuses_jit():
 
 
 # --------------------------------------------------------------------------- C7 (centered GD)
+@pytest.mark.parametrize("backend", REF_BACKENDS)
 def test_c7_centered_gd_equals_sgd_on_zero_mean_inputs(backend):
     """C7: one layer whose inputs have zero batch mean: centered GD == SGD (<= 1e-13)."""
     rng = np.random.default_rng(4)
@@ -162,6 +181,7 @@ def test_c7_centered_gd_equals_sgd_on_zero_mean_inputs(backend):
             assert_rel(a, b, 1e-13, f"params[{k}]")
 
 
+@pytest.mark.parametrize("backend", REF_BACKENDS)
 @pytest.mark.parametrize("bias_correction", [False, True])
 def test_centered_gd_matches_reference(backend, bias_correction):
     """Alg 3: dW = -lr sum_i g_i (a_i - abar)^T, db = -lr sum_i g_i (- dW abar), on a shifted MLP."""
@@ -191,6 +211,7 @@ def test_centered_gd_bias_corrected_is_acp_with_identity_covariance():
 
 
 # --------------------------------------------------------------------------- cross-backend (C8 style)
+@pytest.mark.parametrize("backend", ALL_SLOW_BACKENDS)
 @pytest.mark.parametrize("name", ["kfac", "centered_sgd"])
 @pytest.mark.parametrize("steps", [1, 10])
 def test_cross_backend(backend, name, steps):
@@ -206,6 +227,7 @@ def test_cross_backend(backend, name, steps):
         assert_rel(a, b, 1e-10, f"{name} params[{k}]")
 
 
+@pytest.mark.parametrize("backend", ALL_SLOW_BACKENDS)
 def test_kfac_mc_cross_backend(backend):
     def run(b):
         model, params, x, y, loss = make_problem(b, SIZES, "tanh", "mse", batch=10, seed=9)

@@ -78,7 +78,7 @@ class CenteredSGD(Method):
 
 register(
     "centered_sgd", CenteredSGD,
-    compare={"lr": 0.3},
+    compare={"lr": 1.0},
     test={"lr": 0.1},
     description="centered gradient descent (George 2017, Alg 3): the centering part of ACP",
 )
