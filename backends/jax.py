@@ -310,8 +310,9 @@ def from_numpy(a: np.ndarray, device: Any = None) -> Array:
             )
         if a.dtype in (np.int64, np.uint64):
             a = a.astype(np.int32 if a.dtype == np.int64 else np.uint32)
-    dev = _device(device)
-    return jax.device_put(a, dev) if dev is not None else jnp.asarray(a)
+    # committed to a device (like the outputs of a jitted step and curvcore's own counters), so a
+    # compiled program sees the same argument shardings on every call and does not compile twice
+    return jax.device_put(a, _device(device) or jax.devices()[0])
 
 
 def to_numpy(a: Array) -> np.ndarray:
@@ -350,25 +351,52 @@ class JitStep:
     Value checks (NaN/Inf) are skipped inside the trace; check ``info``.
 
     Attributes:
-        traces: how many times the step was traced (= compiled); a stable
-            training loop traces once per keyword signature.
+        traces: how many times the step was traced; a stable training loop
+            traces once per keyword signature (see also :meth:`cache_size`).
     """
 
     def __init__(self, method: Any, model: Any, loss: Any, donate: bool = False):
         self.method, self.model, self.loss = method, model, loss
+        self.donate = donate
         self.traces = 0
-        self._jitted = jax.jit(self._step, donate_argnums=(0, 1) if donate else ())
+        self._jitted: dict[Any, Any] = {}
 
     def _step(self, params: list, state: Any, x: Array, y: Array, kwargs: dict) -> tuple:
         self.traces += 1
         return self.method.step(self.model, self.loss, params, state, x, y, **kwargs)
 
+    def _compiled(self, params: Sequence[Array]) -> Any:
+        """The jitted step for the device of ``params``.
+
+        The input sharding is fixed to that device: otherwise the first call
+        (arguments not yet committed to a device) and the next ones (the
+        committed outputs of the first) would compile twice.
+        """
+        dev = _device_of(params[0])
+        if dev not in self._jitted:
+            kw = {} if dev is None else {"in_shardings": jax.sharding.SingleDeviceSharding(dev)}
+            self._jitted[dev] = jax.jit(self._step, donate_argnums=(0, 1) if self.donate else (), **kw)
+        return self._jitted[dev]
+
     def __call__(self, params: Sequence[Array], state: Any, x: Array, y: Array, **kwargs: Any) -> tuple:
-        return self._jitted(list(params), state, x, y, kwargs)
+        return self._compiled(params)(list(params), state, x, y, kwargs)
 
     def lower(self, params: Sequence[Array], state: Any, x: Array, y: Array, **kwargs: Any) -> Any:
         """``jax.jit(...).lower`` for inspection (HLO, cost analysis)."""
-        return self._jitted.lower(list(params), state, x, y, kwargs)
+        return self._compiled(params).lower(list(params), state, x, y, kwargs)
+
+    def cache_size(self) -> int:
+        """Compiled executables held (jax's ``_cache_size``): one per argument signature."""
+        return sum(f._cache_size() for f in self._jitted.values())
+
+
+def _device_of(a: Array) -> Any:
+    """The single device of a concrete JAX array, else ``None`` (a tracer, or sharded)."""
+    try:
+        devices = a.devices()
+    except Exception:
+        return None
+    return next(iter(devices)) if len(devices) == 1 else None
 
 
 def jit_step(method: Any, model: Any, loss: Any, donate: bool = False) -> JitStep:

@@ -296,7 +296,7 @@ def _as_numpy(leaf: Any) -> Any:
 
 
 def _compare_leaf(path: str, names: tuple[str, str], a: Any, b: Any, rtol: float, atol: float,
-                  elementwise: bool, check_dtype: bool, typed: bool) -> str | None:
+                  elementwise: bool, check_dtype: bool, typed: bool, equal_nan: bool) -> str | None:
     """A diagnostic line if leaf ``a`` (of names[0]) differs from ``b`` (of names[1]), else None."""
     import numpy as np
 
@@ -313,28 +313,32 @@ def _compare_leaf(path: str, names: tuple[str, str], a: Any, b: Any, rtol: float
         np.complex128 if np.iscomplexobj(b) else np.float64)
     if a64.size == 0:
         return None
-    diff = np.abs(a64 - b64)
-    bound = atol + rtol * (np.abs(b64) if elementwise else np.max(np.abs(b64)))
-    bad = ~(diff <= bound)  # NaN counts as a difference
+    same = (a64 == b64) | (np.isnan(a64) & np.isnan(b64)) if equal_nan else a64 == b64  # also equal infinities
+    finite_b = np.abs(b64[np.isfinite(b64)])
+    diff = np.where(same, 0.0, np.abs(a64 - b64))
+    bound = atol + rtol * (np.abs(b64) if elementwise else (np.max(finite_b) if finite_b.size else 0.0))
+    bad = ~(diff <= bound)  # NaN (where not allowed) counts as a difference
     if not np.any(bad):
         return None
-    i = np.unravel_index(int(np.argmax(np.where(np.isnan(diff), np.inf, diff))), diff.shape)
-    scale = float(np.max(np.abs(b64)))
-    return (f"{who}: {int(np.sum(bad))}/{diff.size} entries differ; max |diff| {float(np.nanmax(diff)):.3e} at "
+    worst = np.where(np.isnan(diff), np.inf, diff)  # NaN (in either) counts as the largest difference
+    i = np.unravel_index(int(np.argmax(worst)), diff.shape)
+    scale, dmax = float(np.max(finite_b)) if finite_b.size else 0.0, float(worst[i])
+    return (f"{who}: {int(np.sum(bad))}/{diff.size} entries differ; max |diff| {dmax:.3e} at "
             f"{tuple(int(j) for j in i)}: {a64[i]!r} vs {b64[i]!r}; max |{names[1]}| {scale:.3e}, "
-            f"max |diff| / max |{names[1]}| {float(np.nanmax(diff)) / max(scale, 1e-300):.3e}")
+            f"max |diff| / max |{names[1]}| {dmax / max(scale, 1e-300):.3e}")
 
 
 def assert_allclose_across(results_by_backend: Mapping[str, Any], rtol: float = 1e-10, atol: float = 0.0, *,
                            reference: str | None = None, elementwise: bool = False, check_dtype: bool = True,
-                           what: str = "results") -> None:
+                           equal_nan: bool = True, what: str = "results") -> None:
     """Assert that pytrees computed on different backends agree.
 
     A pytree is any nesting of lists, tuples, NamedTuples and dicts with
     arrays (any library), Python scalars, strings or ``None`` as leaves.
     Leaf by leaf the structure, shapes and (``check_dtype``) dtypes must
     match, and the values must satisfy
-    ``max|a - b| <= atol + rtol * max|b|`` (the leaf's max norm; with
+    ``max|a - b| <= atol + rtol * max|b|`` (the max over the leaf's finite
+    entries; with
     ``elementwise=True``: ``|a - b| <= atol + rtol |b|`` entry by entry).
 
     Args:
@@ -345,6 +349,9 @@ def assert_allclose_across(results_by_backend: Mapping[str, Any], rtol: float = 
             ``None``: every pair.
         elementwise: relative to each entry instead of the leaf's max.
         check_dtype: also require equal dtypes (Python scalars excepted).
+        equal_nan: NaN at the same entries counts as agreement (methods
+            report NaN for quantities not evaluated in a step); equal
+            infinities always agree.
         what: a name for the compared objects in the message.
 
     Raises:
@@ -370,7 +377,7 @@ def assert_allclose_across(results_by_backend: Mapping[str, Any], rtol: float = 
         for (path, la), (_, lb) in zip(flat[a], flat[b]):
             typed = not isinstance(la, (bool, int, float, complex)) and not isinstance(lb, (bool, int, float, complex))
             line = _compare_leaf(path, (a, b), _as_numpy(la), _as_numpy(lb), rtol, atol, elementwise, check_dtype,
-                                 typed)
+                                 typed, equal_nan)
             if line:
                 problems.append(line)
     if problems:

@@ -52,6 +52,13 @@ def test_check_model_float64(backend, activation, loss):
     assert any(k.startswith("layers[") for k in errors) and any(k.startswith("jet(") for k in errors)
 
 
+def _all_backends(slow=()):
+    """Every backend as a pytest param (skipped where missing; ``slow`` ones marked slow)."""
+    return [pytest.param(b, id=b, marks=[pytest.mark.skipif(not cc.backends.available(b), reason=f"{b} not available"),
+                                         *([pytest.mark.slow] if b in slow else [])]) for b in cc.backends.ALL]
+
+
+@pytest.mark.parametrize("backend", _all_backends(slow=("jax",)))  # eager JAX compiles every program per dtype
 def test_check_model_float32(backend):
     model, params, x, y, lossf = make_problem(backend, SIZES, "tanh", "ce", batch=BATCH, seed=3, dtype="float32")
     check_model(model, params, x, y, lossf)  # default float32 rtol 1e-3 (finite differences in float32)
