@@ -23,7 +23,7 @@ from typing import Any, NamedTuple
 from array_api_compat import array_namespace
 from array_api_compat import device as _dev
 
-from .._checks import concrete_bool
+from .._checks import check_nonnegative, concrete_bool
 from .._linalg import eigh
 from .._reduce import batch_gram, batch_mean, batch_sum
 from ..losses import MSE, CrossEntropy
@@ -49,6 +49,27 @@ class Terms(NamedTuple):
     rho: list
     q: Array
     gq: Array
+
+
+
+def check_lam(lam: Any) -> Any:
+    """Validate ``lam``: ``"auto"``, a float >= 0 or a list of floats >= 0 (ρ_1..ρ_n).
+
+    Raises:
+        ValueError: anything else.
+    """
+    if isinstance(lam, str):
+        if lam != "auto":
+            raise ValueError(f"lam must be 'auto', a float >= 0 or a list of floats >= 0, got {lam!r}")
+        return lam
+    if isinstance(lam, (list, tuple)):
+        if not lam:
+            raise ValueError("lam must not be an empty list")
+        for i, v in enumerate(lam):
+            check_nonnegative(f"lam[{i}]", v)
+        return [float(v) for v in lam]
+    check_nonnegative("lam", lam)
+    return float(lam)
 
 
 # ---------------------------------------------------------------------------

@@ -11,7 +11,7 @@ from .._checks import check_choice, check_interval, check_nonnegative, check_pos
 from .._reduce import batch_mean
 from ..protocol import Array
 from . import _layerwise as lw
-from ._base import count_as_float, zero_count
+from ._base import check_grads_finite, count_as_float, zero_count
 from ._registry import register
 
 VARIANTS = ("newton", "saddle_free", "randomized")
@@ -31,26 +31,6 @@ class ESNState(NamedTuple):
     R: list
     m: list
     P: list
-
-
-def check_lam(lam: Any) -> Any:
-    """Validate ``lam``: ``"auto"``, a float >= 0 or a list of floats >= 0 (ρ_1..ρ_n).
-
-    Raises:
-        ValueError: anything else.
-    """
-    if isinstance(lam, str):
-        if lam != "auto":
-            raise ValueError(f"lam must be 'auto', a float >= 0 or a list of floats >= 0, got {lam!r}")
-        return lam
-    if isinstance(lam, (list, tuple)):
-        if not lam:
-            raise ValueError("lam must not be an empty list")
-        for i, v in enumerate(lam):
-            check_nonnegative(f"lam[{i}]", v)
-        return [float(v) for v in lam]
-    check_nonnegative("lam", lam)
-    return float(lam)
 
 
 class ESN(lw.LayerwiseMethod):
@@ -135,8 +115,9 @@ class ESN(lw.LayerwiseMethod):
         if not isinstance(reg_grad, bool):
             raise ValueError(f"reg_grad must be None, True or False, got {reg_grad!r}")
         if variant == "newton" and not reg_grad:
-            raise ValueError("variant='newton' needs reg_grad=True: the exact Newton direction uses the gradient of J_R")
-        self.lr, self.lam, self.variant = lr, check_lam(lam), variant
+            raise ValueError("variant='newton' needs reg_grad=True: the exact Newton direction "
+                             "uses the gradient of J_R")
+        self.lr, self.lam, self.variant = lr, lw.check_lam(lam), variant
         self.damping, self.solver, self.estimator, self.beta, self.granular = damping, solver, estimator, beta, granular
         self.reg_grad, self.eps = reg_grad, eps
 
@@ -200,6 +181,7 @@ class ESN(lw.LayerwiseMethod):
                 old = lw.Moments(state.C[k], state.R[k], state.m[k], state.P[k] if sylvester else None)
                 raw, mom = lw.ema_moments(old, mom, self.beta, tf)
                 kept.append(raw)
+            check_grads_finite([mom.C, mom.R], self.validate)
             if sylvester:
                 V = mom.P - mom.m[:, None] * mom.m[None, :]
                 N = lw.solve_sylvester(mom.C, V, mom.R, self.damping, self.eps, k + 1)
@@ -214,6 +196,6 @@ class ESN(lw.LayerwiseMethod):
         return d, new
 
 
-register("esn", ESN, compare={"lr": 0.1}, test={"lr": 0.01},
+register("esn", ESN, compare={"lr": 0.3}, test={"lr": 0.01},
          losses=("mse", "ce"),
          description="Exact Stochastic Newton, randomized eq 26 (per-layer (I+E[gg^T])^-1 E[rho g a^T])")

@@ -5,14 +5,13 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any, NamedTuple
 
-from array_api_compat import array_namespace, device
+from array_api_compat import device
 
 from .._checks import check_nonnegative, check_positive
 from ..protocol import Array
 from . import _layerwise as lw
 from ._base import zero_count
 from ._registry import register
-from .esn import check_lam
 
 
 class MKState(NamedTuple):
@@ -82,7 +81,7 @@ class MK(lw.LayerwiseMethod):
             raise ValueError(f"reg_grad must be True or False, got {reg_grad!r}")
         check_nonnegative("eps", eps)
         self.lr, self.lam, self.mu, self.lam_out, self.reg_grad, self.eps = (
-            lr, check_lam(lam), float(mu), lam_out, reg_grad, eps)
+            lr, lw.check_lam(lam), float(mu), lam_out, reg_grad, eps)
 
     def init(self, params: Sequence[Array]) -> MKState:
         """``t = 0``."""
@@ -106,5 +105,5 @@ class MK(lw.LayerwiseMethod):
         return d, MKState(state.t + 1), extras
 
 
-register("mk", MK, compare={"lr": 0.1}, test={"lr": 0.01}, losses=("mse", "ce"),
+register("mk", MK, compare={"lr": 0.5}, test={"lr": 0.01}, losses=("mse", "ce"),
          description="Mehouachi-Kasmi damped saddle-free exact stochastic step (per-sample normalised gradient)")
