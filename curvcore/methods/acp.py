@@ -60,7 +60,21 @@ def input_covariance_eig(a: Array) -> tuple[Array, Array, Array]:
     mu = batch_mean(a)
     ac = a - mu
     s, U = eigh(batch_gram(ac, ac) / batch_size(a))
-    return xp.maximum(s, xp.zeros_like(s)), U, mu
+    return xp.maximum(s, xp.zeros_like(s)), canonical_signs(U), mu
+
+
+def canonical_signs(U: Array) -> Array:
+    """Flip eigenvector columns so each one's largest-magnitude entry is positive (sklearn's ``svd_flip``).
+
+    The step does not depend on the signs; fixing them makes the stored state the
+    same on every backend (LAPACK, torch and JAX pick different signs).
+    """
+    xp = array_namespace(U)
+    n = U.shape[0]
+    rows = xp.reshape(xp.arange(n, device=device(U)), (n, 1))
+    first_max = rows == xp.reshape(xp.argmax(xp.abs(U), axis=0), (1, n))  # argmax: first occurrence
+    pick = xp.sum(xp.where(first_max, U, xp.zeros_like(U)), axis=0)
+    return U * xp.where(pick < 0, -xp.ones_like(pick), xp.ones_like(pick))
 
 
 def per_example_alpha(g: Array) -> Array:
