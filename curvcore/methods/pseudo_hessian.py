@@ -74,8 +74,10 @@ class PseudoHessian(Method):
     Cost per step: 1 VJP (with its forward) + S jets of order 3 (order 2 when
     ``reg="none"``) + S(S-1)/2 jets of order 2 + 1 forward for the Armijo test
     (one more per rejection). A jet of order k costs about k+1 forwards (the
-    array-API MLP) or k nested JVPs (torch/jax), so about
-    ``2 + 4S + 3S(S-1)/2`` forward units; S = 2L for ``groups="tensor"``.
+    array-API MLP) or k nested JVPs (torch/jax); with a VJP + forward ~ 3
+    forwards, a step is about ``4 + 4S + 1.5 S(S-1)`` forward units (a
+    gradient step: 3); S = 2L for ``groups="tensor"``. The S x S solve is
+    negligible.
     Memory: the activations of one batch (forward mode only).
 
     Args:
