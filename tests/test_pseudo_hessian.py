@@ -14,7 +14,7 @@ import curvcore as cc
 from cases import make_problem
 from curvcore.methods import _cubic
 from curvcore.methods import pseudo_hessian as ph
-from reference import (assert_rel, dense_hessian, flatten, grad_cs, hessian_fd, loss_of_theta, rel, shapes_of,
+from reference import (assert_rel, dense_hessian, flatten, grad_cs, hessian_fd, loss_of_theta, shapes_of,
                        torch_loss_of_theta, unflatten)
 
 from conftest import backend_param
