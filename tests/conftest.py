@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import sys
 
-import numpy as np
 import pytest
 
 sys.path.insert(0, os.path.dirname(__file__))
@@ -20,6 +19,13 @@ except ImportError:  # pragma: no cover - jax is in the test extra
 
 import curvcore as cc  # noqa: E402
 from cases import make_problem  # noqa: E402
+
+try:  # the test matrices are tiny: one torch thread avoids oversubscribing a 2-core machine
+    import torch
+
+    torch.set_num_threads(1)
+except ImportError:  # pragma: no cover
+    pass
 
 ALL_BACKENDS = list(cc.backends.ALL)
 

@@ -6,8 +6,6 @@ References are independent: a NumPy MLP, complex-step gradients and per-example
 
 from __future__ import annotations
 
-import sys
-
 import numpy as np
 import pytest
 
@@ -17,19 +15,6 @@ from cases import make_problem
 from reference import assert_rel
 
 SIZES = [4, 6, 5, 3]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """These matrices are tiny: one torch thread avoids oversubscribing the shared 2-core CI machine."""
-    torch = sys.modules.get("torch")
-    if torch is None:
-        yield
-        return
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def _deltas(new, old):

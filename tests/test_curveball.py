@@ -18,7 +18,7 @@ import curvcore as cc
 from cases import make_problem
 from curvcore.backends.function import FunctionModel
 from curvcore.methods.curveball import CurveBall, CurveBallState
-from reference import assert_rel, dense_ggn_and_grad, flatten, rel, unflatten
+from reference import assert_rel, dense_ggn_and_grad, flatten, rel
 
 INFO_KEYS = {"loss", "rho", "beta", "lam", "lam_next", "gamma", "pred_change", "step_norm"}
 W5 = 0.999**5

@@ -6,8 +6,6 @@ References: explicit ``np.kron`` solves, complex-step gradients and per-example
 
 from __future__ import annotations
 
-import sys
-
 import numpy as np
 import pytest
 
@@ -18,19 +16,6 @@ from curvcore import _linalg
 from reference import assert_rel, softmax
 
 SIZES = [4, 6, 5, 3]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """These matrices are tiny: one torch thread avoids oversubscribing the shared 2-core CI machine."""
-    torch = sys.modules.get("torch")
-    if torch is None:
-        yield
-        return
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def _deltas(new, old):
@@ -91,7 +76,7 @@ def test_kfac_refresh_interval_keeps_factors(backend):
     state = opt.init(params)
     flags = []
     for t in range(7):
-        params_before, state_before = params, state
+        state_before = state
         params, state, info = opt.step(model, loss, params, state, x, y)
         flags.append(float(info["refreshed"]))
         if t % 3:

@@ -7,7 +7,7 @@ import pytest
 
 import curvcore as cc
 from cases import CASES, case_id, case_problem
-from reference import assert_rel, flatten, jacobian_cs, jacobian_fd, np_mlp, shapes_of, unflatten
+from reference import assert_rel, flatten, jacobian_cs, jacobian_fd, np_mlp
 
 RTOL = 1e-10  # float64, against complex-step (exact to round-off) references
 
