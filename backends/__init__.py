@@ -230,3 +230,9 @@ def enable_jax_x64() -> None:
     """
     if available("jax"):
         importlib.import_module("jax").config.update("jax_enable_x64", True)
+
+
+def set_torch_threads(n: int) -> None:
+    """``torch.set_num_threads(n)`` if torch is available (small models run fastest on one thread)."""
+    if available("torch"):
+        importlib.import_module("torch").set_num_threads(n)

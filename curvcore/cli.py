@@ -245,6 +245,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="float64", choices=["float64", "float32"])
     p.add_argument("--device", default=None, help="e.g. cuda for torch/jax/cupy")
     p.add_argument("--out", default="compare_out", help="folder for compare.png and results.json")
+    p.add_argument("--threads", type=int, default=1,
+                   help="BLAS/torch threads (default 1: the digits nets are too small to gain from more)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--list", action="store_true", help="list the registered methods and exit")
     return parser
@@ -260,7 +262,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise SystemExit("--epochs and --batch-size must be >= 1")
     if args.backend in ("jax", "all") and args.dtype == "float64":
         backends.enable_jax_x64()  # float64 on JAX for this command-line run only
-    runs = compare(args)
+    import scipy.linalg  # noqa: F401  (load its BLAS now: threadpoolctl limits only loaded libraries)
+    from threadpoolctl import threadpool_limits
+
+    backends.set_torch_threads(args.threads)
+    with threadpool_limits(limits=args.threads):
+        runs = compare(args)
     return 0 if all("error" not in r for r in runs) else 1
 
 
