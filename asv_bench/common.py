@@ -14,10 +14,11 @@ jax and cupy are imported inside the functions that need them. It defines no
 Environment variables:
     CURVCORE_BENCH_GRID: how much of the size x batch grid runs on CPU
         (LimitedParamBenchmark-style; GPU devices always run all of it):
-        ``quick`` (default) runs ``small``/B=64 (memory: ``medium``/B=512,
-        NumPy and torch) and leaves out the JAX pseudo-Hessian, whose
-        ``jax.jit`` compilation alone takes 30 s or more on 2 cores; ``cpu``
-        adds ``medium``/B=512 and the JAX pseudo-Hessian; ``full`` runs every
+        ``quick`` (default) runs ``small``/B=64 (memory: ``medium``/B=512)
+        and leaves out the JAX pseudo-Hessian, whose
+        ``jax.jit`` compilation alone takes 30 s or more on 2 cores, and
+        measures memory on NumPy only; ``cpu`` adds ``medium``/B=512, the JAX
+        pseudo-Hessian and memory on torch and JAX; ``full`` runs every
         size and batch (the ``large`` net costs seconds per step on 2 cores).
     CURVCORE_BENCH_DTYPE=float32: benchmark in float32 (default float64, the
         dtype of the test suite).
@@ -103,9 +104,20 @@ def _cuda_ok(lib: str) -> bool:
     return lib == "cupy"  # cc.backends.available("cupy") already allocated on a GPU
 
 
+def nvidia_present() -> bool:
+    """Whether the machine shows an NVIDIA driver, checked without importing torch/jax/cupy.
+
+    asv runs every parameter combination in a fresh process; importing a
+    framework only to learn that there is no GPU costs 1-2 s per skipped combination.
+    """
+    return os.path.exists("/dev/nvidiactl") or os.path.exists("/proc/driver/nvidia/version")
+
+
 def require(backend: str) -> tuple[str, str]:
     """Raise ``NotImplementedError`` (asv: skipped) unless ``backend`` runs here."""
     lib, dev = parse_backend(backend)
+    if dev == "cuda" and not nvidia_present():
+        raise NotImplementedError(f"{backend}: no NVIDIA GPU on this machine")
     if not cc.backends.available(lib):
         raise NotImplementedError(f"backend {lib} is not installed or its adapter has not landed")
     if dev == "cuda" and not _cuda_ok(lib):
@@ -125,7 +137,7 @@ def in_grid(backend: str, net: str, batch: int, method: str = "", memory: bool =
     allowed = (MEM_GRIDS if memory else GRIDS)[GRID]
     if allowed is not None and (net, int(batch)) not in allowed:
         raise NotImplementedError(f"{net}/B={batch} on CPU is not in CURVCORE_BENCH_GRID={GRID}")
-    if GRID == "quick" and ((lib, method) in SLOW_COMPILE or (memory and lib == "jax")):
+    if GRID == "quick" and ((lib, method) in SLOW_COMPILE or (memory and lib != "numpy")):
         raise NotImplementedError(f"{backend} {method or ''} is left out of CURVCORE_BENCH_GRID=quick")
 
 

@@ -216,8 +216,10 @@ def tables(results: dict, meta: dict) -> str:
     if peer:
         lines += ["", "### curvcore GGN-vector product / peer's (< 1: curvcore faster)", "",
                   "| peer | device | net | ratio |", "|---|---|---|---|"]
-        lines += [f"| {p} | {d} | {n} | {_fmt(v)} |" for (p, d, n), v in peer.items()
-                  if not (d == "cuda" and _isnan(v))]
+        lines += [f"| {p} | {d} | {n} | {_fmt(v)} |" for (p, d, n), v in peer.items() if not _isnan(v)]
+        missing = sorted({p for (p, _, _), v in peer.items()} - {p for (p, _, _), v in peer.items() if not _isnan(v)})
+        if missing:
+            lines += ["", f"Skipped (not installed or not running here): {', '.join(missing)}."]
 
     core = results.get(CORE_SHARE)
     if core is None:  # asv results: time_core / time_step of the same backend, method, net and batch
