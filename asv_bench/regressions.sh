@@ -8,8 +8,10 @@
 # be specified if benchmarking in an existing environment") because it cannot
 # build another commit into the interpreter it runs in. So, for each of the two
 # commits, this script checks the commit out into a temporary git worktree, puts
-# that worktree first on PYTHONPATH (curvcore is then imported from it; the
-# editable install of this checkout comes after PYTHONPATH), runs the subset with
+# that worktree first on the benchmark processes' sys.path (ASV_PYTHONPATH: asv
+# drops plain PYTHONPATH entries; curvcore is then imported from the worktree,
+# before the editable install of this checkout, and the suite checks that it
+# was, see CURVCORE_BENCH_SOURCE in asv_bench/common.py), runs the subset with
 # `asv run --python=same --set-commit-hash <commit>`, and finally prints
 # `asv compare --factor $FACTOR --split --only-changed BASE HEAD`.
 # The benchmark code is this checkout's asv_bench/ for both commits, as with
@@ -52,7 +54,7 @@ for h in "$base_hash" "$head_hash"; do
     # curvcore.backends lives in backends/ (mapped by pyproject's package-dir); mirror that mapping.
     [ -e "$tmp/$h/curvcore/backends" ] || ln -s ../backends "$tmp/$h/curvcore/backends"
     echo "== benchmarking $(git log -1 --format='%h %s' "$h")"
-    PYTHONPATH="$tmp/$h${PYTHONPATH:+:$PYTHONPATH}" CURVCORE_BENCH_SOURCE="$tmp/$h" \
+    ASV_PYTHONPATH="$tmp/$h" CURVCORE_BENCH_SOURCE="$tmp/$h" \
         "$ASV" run --python=same --set-commit-hash "$h" --bench "$BENCH" $ASV_ARGS --show-stderr
 done
 
