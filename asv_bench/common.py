@@ -420,14 +420,14 @@ def curvcore_ggn(model: Any, loss: Any, params: list[Any], x: Any, y: Any, v: li
 def curvcore_ggn_function(prob: Problem) -> Callable[[list[Any]], Any]:
     """``v -> G v`` with curvcore on the problem's backend (``jax.jit`` on JAX), cross-entropy."""
     loss, model, x, y = cc.losses.CrossEntropy(), prob.model, prob.x, prob.labels
-    if prob.lib == "jax":
+    if prob.lib == "jax":  # the batch is an argument: a closed-over one is a constant XLA folds
         import jax
 
-        f = jax.jit(lambda p, v: curvcore_ggn(model, loss, p, x, y, v))
+        f = jax.jit(lambda p, v, xb, yb: curvcore_ggn(model, loss, p, xb, yb, v))
     else:
-        f = lambda p, v: curvcore_ggn(model, loss, p, x, y, v)  # noqa: E731
+        f = lambda p, v, xb, yb: curvcore_ggn(model, loss, p, xb, yb, v)  # noqa: E731
     params = prob.params
-    return lambda v: f(params, v)
+    return lambda v: f(params, v, x, y)
 
 
 def _torch_mlp(params: Sequence[Any], x: Any) -> Any:
@@ -486,21 +486,23 @@ def native_functions(prob: Problem) -> dict[str, Callable[..., Any]]:
         import jax.numpy as jnp
 
         params = list(params)
-        f = lambda p: _jax_mlp(p, x)  # noqa: E731
 
-        def lossf(p: Any) -> Any:
-            out = _jax_mlp(p, x)
-            return jnp.mean(jax.nn.logsumexp(out, axis=1) - jnp.take_along_axis(out, y[:, None], axis=1)[:, 0])
+        def lossf(p: Any, xb: Any, yb: Any) -> Any:
+            out = _jax_mlp(p, xb)
+            return jnp.mean(jax.nn.logsumexp(out, axis=1) - jnp.take_along_axis(out, yb[:, None], axis=1)[:, 0])
 
-        def ggn(p: Any, v: Any) -> Any:
+        def ggn(p: Any, v: Any, xb: Any) -> Any:
+            f = lambda q: _jax_mlp(q, xb)  # noqa: E731
             out, jv = jax.jvp(f, (p,), (v,))
             s = jax.nn.softmax(out, axis=1)
             hjv = (s * jv - s * jnp.sum(s * jv, axis=1, keepdims=True)) / batch
             return jax.vjp(f, p)[1](hjv)[0]
 
+        # the batch is an argument: a closed-over one is a constant XLA folds
         g, gg = jax.jit(jax.grad(lossf)), jax.jit(ggn)
-        h = jax.jit(lambda p, v: jax.jvp(jax.grad(lossf), (p,), (v,))[1])
-        return {"grad": lambda: g(params), "ggn": lambda v: gg(params, list(v)), "hvp": lambda v: h(params, list(v))}
+        h = jax.jit(lambda p, v, xb, yb: jax.jvp(lambda q: jax.grad(lossf)(q, xb, yb), (p,), (v,))[1])
+        return {"grad": lambda: g(params, x, y), "ggn": lambda v: gg(params, list(v), x),
+                "hvp": lambda v: h(params, list(v), x, y)}
     raise NotImplementedError(f"no hand-written autodiff reference on {prob.lib}")
 
 

@@ -32,7 +32,11 @@ def _attr(module: Any, *names: str) -> Callable[..., Any]:
 
 
 def _jit(st: C.Stepper, fn: Callable[..., Any], *args: Any) -> Callable[[], Any]:
-    """``fn(*args)`` as a synchronised callable (jitted over its array arguments on JAX)."""
+    """``fn(*args)`` as a synchronised callable (jitted over its array arguments on JAX).
+
+    Every array, the batch included, is an argument: a closed-over batch would
+    be a compile-time constant that XLA folds into the program.
+    """
     if st.prob.lib == "jax":
         import jax
 
@@ -54,15 +58,15 @@ def curveball_dz(st: C.Stepper) -> Callable[[], Any]:
     try:
         dz = _attr(mod, "curveball_dz", "compute_dz", "dz")
 
-        def product(params: Any, z: Any, lam: Any) -> Any:
+        def product(params: Any, z: Any, lam: Any, x: Any, y: Any) -> Any:
             return dz(model, loss, params, x, y, z, lam)
     except NotImplementedError:
-        def product(params: Any, z: Any, lam: Any) -> Any:
+        def product(params: Any, z: Any, lam: Any, x: Any, y: Any) -> Any:
             f, jz = model.jvp(params, x, z)
             _, pullback = model.vjp(params, x)
             return [a + lam * b for a, b in zip(pullback(loss.hvp(f, y, jz) + loss.grad(f, y)), z)]
     s = st.states[1]
-    return _jit(st, product, st.params[1], list(s.z), s.lam)
+    return _jit(st, product, st.params[1], list(s.z), s.lam, x, y)
 
 
 def pseudo_hessian_system(st: C.Stepper) -> Callable[[], Any]:
@@ -71,7 +75,8 @@ def pseudo_hessian_system(st: C.Stepper) -> Callable[[], Any]:
     summary = _attr(mod, "summary")
     model, loss, x, y, opt = st.prob.model, st.loss, st.prob.x, st.prob.targets(st.loss), st.opt
     order = 3 if getattr(opt, "reg", "cubic") == "cubic" else 2
-    return _jit(st, lambda params: summary(model, loss, params, x, y, groups=opt.groups, order=order), st.params[1])
+    return _jit(st, lambda params, x, y: summary(model, loss, params, x, y, groups=opt.groups, order=order),
+                st.params[1], x, y)
 
 
 def esn_layer_solve(st: C.Stepper) -> Callable[[], Any]:
@@ -93,7 +98,7 @@ def acp_refresh(st: C.Stepper) -> Callable[[], Any]:
     mod = _module("acp")
     records, eig = _attr(mod, "input_records"), _attr(mod, "input_covariance_eig")
     model, x = st.prob.model, st.prob.x
-    return _jit(st, lambda params: [eig(r.a) for r in records(model, params, x)], st.params[1])
+    return _jit(st, lambda params, x: [eig(r.a) for r in records(model, params, x)], st.params[1], x)
 
 
 CORE: dict[str, Callable[[C.Stepper], Callable[[], Any]]] = {
@@ -184,10 +189,10 @@ def _kfac_jax(prob: C.Problem) -> Callable[[list[Any]], Any]:
         return jnp.mean(jax.nn.logsumexp(out, axis=1) - jnp.take_along_axis(out, yb[:, None], axis=1)[:, 0])
 
     est = kfac_jax.ImplicitExactCurvature(loss_fn)
-    f = jax.jit(lambda p, v: est.multiply_ggn((p, (x, y)), v))
+    f = jax.jit(lambda p, v, xb, yb: est.multiply_ggn((p, (xb, yb)), v))
     params = list(prob.params)
     try:
-        jax.block_until_ready(f(params, [jnp.zeros_like(p) for p in params]))
+        jax.block_until_ready(f(params, [jnp.zeros_like(p) for p in params], x, y))
     except Exception as err:  # a peer that does not run with this jax is skipped, not our failure
         raise NotImplementedError(f"kfac_jax fails with jax {jax.__version__}: {type(err).__name__}: {err}") from None
-    return lambda v: f(params, list(v))
+    return lambda v: f(params, list(v), x, y)

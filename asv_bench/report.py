@@ -140,7 +140,7 @@ def measure(backends: list[str], nets: list[str], methods: list[str] | None, pee
             else:
                 value = getattr(bench, fn)(*params)
             out[key][tuple(str(p) for p in params)] = value
-            msg = _fmt(value, "s" if fn.startswith("time_") else "")
+            msg = _fmt(value, "s" if fn.startswith("time_") and key != CORE_SHARE else "")
         except NotImplementedError as err:
             out[key][tuple(str(p) for p in params)] = float("nan")
             msg = f"skip ({err})"
