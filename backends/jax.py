@@ -31,9 +31,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from curvcore._checks import check_finite, check_same_structure, namespace
+from curvcore._checks import check_params_and_x, check_same_structure
 from curvcore._control import register_cond
-from curvcore.protocol import Cotangent, LayerRecord, resolve_cotangent
+from curvcore.protocol import Cotangent, LayerRecord, checked_pullback, resolve_cotangent
 
 from ._activations import LEAKY_SLOPE, check_activation
 
@@ -129,18 +129,7 @@ class JaxModel:
         return f"JaxModel({getattr(self.apply_fn, '__name__', self.apply_fn)!r}, n_layers={self.n_layers})"
 
     def _check(self, params: Sequence[Array], x: Array) -> None:
-        namespace(*params, x, what="params and data")
-        for i, p in enumerate(params):
-            if p.dtype != params[0].dtype:
-                raise TypeError(f"params[{i}] is {p.dtype} but params[0] is {params[0].dtype}")
-        if jnp.issubdtype(x.dtype, jnp.floating) and x.dtype != params[0].dtype:
-            raise TypeError(
-                f"dtype mismatch: params are {params[0].dtype} but x is {x.dtype}; cast the data to the params' dtype"
-            )
-        if self.validate:
-            check_finite("x", x)
-            for i, p in enumerate(params):
-                check_finite(f"params[{i}]", p)
+        check_params_and_x(params, x, self.validate)
 
     # -- primitives ------------------------------------------------------------
     def forward(self, params: Sequence[Array], x: Array) -> Array:
@@ -158,13 +147,7 @@ class JaxModel:
         """``(f, pullback)`` by :func:`jax.vjp` (of the compiled forward); ``pullback(u) = J^T u``."""
         self._check(params, x)
         out, pull = jax.vjp(lambda p: self._forward(p, x), list(params))
-
-        def pullback(u: Array) -> list[Array]:
-            if tuple(u.shape) != tuple(out.shape):
-                raise ValueError(f"Shape mismatch in the cotangent: expected {tuple(out.shape)}, got {tuple(u.shape)}.")
-            return list(pull(u)[0])
-
-        return out, pullback
+        return out, checked_pullback(out, pull)
 
     def jet(self, params: Sequence[Array], x: Array, tangent: Sequence[Array], order: int) -> list[Array]:
         """``[f, d1, ..., d_order]``, ``d_k = d^k/dt^k f(params + t tangent)`` at 0 (order <= 3).

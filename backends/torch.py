@@ -27,9 +27,9 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
-from curvcore._checks import check_finite, check_same_structure, namespace
+from curvcore._checks import check_params_and_x, check_same_structure, namespace
 from curvcore.losses import get as get_loss
-from curvcore.protocol import Cotangent, LayerRecord, resolve_cotangent
+from curvcore.protocol import Cotangent, LayerRecord, checked_pullback, resolve_cotangent
 
 from ._activations import LEAKY_SLOPE, check_activation
 
@@ -122,14 +122,7 @@ class TorchModel:
                 f"device mismatch: params are on {params[0].device} but x is on {x.device}; "
                 f"move the data with x.to({str(params[0].device)!r})"
             )
-        if x.is_floating_point() and x.dtype != params[0].dtype:
-            raise TypeError(
-                f"dtype mismatch: params are {params[0].dtype} but x is {x.dtype}; cast the data to the params' dtype"
-            )
-        if self.validate:
-            check_finite("x", x)
-            for i, p in enumerate(params):
-                check_finite(f"params[{i}]", p)
+        check_params_and_x(params, x, self.validate)
 
     # -- primitives ------------------------------------------------------------
     def forward(self, params: Sequence[Array], x: Array) -> Array:
@@ -147,13 +140,7 @@ class TorchModel:
         """``(f, pullback)`` by :func:`torch.func.vjp`; ``pullback(u) = J^T u`` as a list."""
         self._check(params, x)
         out, pull = torch.func.vjp(lambda p: self._call(p, x), list(params))
-
-        def pullback(u: Array) -> list[Array]:
-            if tuple(u.shape) != tuple(out.shape):
-                raise ValueError(f"Shape mismatch in the cotangent: expected {tuple(out.shape)}, got {tuple(u.shape)}.")
-            return list(pull(u)[0])
-
-        return out, pullback
+        return out, checked_pullback(out, pull)
 
     def jet(self, params: Sequence[Array], x: Array, tangent: Sequence[Array], order: int) -> list[Array]:
         """``[f, d1, ..., d_order]``, ``d_k = d^k/dt^k f(params + t tangent)`` at 0 (order <= 3).

@@ -109,6 +109,28 @@ def _is_real(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
+def check_params_and_x(params: Sequence[Array], x: Array, validate: bool = True) -> Any:
+    """Checks every adapter shares: one library, one params dtype, a floating ``x`` in that
+    dtype, and (when ``validate``) no NaN/Inf. Returns the namespace.
+
+    Raises:
+        TypeError: libraries or dtypes differ.
+        ValueError: values are not finite.
+    """
+    xp = namespace(*params, x, what="params and data")
+    for i, p in enumerate(params):
+        if p.dtype != params[0].dtype:
+            raise TypeError(f"params[{i}] is {p.dtype} but params[0] is {params[0].dtype}")
+    if xp.isdtype(x.dtype, "real floating") and x.dtype != params[0].dtype:
+        raise TypeError(
+            f"dtype mismatch: params are {params[0].dtype} but x is {x.dtype}; cast the data to the params' dtype"
+        )
+    if validate:
+        check_finite("x", x)
+        check_tree_finite("params", params)
+    return xp
+
+
 def check_batch(params: Sequence[Array], x: Array, y: Array | None = None, validate: bool = True) -> Any:
     """Validate a batch against params; return their common namespace.
 
@@ -120,20 +142,15 @@ def check_batch(params: Sequence[Array], x: Array, y: Array | None = None, valid
         TypeError: libraries or dtypes differ.
         ValueError: shapes differ or values are not finite.
     """
-    arrays = [*params, x] + ([] if y is None else [y])
-    xp = namespace(*arrays, what="params and data")
+    if y is not None:
+        namespace(*params, x, y, what="params and data")
     if x.ndim != 2:
         raise ValueError(f"x must be a 2-d batch (B, n_in), got shape {tuple(x.shape)}")
-    if x.dtype != params[0].dtype:
-        raise TypeError(
-            f"dtype mismatch: params are {params[0].dtype} but x is {x.dtype}; "
-            "cast the data to the params' dtype"
-        )
+    xp = check_params_and_x(params, x, validate)
+    if not xp.isdtype(x.dtype, "real floating"):
+        raise TypeError(f"dtype mismatch: params are {params[0].dtype} but x is {x.dtype}; cast the data")
     if y is not None and (y.ndim == 0 or y.shape[0] != x.shape[0]):
         raise ValueError(f"y must have one row per sample: x has {x.shape[0]}, y has shape {tuple(y.shape)}")
-    if validate:
-        check_finite("x", x)
-        if y is not None:
-            check_finite("y", y)
-        check_tree_finite("params", params)
+    if validate and y is not None:
+        check_finite("y", y)
     return xp

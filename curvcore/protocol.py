@@ -87,6 +87,18 @@ def resolve_cotangent(out_cotangent: Cotangent, out: Array) -> Array:
     return out_cotangent(out) if callable(out_cotangent) else out_cotangent
 
 
+def checked_pullback(out: Array, pull: Callable[[Array], tuple]) -> Callable[[Array], list[Array]]:
+    """Wrap a framework pullback (``torch.func.vjp``/``jax.vjp`` style, returning a
+    1-tuple) so that it checks the cotangent's shape and returns a params list."""
+
+    def pullback(u: Array) -> list[Array]:
+        if tuple(u.shape) != tuple(out.shape):
+            raise ValueError(f"Shape mismatch in the cotangent: expected {tuple(out.shape)}, got {tuple(u.shape)}.")
+        return list(pull(u)[0])
+
+    return pullback
+
+
 # ---------------------------------------------------------------------------
 # tree helpers: elementwise algebra over params-like lists, array API only
 # ---------------------------------------------------------------------------

@@ -170,6 +170,27 @@ def dense_hessian(sizes, activation, loss_name, params, x, y) -> np.ndarray:
     return H.numpy()
 
 
+def torch_activation(name: str):
+    """The activation written with torch ops (independent of curvcore.backends.torch)."""
+    import torch
+
+    return {
+        "tanh": torch.tanh, "sigmoid": torch.sigmoid, "softplus": torch.nn.functional.softplus,
+        "relu": torch.relu, "identity": lambda z: z,
+        "leaky_relu": lambda z: torch.nn.functional.leaky_relu(z, LEAKY),
+    }[name]
+
+
+def torch_unflatten(theta, shapes: Sequence[tuple[int, ...]]) -> list:
+    """Split a flat torch vector into views of the given shapes."""
+    out, i = [], 0
+    for s in shapes:
+        n = int(np.prod(s))
+        out.append(theta[i:i + n].reshape(s))
+        i += n
+    return out
+
+
 def torch_loss_of_theta(sizes, activation, loss_name, x, y):
     """``theta (torch) -> L`` written directly in torch (independent of curvcore.backends.torch)."""
     import torch
@@ -177,23 +198,15 @@ def torch_loss_of_theta(sizes, activation, loss_name, x, y):
     shapes = shapes_of(sizes)
     xt = torch.tensor(cc.backends.to_numpy(x), dtype=torch.float64)
     yt = torch.tensor(cc.backends.to_numpy(y))
-    acts = {
-        "tanh": torch.tanh, "sigmoid": torch.sigmoid, "softplus": torch.nn.functional.softplus,
-        "relu": torch.relu, "identity": lambda z: z,
-        "leaky_relu": lambda z: torch.nn.functional.leaky_relu(z, LEAKY),
-    }
+    act = torch_activation(activation)
 
     def fun(theta):
-        ps, i = [], 0
-        for s in shapes:
-            n = int(np.prod(s))
-            ps.append(theta[i:i + n].reshape(s))
-            i += n
+        ps = torch_unflatten(theta, shapes)
         a = xt
         n_layers = len(ps) // 2
         for k in range(n_layers):
             z = a @ ps[2 * k].T + ps[2 * k + 1]
-            a = acts[activation](z) if k < n_layers - 1 else z
+            a = act(z) if k < n_layers - 1 else z
         if loss_name == "mse":
             return 0.5 * ((a - yt) ** 2).sum() / a.shape[0]
         return torch.nn.functional.cross_entropy(a, yt.long())

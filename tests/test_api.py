@@ -91,30 +91,32 @@ def test_bad_input_is_rejected_with_a_clear_message(method):
             opt.step(model, loss, params, state, x_strict, y)
 
 
-def test_methods_do_not_mutate_their_inputs():
+def _each_method(seed):
+    """``(name, model, params, x, y, loss, opt, state)`` for every registered method, test settings."""
     for name in cc.method_names():
         spec = cc.get_method(name)
-        model, params, x, y, loss = make_problem("numpy", [4, 5, 3], "tanh", spec.losses[0], batch=6, seed=1)
+        model, params, x, y, loss = make_problem("numpy", [4, 5, 3], "tanh", spec.losses[0], batch=6, seed=seed)
         opt = spec.make_test()
-        state = opt.init(params)
+        yield name, model, params, x, y, loss, opt, opt.init(params)
+
+
+def test_methods_do_not_mutate_their_inputs():
+    for name, model, params, x, y, loss, opt, state in _each_method(seed=1):
         copies = [p.copy() for p in params], x.copy(), y.copy()
         state_copy = [np.array(s, copy=True) for s in _leaves(state)]
         for _ in range(2):
-            new_params, new_state, _ = opt.step(model, loss, params, state, x, y)
+            opt.step(model, loss, params, state, x, y)
         for p, c in zip(params, copies[0]):
             np.testing.assert_array_equal(p, c, err_msg=f"{name} mutated params")
         np.testing.assert_array_equal(x, copies[1])
+        np.testing.assert_array_equal(y, copies[2])
         for s, c in zip(_leaves(state), state_copy):
             np.testing.assert_array_equal(s, c, err_msg=f"{name} mutated its state")
 
 
 def test_two_identical_steps_agree_exactly():
     """No hidden state: the same call twice gives the same numbers (curvlinops' compare_consecutive)."""
-    for name in cc.method_names():
-        spec = cc.get_method(name)
-        model, params, x, y, loss = make_problem("numpy", [4, 5, 3], "tanh", spec.losses[0], batch=6, seed=2)
-        opt = spec.make_test()
-        state = opt.init(params)
+    for name, model, params, x, y, loss, opt, state in _each_method(seed=2):
         a = opt.step(model, loss, params, state, x, y)[0]
         b = opt.step(model, loss, params, state, x, y)[0]
         for p, q in zip(a, b):

@@ -17,7 +17,7 @@ import curvcore as cc
 from cases import make_problem
 from conftest import backend_param
 from curvcore.methods import _layerwise as lw
-from reference import LEAKY, flatten, loss_of_theta, shapes_of, unflatten
+from reference import LEAKY, flatten, loss_of_theta, shapes_of, torch_activation, torch_unflatten, unflatten
 
 torch = pytest.importorskip("torch")
 
@@ -69,21 +69,16 @@ def torch_jr(sizes, act, loss_name, x, y, rho):
     xt = torch.tensor(cc.backends.to_numpy(x), dtype=torch.float64)
     yt = torch.tensor(cc.backends.to_numpy(y))
     rt = torch.tensor(np.broadcast_to(np.asarray(rho, float), (xt.shape[0], len(sizes) - 1)).copy())
-    acts = {"tanh": torch.tanh, "sigmoid": torch.sigmoid, "relu": torch.relu,
-            "leaky_relu": lambda z: torch.nn.functional.leaky_relu(z, LEAKY)}
+    activation = torch_activation(act)
 
     def fun(theta):
-        ps, i = [], 0
-        for s in shapes:
-            m = int(np.prod(s))
-            ps.append(theta[i:i + m].reshape(s))
-            i += m
+        ps = torch_unflatten(theta, shapes)
         a, pen, n = xt, 0.0, len(ps) // 2
         for k in range(n):
             if k >= 1:
                 pen = pen + 0.5 * (rt[:, k] * (a * a).sum(1)).sum()
             z = a @ ps[2 * k].T + ps[2 * k + 1]
-            a = acts[act](z) if k < n - 1 else z
+            a = activation(z) if k < n - 1 else z
         if loss_name == "mse":
             ell = 0.5 * ((a - yt) ** 2).sum()
         else:

@@ -255,12 +255,19 @@ def _quadratic(backend, seed=0, dup_column=False):
     return model, params, x, y, loss
 
 
+QUADRATIC_NET = {"sizes": [3, 2], "activation": "identity", "loss": "mse"}
+
+
+def _quadratic_with_derivatives(backend):
+    """The quadratic problem plus its reference gradient and dense Hessian (NumPy)."""
+    model, params, x, y, loss = _quadratic(backend)
+    g = _grad_np(QUADRATIC_NET, params, x, y)
+    return model, params, x, y, loss, g, dense_hessian([3, 2], "identity", "mse", params, x, y)
+
+
 @pytest.mark.parametrize("backend,reg", REG_GRID)
 def test_c4_one_group_is_the_exact_cauchy_step(backend, reg):
-    model, params, x, y, loss = _quadratic(backend)
-    net = {"sizes": [3, 2], "activation": "identity", "loss": "mse"}
-    g = _grad_np(net, params, x, y)
-    H = dense_hessian([3, 2], "identity", "mse", params, x, y)
+    model, params, x, y, loss, g, H = _quadratic_with_derivatives(backend)
     expected = flatten(params) - (g @ g) / (g @ H @ g) * g
     opt = cc.PseudoHessian(groups="one", reg=reg)
     new, _, info = opt.step(model, loss, params, opt.init(params), x, y)
@@ -270,15 +277,12 @@ def test_c4_one_group_is_the_exact_cauchy_step(backend, reg):
 
 @pytest.mark.parametrize("backend,reg", REG_GRID)
 def test_c5_scalar_groups_give_the_newton_step(backend, reg):
-    model, params, x, y, loss = _quadratic(backend)
-    net = {"sizes": [3, 2], "activation": "identity", "loss": "mse"}
-    g0 = _grad_np(net, params, x, y)
-    H = dense_hessian([3, 2], "identity", "mse", params, x, y)
+    model, params, x, y, loss, g0, H = _quadratic_with_derivatives(backend)
     expected = flatten(params) - np.linalg.solve(H, g0)
     opt = cc.PseudoHessian(groups="scalar", reg=reg)
     new, _, info = opt.step(model, loss, params, opt.init(params), x, y)
     assert_rel(flatten(new), expected, 1e-10, "C5 Newton step")
-    g1 = _grad_np(net, new, x, y)
+    g1 = _grad_np(QUADRATIC_NET, new, x, y)
     assert np.linalg.norm(g1) <= 1e-10 * np.linalg.norm(g0)
     assert float(info["status"]) == 0
 
