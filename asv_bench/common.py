@@ -69,6 +69,9 @@ GRID = os.environ.get("CURVCORE_BENCH_GRID", "quick")
 if GRID not in GRIDS:
     raise ValueError(f"CURVCORE_BENCH_GRID must be one of {', '.join(GRIDS)}, got {GRID!r}")
 CPU_TIME = os.environ.get("CURVCORE_BENCH_CPU_TIME", "") not in ("", "0")
+if CPU_TIME and os.environ.get("OMP_NUM_THREADS") != "1":
+    raise ValueError("CURVCORE_BENCH_CPU_TIME=1 needs CURVCORE_BENCH_THREADS=1: process CPU time adds up every "
+                     "thread, and idle BLAS/OpenMP threads spin")
 DTYPE = os.environ.get("CURVCORE_BENCH_DTYPE", "float64")
 SEED = 0
 

@@ -34,6 +34,8 @@ from typing import Any
 if __package__ in (None, ""):  # run as a script: make ``asv_bench`` importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+import asv_bench  # noqa: E402,F401  (first: CURVCORE_BENCH_THREADS must act before any BLAS loads)
+
 # (table title, benchmark key, column params) -- keys are "<module>.<Class>.<function>"
 RATIO_BENCHMARKS = {
     "step_over_sgd": "bench_step.StepRatio.track_step_over_sgd",

@@ -21,6 +21,8 @@ import time
 if __package__ in (None, ""):
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+import asv_bench  # noqa: E402,F401  (first: CURVCORE_BENCH_THREADS must act before NumPy/matplotlib load BLAS)
+
 
 def point(backend: str, method: str, width: int, batch: int, budget_s: float) -> float:
     """Seconds per step (min of repeats) for ``[64, width, width, 10]`` and ``batch``."""
