@@ -31,6 +31,7 @@ Environment variables:
 from __future__ import annotations
 
 import gc
+import importlib
 import math
 import os
 import random
@@ -122,7 +123,13 @@ def require(backend: str) -> tuple[str, str]:
     if dev == "cuda" and not nvidia_present():
         raise NotImplementedError(f"{backend}: no NVIDIA GPU on this machine")
     if not cc.backends.available(lib):
-        raise NotImplementedError(f"backend {lib} is not installed or its adapter has not landed")
+        why = "not installed"
+        if lib in ("torch", "jax"):
+            try:
+                importlib.import_module(f"curvcore.backends.{lib}")
+            except Exception as err:  # the adapter's own import error says why
+                why = f"{type(err).__name__}: {err}"
+        raise NotImplementedError(f"backend {lib} is not available here ({why})")
     if dev == "cuda" and not _cuda_ok(lib):
         raise NotImplementedError(f"{backend}: no CUDA device here")
     if lib == "jax" and DTYPE == "float64":

@@ -255,12 +255,20 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--methods", default="", help="comma-separated (default: every registered method)")
     ap.add_argument("--no-peers", action="store_true")
     ap.add_argument("--json", help="also write the raw numbers to this JSON file")
+    ap.add_argument("--merge", help="a --json file of an earlier --measure run: its entries are kept unless remeasured")
     args = ap.parse_args(argv)
     if args.measure:
         results, meta = measure(args.backends.split(","), args.nets.split(","),
                                 [m for m in args.methods.split(",") if m] or None, peers=not args.no_peers)
     else:
         results, meta = load_asv(args.results, args.machine, args.commit)
+    if args.merge:
+        with open(args.merge) as fh:
+            old = json.load(fh)
+        for key, entries in old["results"].items():
+            for params, value in entries.items():
+                results.setdefault(key, {}).setdefault(tuple(params.split("|")), value)
+        meta["source"] += f" merged with {old['meta']['source']} of {old['meta']['date']}"
     if args.json:
         with open(args.json, "w") as fh:
             json.dump({"meta": meta, "results": {k: {"|".join(p): v for p, v in d.items()}
