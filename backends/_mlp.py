@@ -112,6 +112,32 @@ class ArrayAPIMLP:
 
         return recs[-1][3], pullback
 
+    def linearize(self, params: Sequence[Array], x: Array) -> tuple[Array, Callable, Callable]:
+        """``(f, jvp_fn, pullback)`` from one forward pass (the optional protocol primitive).
+
+        ``jvp_fn(t)``: tangent-only forward mode over the cached records,
+        ``zdot_k = adot_k W_k^T + a_k U_k^T + c_k``, ``adot_{k+1} = act'(z_k) zdot_k``
+        (``adot_0 = 0``; ``t = [U_1, c_1, ...]``): two matmuls per layer, one
+        for the first layer. ``pullback(u) = J^T u``: one backward sweep.
+        """
+        recs = self._forward_records(params, x)
+        xp = array_namespace(x)
+
+        def jvp_fn(tangent: Sequence[Array]) -> Array:
+            check_same_structure("tangent", tangent, params)
+            adot = None
+            for k, (a, _, dact, _) in enumerate(recs):
+                zdot = xp.matmul(a, xp.matrix_transpose(tangent[2 * k])) + tangent[2 * k + 1]
+                if adot is not None:
+                    zdot = zdot + xp.matmul(adot, xp.matrix_transpose(params[2 * k]))
+                adot = dact * zdot
+            return adot
+
+        def pullback(u: Array) -> list[Array]:
+            return _grads_from_records(xp, self._backward(params, recs, u))
+
+        return recs[-1][3], jvp_fn, pullback
+
     def layers(self, params: Sequence[Array], x: Array, out_cotangent: Cotangent) -> list[LayerRecord]:
         """Layer records for one forward and one backward sweep."""
         return self._backward(params, self._forward_records(params, x), out_cotangent)

@@ -53,6 +53,16 @@ Cotangent = Array | Callable[[Array], Array]
 class Model(Protocol):
     """The primitives a backend adapter provides.
 
+    Optional primitive (not checked by ``isinstance(model, Model)``; call it
+    through :func:`linearize`, which falls back to ``jvp``/``vjp``):
+    ``linearize(params, x) -> (f, jvp_fn, pullback)`` runs ONE forward pass;
+    ``jvp_fn(tangent) = J tangent`` then propagates only the tangent through
+    the cached activations and derivatives, and ``pullback(u) = J^T u`` (a
+    params-like list) is a backward sweep over the same cached forward. A
+    method needing ``J z``, ``J^T u`` and ``J dz`` at one point pays
+    1 forward + 2 tangent propagations + 1 backward, where separate
+    ``jvp``/``vjp``/``jvp`` calls redo the forward three times.
+
     Attributes:
         xp: the array namespace of the model's arrays
             (``array_api_compat.array_namespace`` of its params).
@@ -80,6 +90,33 @@ class Model(Protocol):
         get the loss gradient and the records).
         """
         ...
+
+
+def linearize(model: Any, params: Params, x: Array) -> tuple[Array, Callable[[Params], Array],
+                                                             Callable[[Array], Params]]:
+    """``(f, jvp_fn, pullback)``: ``jvp_fn(t) = J t``, ``pullback(u) = J^T u`` at ``params``.
+
+    Calls ``model.linearize(params, x)`` (the optional primitive: one forward
+    pass, then tangent-only propagations and backward sweeps over the cached
+    forward) when the model has it; otherwise composes ``model.vjp`` (one
+    forward) with a ``model.jvp`` per tangent (a forward each), so models that
+    provide only the required primitives keep working.
+    """
+    own = getattr(model, "linearize", None)
+    if own is not None:
+        return own(params, x)
+    return linearize_by_composition(model, params, x)
+
+
+def linearize_by_composition(model: Any, params: Params, x: Array) -> tuple[Array, Callable[[Params], Array],
+                                                                            Callable[[Array], Params]]:
+    """``(f, jvp_fn, pullback)`` from ``model.vjp`` and one ``model.jvp`` per tangent (no shared forward)."""
+    out, pullback = model.vjp(params, x)
+
+    def jvp_fn(tangent: Params) -> Array:
+        return model.jvp(params, x, tangent)[1]
+
+    return out, jvp_fn, pullback
 
 
 def resolve_cotangent(out_cotangent: Cotangent, out: Array) -> Array:

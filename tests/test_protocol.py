@@ -102,3 +102,59 @@ def test_params_are_not_mutated(backend):
     model.layers(params, x, lambda o: loss.grad(o, y))
     for b, p in zip(before, params):
         np.testing.assert_array_equal(b, cc.backends.to_numpy(p))
+
+
+def _linearize_vs_jvp_vjp(model, params, x, backend, seed=4):
+    """``linearize``'s out, J t, J^T u against ``jvp``/``vjp`` of the same model (float64, 1e-13)."""
+    from curvcore.protocol import linearize
+
+    t, t2 = _random_tangent(backend, params, seed), _random_tangent(backend, params, seed + 1)
+    out, jvp_fn, pullback = linearize(model, params, x)
+    ref_out, Jt = model.jvp(params, x, t)
+    u = cc.backends.asarray(backend, np.random.default_rng(seed).standard_normal(tuple(ref_out.shape)))
+    _, ref_pull = model.vjp(params, x)
+    assert_rel(cc.backends.to_numpy(out), cc.backends.to_numpy(ref_out), 1e-13, "linearize out")
+    assert_rel(cc.backends.to_numpy(jvp_fn(t)), cc.backends.to_numpy(Jt), 1e-13, "linearize J t")
+    assert_rel(cc.backends.to_numpy(jvp_fn(t2)), cc.backends.to_numpy(model.jvp(params, x, t2)[1]), 1e-13,
+               "linearize J t (second tangent, same forward)")
+    assert_rel(flatten(pullback(u)), flatten(ref_pull(u)), 1e-13, "linearize J^T u")
+    with pytest.raises(ValueError, match="Shape mismatch"):
+        pullback(u[:1, ...])
+
+
+@pytest.mark.parametrize("case", CASES, ids=case_id)
+def test_linearize_matches_jvp_and_vjp(backend, case):
+    model, params, x, _, _ = case_problem(backend, case)
+    assert hasattr(model, "linearize"), f"{backend} model should provide the optional linearize"
+    _linearize_vs_jvp_vjp(model, params, x, backend)
+
+
+def test_linearize_falls_back_to_jvp_and_vjp(backend):
+    """A model with only forward/jvp/vjp (FunctionModel) gets linearize by composition."""
+    from curvcore.backends.function import FunctionModel
+
+    inner, params, x, _, _ = case_problem(backend, CASES[0])
+    model = FunctionModel(inner.forward, inner.jvp, inner.vjp)
+    assert not hasattr(model, "linearize")
+    _linearize_vs_jvp_vjp(model, params, x, backend)
+
+
+def test_linearize_under_jax_jit():
+    """JaxModel.linearize inside jax.jit (jax.linearize + linear_transpose) against eager jvp/vjp."""
+    jax = pytest.importorskip("jax")
+    from curvcore.protocol import linearize
+
+    model, params, x, _, _ = case_problem("jax", CASES[0])
+    t = _random_tangent("jax", params, 6)
+    u = cc.backends.asarray("jax", np.random.default_rng(6).standard_normal(tuple(model.forward(params, x).shape)))
+
+    @jax.jit
+    def lin(params, x, t, u):
+        out, jvp_fn, pullback = linearize(model, params, x)
+        return out, jvp_fn(t), pullback(u)
+
+    out, Jt, JTu = lin(params, x, t, u)
+    ref_out, ref_Jt = model.jvp(params, x, t)
+    assert_rel(np.asarray(out), np.asarray(ref_out), 1e-13, "jit linearize out")
+    assert_rel(np.asarray(Jt), np.asarray(ref_Jt), 1e-13, "jit linearize J t")
+    assert_rel(flatten(JTu), flatten(model.vjp(params, x)[1](u)), 1e-13, "jit linearize J^T u")

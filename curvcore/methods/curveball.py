@@ -27,7 +27,7 @@ from .._checks import (
 from .._control import cond
 from .._linalg import pinv
 from .._reduce import batch_vdot
-from ..protocol import Array, tree_add, tree_dot, tree_map, tree_scale
+from ..protocol import Array, linearize, tree_add, tree_dot, tree_map, tree_scale
 from ._base import Method, step_info, zero_count
 from ._registry import register
 
@@ -127,12 +127,17 @@ class CurveBall(Method):
       ``lam <- lam w`` if ``gamma > lam_high``, ``w = lam_factor**lam_interval``.
       The new ``lam`` is used from the next step; ``M >= 0`` skips the rule.
 
-    Cost per step: 2 JVP + 1 VJP (``auto=True``), plus 1 forward every
+    Cost per step (``auto=True``): 1 forward + 2 tangent propagations + 1
+    backward, all at the same point through :func:`curvcore.protocol.linearize`
+    (one forward pass whose cached activations serve ``J z``, ``J^T u`` and
+    ``J dz``; a model without the optional ``linearize`` primitive pays
+    2 JVP + 1 VJP, i.e. two more forwards), plus 1 forward every
     ``lam_interval`` steps. Every entry of ``A`` and ``b`` comes from the
     output-space vectors ``J z``, ``J dz``, ``H_L J z``, ``H_L J dz``, ``g_f``
     (closed-form loss Hessian) and three parameter dots; ``G`` and ``J`` are
-    never formed. ``auto=False``: 1 JVP + 1 VJP, plus 1 JVP and 1 forward on
-    lambda-adaptation steps (``pred_change`` is NaN on the other steps).
+    never formed. ``auto=False``: 1 forward + 1 tangent propagation + 1
+    backward, plus 1 tangent propagation and 1 forward on lambda-adaptation
+    steps (``pred_change`` is NaN on the other steps).
 
     Paper vs code (the authors' code wins, spec section 4): ``lam`` inside the
     2x2 matrix; ``gamma``'s denominator is the damped model change ``M``;
@@ -214,14 +219,14 @@ class CurveBall(Method):
             check_tree_finite("state.z", z)
             check_finite("state.lam", state.lam)
         lam = state.lam
-        f, Jz = model.jvp(params, x, z)                                  # JVP 1
+        f, jvp_fn, pullback = linearize(model, params, x)               # 1 forward
+        Jz = jvp_fn(z)                                                   # JVP 1
         f0, gf, HJz = loss.value(f, y), loss.grad(f, y), loss.hvp(f, y, Jz)
-        _, pullback = model.vjp(params, x)                               # VJP 1
-        dz = tree_map(lambda a, b: a + lam * b, pullback(HJz + gf), z)   # eq. 18
+        dz = tree_map(lambda a, b: a + lam * b, pullback(HJz + gf), z)   # VJP, eq. 18
         self._check_dz(dz)
 
         def system() -> System:                                          # JVP 2
-            _, Jdz = model.jvp(params, x, dz)
+            Jdz = jvp_fn(dz)
             return two_by_two(Jz, HJz, Jdz, loss.hvp(f, y, Jdz), gf, z, dz, lam)
 
         nan = xp.asarray(math.nan, dtype=f0.dtype, device=device(f0))
@@ -278,5 +283,5 @@ register(
     CurveBall,
     compare={"lam": 0.1},
     test={"lam": 1.0, "lam_interval": 2},
-    description="CurveBall: heavy-ball with curvature, auto rho/beta (2 JVP + 1 VJP per step)",
+    description="CurveBall: heavy-ball with curvature, auto rho/beta (1 forward + 2 JVP + 1 backward per step)",
 )
