@@ -15,9 +15,9 @@
 keyword ``tap`` and route every dense layer through it (see
 :meth:`JaxModel.layers`); the built-in MLP (:func:`mlp_apply`) does.
 
-Importing this module registers :func:`jax.lax.cond` with
-:mod:`curvcore._control`, so the methods' counter branches trace under
-``jax.jit``. It never changes ``jax_enable_x64``.
+Importing this module registers :func:`jax.lax.cond` and
+:func:`jax.lax.while_loop` with :mod:`curvcore._control`, so the methods'
+counter branches and early-exit loops trace under ``jax.jit``. It never changes ``jax_enable_x64``.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from curvcore._checks import check_params_and_x, check_same_structure
-from curvcore._control import register_cond
+from curvcore._control import register_cond, register_while_loop
 from curvcore.protocol import Cotangent, LayerRecord, checked_pullback, linearize_by_composition, resolve_cotangent
 
 from ._activations import LEAKY_SLOPE, check_activation
@@ -45,6 +45,7 @@ __all__ = [
 ]
 
 register_cond(lambda p: isinstance(p, jax.core.Tracer), lambda pred, t, f, *ops: jax.lax.cond(pred, t, f, *ops))
+register_while_loop(lambda p: isinstance(p, jax.core.Tracer), lambda c, b, v: jax.lax.while_loop(c, b, v))
 
 _ACTIVATIONS: dict[str, Callable[[Array], Array] | None] = {
     "tanh": jnp.tanh,

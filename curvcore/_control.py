@@ -4,7 +4,9 @@ A method branches on a step counter (CurveBall's lambda rule, ACP's refresh).
 With concrete values this is a plain ``if``; inside ``jax.jit`` the counter is
 abstract, and the JAX adapter registers ``jax.lax.cond`` here. The core never
 imports a framework: backends register their primitive with
-:func:`register_cond`.
+:func:`register_cond`. Loops with a data-dependent exit (Armijo backtracking)
+go through :func:`while_loop` the same way (:func:`register_while_loop`; the
+JAX adapter registers ``jax.lax.while_loop``).
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from typing import Any
 from ._checks import concrete_bool
 
 _CONDS: list[tuple[Callable[[Any], bool], Callable[..., Any]]] = []
+_LOOPS: list[tuple[Callable[[Any], bool], Callable[..., Any]]] = []
 
 
 def register_cond(applies: Callable[[Any], bool], cond_fn: Callable[..., Any]) -> None:
@@ -35,3 +38,31 @@ def cond(pred: Any, true_fn: Callable[..., Any], false_fn: Callable[..., Any], *
         if applies(pred):
             return cond_fn(pred, true_fn, false_fn, *operands)
     raise TypeError(f"cannot branch on an abstract predicate of type {type(pred).__name__}")
+
+
+def register_while_loop(applies: Callable[[Any], bool], loop_fn: Callable[..., Any]) -> None:
+    """Register ``loop_fn(cond_fn, body_fn, init)`` for loop predicates where ``applies(pred)``."""
+    _LOOPS.append((applies, loop_fn))
+
+
+def while_loop(cond_fn: Callable[[Any], Any], body_fn: Callable[[Any], Any], init: Any) -> Any:
+    """``val = init; while cond_fn(val): val = body_fn(val)``, also for a traced predicate.
+
+    With concrete values this is a plain Python loop (``body_fn`` runs only
+    while ``cond_fn`` holds). When ``cond_fn(val)`` is abstract (inside
+    ``jax.jit``), the rest of the loop is handed, from the current ``val``, to
+    the registered primitive (``jax.lax.while_loop``): ``body_fn`` must then
+    return the structure, shapes and dtypes of ``val``.
+    """
+    val = init
+    while True:
+        pred = cond_fn(val)
+        value = concrete_bool(pred)
+        if value is None:
+            for applies, loop_fn in _LOOPS:
+                if applies(pred):
+                    return loop_fn(cond_fn, body_fn, val)
+            raise TypeError(f"cannot loop on an abstract predicate of type {type(pred).__name__}")
+        if not value:
+            return val
+        val = body_fn(val)

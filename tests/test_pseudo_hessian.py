@@ -597,6 +597,27 @@ def test_backtracking_clipping_and_skip():
         np.testing.assert_array_equal(p, q)
 
 
+def test_backtracking_stops_at_the_first_success():
+    """One forward per tried rung: eager counts them; under ``jax.jit`` the ladder is one ``while`` loop."""
+    model, params, x, y, loss = make_problem("numpy", [4, 5, 3], "tanh", "ce", batch=7, seed=0)
+    opt = cc.PseudoHessian(lr=1e3)
+    calls = []
+    forward = model.forward
+    model.forward = lambda p, xb: calls.append(1) or forward(p, xb)
+    _, _, info = opt.step(model, loss, params, opt.init(params), x, y)
+    k = int(round(-np.log2(float(info["t"]))))
+    assert 0 < k < opt.max_backtracks and len(calls) == k + 1
+    if not cc.backends.available("jax"):
+        return
+    import jax
+
+    jmodel, jparams, jx, jy, jloss = make_problem("jax", [4, 5, 3], "tanh", "ce", batch=7, seed=0)
+    jaxpr = str(jax.make_jaxpr(lambda p: opt.step(jmodel, jloss, p, opt.init(p), jx, jy))(jparams))
+    assert jaxpr.count("while[") == 1
+    _, _, jinfo = jax.jit(lambda p: opt.step(jmodel, jloss, p, opt.init(p), jx, jy))(jparams)
+    assert float(jinfo["t"]) == float(info["t"])
+
+
 # ---------------------------------------------------------------------------
 # API
 # ---------------------------------------------------------------------------

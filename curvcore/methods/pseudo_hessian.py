@@ -24,6 +24,7 @@ from array_api_compat import device as _device
 
 from .._checks import (check_choice, check_int, check_interval, check_nonnegative, check_positive,
                        concrete_bool)
+from .._control import while_loop
 from .._reduce import batch_vdot
 from ..protocol import Array, tree_dot, tree_map, tree_norm, tree_size, tree_zeros_like
 from . import _cubic
@@ -223,27 +224,33 @@ class PseudoHessian(Method):
         """Armijo: the first ``t = 2^-k``, ``k <= max_backtracks``, with ``L(theta - t delta)`` finite
         and ``<= L - 1e-4 t <g, delta>`` (same batch).
 
-        One forward per candidate; stops at the first success when values are
-        concrete, else (inside ``jax.jit``) evaluates the whole ladder and
-        selects the first success with array ops (same result). No success or
-        ``<g, delta> <= 0``: ``t = 0`` and status 2 (skip).
+        One forward per tried candidate, stopping at the first success: a plain
+        loop when values are concrete, ``jax.lax.while_loop`` inside
+        ``jax.jit`` (through :func:`curvcore._control.while_loop`). The
+        candidate ``t`` is carried and halved (exact in binary floating point),
+        so it equals ``2.0**-k``. No success or ``<g, delta> <= 0``: ``t = 0``
+        and status 2 (skip).
         """
         xp = array_namespace(value)
         one = xp.ones_like(value)
         if not self.backtrack:
             return one, status
         slope = tree_dot(g, delta)
-        found = xp.zeros_like(value) != 0
-        step_t = xp.zeros_like(value)
-        if concrete_bool(slope > 0) is not False:
-            for k in range(self.max_backtracks + 1):
-                tk = 2.0**-k
-                trial = loss.value(model.forward([p - tk * d for p, d in zip(params, delta)], x), y)
-                ok = (slope > 0) & xp.isfinite(trial) & (trial <= value - ARMIJO_C * tk * slope)
-                step_t = xp.where(ok & ~found, tk * one, step_t)
-                found = found | ok
-                if concrete_bool(found):
-                    break
+        positive = slope > 0
+
+        def more(carry: tuple[Array, Array, Array]) -> Array:
+            k, _, found = carry
+            return positive & ~found & (k <= self.max_backtracks)
+
+        def rung(carry: tuple[Array, Array, Array]) -> tuple[Array, Array, Array]:
+            k, tk, _ = carry
+            trial = loss.value(model.forward([p - tk * d for p, d in zip(params, delta)], x), y)
+            ok = xp.isfinite(trial) & (trial <= value - ARMIJO_C * tk * slope)
+            return k + 1, xp.where(ok, tk, tk / 2), ok
+
+        init = (xp.zeros_like(value, dtype=xp.int32), one, xp.zeros_like(value) != 0)
+        _, tk, found = while_loop(more, rung, init)
+        step_t = xp.where(found, tk, xp.zeros_like(value))
         skip = xp.full_like(status, _cubic.SKIP)
         return step_t, xp.where(found, status, skip)
 
