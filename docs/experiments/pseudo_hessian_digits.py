@@ -149,7 +149,7 @@ def fig1(data) -> dict:
         J = 1 / np.sqrt(np.abs(np.diag(H)))
         C = H * J[:, None] * J[None, :]
         Ci = np.linalg.inv(H) / (J[:, None] * J[None, :])
-        W, B = np.arange(0, 2 * L, 2), np.arange(1, 2 * L, 2)
+        W = np.arange(0, 2 * L, 2)  # the weight groups
         out[k] = {"Hbar": H.tolist(), "eig_min": float(np.linalg.eigvalsh(H)[0]),
                   "eig_max": float(np.linalg.eigvalsh(H)[-1]),
                   "offdiag_share_scaled_Hbar": _offdiag_share(C), "offdiag_share_scaled_inverse": _offdiag_share(Ci),
