@@ -104,13 +104,8 @@ class ArrayAPIMLP:
 
     def vjp(self, params: Sequence[Array], x: Array) -> tuple[Array, Callable[[Array], list[Array]]]:
         """``(f, pullback)`` with ``pullback(u) = J^T u`` as ``[dW1, db1, ...]``."""
-        recs = self._forward_records(params, x)
-        xp = array_namespace(x)
-
-        def pullback(u: Array) -> list[Array]:
-            return _grads_from_records(xp, self._backward(params, recs, u))
-
-        return recs[-1][3], pullback
+        out, _, pullback = self.linearize(params, x)
+        return out, pullback
 
     def linearize(self, params: Sequence[Array], x: Array) -> tuple[Array, Callable, Callable]:
         """``(f, jvp_fn, pullback)`` from one forward pass (the optional protocol primitive).
@@ -134,7 +129,7 @@ class ArrayAPIMLP:
             return adot
 
         def pullback(u: Array) -> list[Array]:
-            return _grads_from_records(xp, self._backward(params, recs, u))
+            return _grads_from_records(self._backward(params, recs, u))
 
         return recs[-1][3], jvp_fn, pullback
 
@@ -191,7 +186,7 @@ def _faa_di_bruno(s: list[Array], z: list[Array]) -> list[Array]:
     return h
 
 
-def _grads_from_records(xp: Any, recs: list[LayerRecord]) -> list[Array]:
+def _grads_from_records(recs: list[LayerRecord]) -> list[Array]:
     """``[g^T a, sum_batch g]`` per layer: the parameter gradient from the records."""
     grads: list[Array] = []
     for r in recs:

@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from . import backends, losses
-from .data import digits, one_hot
+from .data import Split, digits, one_hot
 from .methods import REGISTRY
 
 BASELINES = ("sgd", "adam")
@@ -57,8 +57,7 @@ def _step_function(opt: Any, model: Any, loss: Any, backend: str):
     if backend == "jax":
         from .backends import jax as jax_backend
 
-        jitted = jax_backend.jit_step(opt, model, loss)
-        return lambda params, state, x, y, **kw: jitted(params, state, x, y, **kw)
+        return jax_backend.jit_step(opt, model, loss)
     return lambda params, state, x, y, **kw: opt.step(model, loss, params, state, x, y, **kw)
 
 
@@ -70,13 +69,12 @@ def _evaluate(model: Any, loss: Any, params: list, data: dict) -> tuple[float, f
     return train_loss, acc
 
 
-def train_one(method: str, backend: str, args: argparse.Namespace, progress: Any = None) -> dict:
-    """Train one method on one backend; return its history and summary."""
+def train_one(method: str, backend: str, args: argparse.Namespace, split: Split, progress: Any = None) -> dict:
+    """Train one method on one backend on the digits ``split``; return its history and summary."""
     spec = REGISTRY[method]
     loss_name = args.loss
     if loss_name not in spec.losses:
         return {"method": method, "backend": backend, "error": f"{method} does not support loss {loss_name!r}"}
-    split = digits(seed=0)
     sizes = [split.x_train.shape[1], *args.hidden, 10]
     model, params = backends.mlp(backend, sizes, activation=args.activation, dtype=args.dtype,
                                  seed=args.seed, device=args.device)
@@ -194,15 +192,15 @@ def compare(args: argparse.Namespace) -> list[dict]:
 
     methods = _parse_methods(args.methods)
     backend_names = _parse_backends(args.backend)
-    split_n = digits(seed=0).x_train.shape[0]
-    steps = args.epochs * (split_n // args.batch_size)
+    split = digits(seed=0)
+    steps = args.epochs * (split.x_train.shape[0] // args.batch_size)
     runs = []
     with tqdm(total=steps * len(methods) * len(backend_names), disable=args.quiet, unit="step",
               file=sys.stderr, mininterval=0.5) as bar:
         for method in methods:
             for backend in backend_names:
                 bar.set_description(f"{method} on {backend}")
-                runs.append(train_one(method, backend, args, bar))
+                runs.append(train_one(method, backend, args, split, bar))
     print(_table(runs))
     diffs = _backend_differences(runs) if len(backend_names) > 1 else {}
     if diffs:

@@ -60,6 +60,12 @@ def value_and_grad(model: Any, loss: Any, params: Sequence[Array], x: Array, y: 
     return loss.value(out, y), pullback(loss.grad(out, y)), out
 
 
+def loss_and_records(model: Any, loss: Any, params: Sequence[Array], x: Array, y: Array) -> tuple[Array, list]:
+    """One forward + one backward: ``(L, records)`` with ``g = dL/dz`` of the batch-mean loss."""
+    recs = model.layers(params, x, lambda out: loss.grad(out, y))
+    return loss.value(recs[-1].h, y), recs
+
+
 def check_grads_finite(grads: Sequence[Array], validate: bool) -> None:
     """Raise ``FloatingPointError`` if the gradient overflowed."""
     if validate:

@@ -29,7 +29,7 @@ from .._reduce import batch_gram, batch_mean, batch_sum
 from ..losses import MSE, CrossEntropy
 from ..protocol import Array, LayerRecord
 from ..protocol import tree_scale, tree_sub
-from ._base import Method, check_grads_finite, step_info
+from ._base import Method, check_grads_finite, loss_and_records, step_info
 
 
 class Terms(NamedTuple):
@@ -199,7 +199,7 @@ def compute_terms(model: Any, loss: Any, params: Sequence[Array], x: Array, y: A
         FloatingPointError: the output or the back-propagated gradients are not finite.
     """
     check_loss(loss)
-    recs = model.layers(params, x, lambda out: loss.grad(out, y))
+    value, recs = loss_and_records(model, loss, params, x, y)
     out = recs[-1].h
     ghat = sample_grads(recs)
     if validate:
@@ -213,7 +213,7 @@ def compute_terms(model: Any, loss: Any, params: Sequence[Array], x: Array, y: A
     if reg_grad:
         ghat = regularized_backward(ghat, recs, params[0::2], rho)
     q, gq = granular_term(loss, out, y, ghat[-1])
-    return loss.value(out, y), Terms([r.a for r in recs], ghat, rho, q, gq)
+    return value, Terms([r.a for r in recs], ghat, rho, q, gq)
 
 
 def check_loss(loss: Any) -> None:

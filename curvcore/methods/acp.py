@@ -20,7 +20,7 @@ from .._control import cond
 from .._linalg import eigh
 from .._reduce import batch_gram, batch_mean, batch_size, batch_sum
 from ..protocol import Array, LayerRecord
-from ._base import Method, check_grads_finite, step_info, zero_count
+from ._base import Method, check_grads_finite, loss_and_records, step_info, zero_count
 from ._registry import register
 
 # ---------------------------------------------------------------------------
@@ -35,12 +35,6 @@ def method_errors(method: str) -> Iterator[None]:
         yield
     except (ValueError, TypeError, FloatingPointError) as err:
         raise type(err)(f"{method}: {err}") from None
-
-
-def loss_and_records(model: Any, loss: Any, params: Sequence[Array], x: Array, y: Array) -> tuple[Array, list]:
-    """One forward + one backward: ``(L, records)`` with ``g = dL/dz`` of the batch-mean loss."""
-    recs = model.layers(params, x, lambda out: loss.grad(out, y))
-    return loss.value(recs[-1].h, y), recs
 
 
 def input_records(model: Any, params: Sequence[Array], x: Array) -> list[LayerRecord]:

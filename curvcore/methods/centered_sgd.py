@@ -8,7 +8,8 @@ from typing import Any, NamedTuple
 from ..protocol import Array
 from ._base import Method, check_grads_finite, step_info, zero_count
 from ._registry import register
-from .acp import centered_gradient, loss_and_records, method_errors
+from ._base import loss_and_records
+from .acp import centered_gradient, method_errors
 from .._checks import check_positive
 
 

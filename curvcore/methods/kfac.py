@@ -16,7 +16,8 @@ from .._reduce import batch_gram, batch_size, batch_sum
 from ..protocol import Array
 from ._base import Method, check_grads_finite, step_info, zero_count
 from ._registry import register
-from .acp import check_layer_state, concrete_count, loss_and_records, method_errors
+from ._base import loss_and_records
+from .acp import check_layer_state, concrete_count, method_errors
 
 FISHERS = ("empirical", "mc")
 
