@@ -58,15 +58,18 @@ def check_tree_finite(name: str, tree: Sequence[Array]) -> None:
         check_finite(f"{name}[{i}]", a)
 
 
+def check_shapes(name: str, arrays: Sequence[Array], shapes: Sequence[tuple[int, ...]], unit: str = "arrays") -> None:
+    """Raise ``ValueError`` unless ``arrays`` has one array of each expected shape, in order."""
+    if len(arrays) != len(shapes):
+        raise ValueError(f"{name} has {len(arrays)} {unit} but params have {len(shapes)}")
+    for i, (a, s) in enumerate(zip(arrays, shapes)):
+        if tuple(a.shape) != tuple(s):
+            raise ValueError(f"Shape mismatch in {name}[{i}]: expected {tuple(s)}, got {tuple(a.shape)}.")
+
+
 def check_same_structure(name: str, tree: Sequence[Array], params: Sequence[Array]) -> None:
     """Raise ``ValueError`` unless ``tree`` has the length and shapes of ``params``."""
-    if len(tree) != len(params):
-        raise ValueError(f"{name} has {len(tree)} arrays but params has {len(params)}")
-    for i, (t, p) in enumerate(zip(tree, params)):
-        if tuple(t.shape) != tuple(p.shape):
-            raise ValueError(
-                f"Shape mismatch in {name}[{i}]: expected {tuple(p.shape)}, got {tuple(t.shape)}."
-            )
+    check_shapes(name, tree, [tuple(p.shape) for p in params])
 
 
 def check_positive(name: str, value: float) -> None:

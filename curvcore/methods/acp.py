@@ -14,7 +14,7 @@ from typing import Any, NamedTuple
 from array_api_compat import array_namespace, device
 
 from .._checks import (
-    check_finite, check_int, check_nonnegative, check_positive, concrete_bool, namespace,
+    check_finite, check_int, check_nonnegative, check_positive, check_shapes, concrete_bool, namespace,
 )
 from .._control import cond
 from .._linalg import eigh
@@ -101,11 +101,7 @@ def check_extra_batch(name: str, params: Sequence[Array], x: Array, extra: Array
 
 def check_layer_state(name: str, arrays: Sequence[Array], shapes: Sequence[tuple[int, ...]]) -> None:
     """Raise ``ValueError`` unless the per-layer state arrays have the expected shapes."""
-    if len(arrays) != len(shapes):
-        raise ValueError(f"state.{name} has {len(arrays)} layers but params have {len(shapes)}")
-    for k, (a, s) in enumerate(zip(arrays, shapes)):
-        if tuple(a.shape) != tuple(s):
-            raise ValueError(f"Shape mismatch in state.{name}[{k}]: expected {tuple(s)}, got {tuple(a.shape)}.")
+    check_shapes(f"state.{name}", arrays, shapes, unit="layers")
 
 
 def flag(xp: Any, value: float, like: Array) -> Array:
