@@ -19,6 +19,8 @@ from typing import Any
 
 import numpy as np
 
+from curvcore.random import register_host_generator
+
 from ._activations import NAMES as ACTIVATIONS
 from ._activations import check_activation
 from ._mlp import ArrayAPIMLP
@@ -28,6 +30,8 @@ Array = Any
 
 ALL = ("numpy", "array_api_strict", "torch", "jax", "cupy")
 _ARRAY_API = ("numpy", "array_api_strict", "cupy")
+
+register_host_generator(np.random.default_rng)
 INITS = ("lecun", "he", "uniform")
 
 __all__ = [

@@ -24,6 +24,8 @@ from __future__ import annotations
 
 import functools
 import inspect
+import weakref
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
@@ -31,9 +33,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from curvcore._checks import check_params_and_x, check_same_structure
+from curvcore import tree as cc_tree
+from curvcore._checks import check_params_and_x, in_step, value_checks_on
 from curvcore._control import register_cond, register_while_loop
-from curvcore.protocol import Cotangent, LayerRecord, checked_pullback, linearize_by_composition, resolve_cotangent
+from curvcore.layers import check_cotangent_shape
+from curvcore.methods import init_state
+from curvcore.protocol import Cotangent, LayerRecord, linearize_by_composition, resolve_cotangent
 
 from ._activations import LEAKY_SLOPE, check_activation
 
@@ -46,6 +51,23 @@ __all__ = [
 
 register_cond(lambda p: isinstance(p, jax.core.Tracer), lambda pred, t, f, *ops: jax.lax.cond(pred, t, f, *ops))
 register_while_loop(lambda p: isinstance(p, jax.core.Tracer), lambda c, b, v: jax.lax.while_loop(c, b, v))
+
+
+def _jax_tree(tree: Any) -> bool:
+    """``jax.tree_util`` flattens trees that hold JAX arrays or JAX pytree nodes (flax dicts, equinox modules)."""
+    return any(isinstance(a, (jax.Array, jax.core.Tracer)) for a in jax.tree_util.tree_leaves(tree)) or _custom_nodes(tree)
+
+
+def _custom_nodes(tree: Any) -> bool:
+    """Whether the tree has a node other than a plain dict, list or tuple."""
+    if type(tree) is dict:
+        return any(_custom_nodes(v) for v in tree.values())
+    if type(tree) in (list, tuple):
+        return any(_custom_nodes(v) for v in tree)
+    return not jax.tree_util.treedef_is_leaf(jax.tree_util.tree_structure(tree))
+
+
+cc_tree.register("jax", _jax_tree, jax.tree_util.tree_flatten, jax.tree_util.tree_unflatten)
 
 _ACTIVATIONS: dict[str, Callable[[Array], Array] | None] = {
     "tanh": jnp.tanh,
@@ -96,20 +118,25 @@ def _takes_tap(fn: Callable[..., Any]) -> bool:
 class JaxModel:
     """Wrap a pure ``apply_fn(params, x) -> out`` as a curvcore model.
 
-    Each primitive is one ``jax.jit``-compiled program (compiled once per
-    shape and dtype), so eager method steps do not dispatch op by op; inside
-    :func:`jit_step` the programs are inlined into the step.
+    ``params`` may be any pytree (a list, a flax ``params`` dict, an equinox
+    module's array leaves); every primitive takes and returns that
+    structure. Each primitive is one compiled program per argument shape
+    (kept in a bounded LRU cache, :data:`CACHE_SIZE` entries per primitive), so
+    eager method steps do not dispatch op by op; inside :func:`jit_step` the
+    primitives are inlined into the step.
 
     Args:
-        apply_fn: pure function of a params list and a batch. For
-            :meth:`layers`, it must accept a keyword ``tap`` and compute every
+        apply_fn: pure function of the params and a batch. For :meth:`layers`
+            (the layer-wise methods on an MLP), it must take params
+            ``[W1, b1, W2, b2, ...]`` and a keyword ``tap``, and compute every
             dense layer as ``a_next = tap(a, z, act)`` with ``z = a W^T + b``
-            (``params`` ``[W1, b1, W2, b2, ...]``, ``act`` an elementwise
-            function or ``None`` for linear); see :func:`mlp_apply`.
+            (``act`` an elementwise function or ``None`` for linear); see
+            :func:`mlp_apply`. Flax and equinox models need no tap: see
+            ``from_flax`` and ``from_equinox``.
         n_layers: the number of dense layers (checked in :meth:`layers`);
             ``None``: ``len(params) // 2``.
-        validate: check batches (library, dtype, NaN/Inf). Value checks are
-            skipped automatically inside ``jax.jit``.
+        validate: check batches (library, dtype, NaN/Inf) when a primitive
+            is called directly. Value checks are skipped inside ``jax.jit``.
         jit: compile the primitives (set False for an ``apply_fn`` that
             cannot be traced by ``jax.jit``).
     """
@@ -129,53 +156,57 @@ class JaxModel:
     def __repr__(self) -> str:
         return f"JaxModel({getattr(self.apply_fn, '__name__', self.apply_fn)!r}, n_layers={self.n_layers})"
 
-    def _check(self, params: Sequence[Array], x: Array) -> None:
-        check_params_and_x(params, x, self.validate)
+    def _check(self, params: Any, x: Array) -> None:
+        if not in_step():
+            check_params_and_x(jax.tree_util.tree_leaves(params), x, value_checks_on(self.validate))
+
+    def cache_size(self) -> int:
+        """Compiled programs held by this model's primitives (each an LRU of at most :data:`CACHE_SIZE`)."""
+        progs = [self._forward, self._jvp, *self._jet.values(), *self._taps.values()]
+        return sum(p.cache_size() for p in progs if isinstance(p, BoundedJit))
 
     # -- primitives ------------------------------------------------------------
-    def forward(self, params: Sequence[Array], x: Array) -> Array:
+    def forward(self, params: Any, x: Array) -> Array:
         """The output ``apply_fn(params, x)``."""
         self._check(params, x)
-        return self._forward(list(params), x)
+        return self._forward(params, x)
 
-    def jvp(self, params: Sequence[Array], x: Array, tangent: Sequence[Array]) -> tuple[Array, Array]:
+    def jvp(self, params: Any, x: Array, tangent: Any) -> tuple[Array, Array]:
         """``(f, J tangent)`` by :func:`jax.jvp`."""
         self._check(params, x)
-        check_same_structure("tangent", tangent, params)
-        return tuple(self._jvp(list(params), x, list(tangent)))
+        _check_like("tangent", tangent, params)
+        return tuple(self._jvp(params, x, tangent))
 
-    def vjp(self, params: Sequence[Array], x: Array) -> tuple[Array, Callable[[Array], list[Array]]]:
-        """``(f, pullback)`` by :func:`jax.vjp` (of the compiled forward); ``pullback(u) = J^T u``."""
+    def vjp(self, params: Any, x: Array) -> tuple[Array, Callable[[Array], Any]]:
+        """``(f, pullback)`` by :func:`jax.vjp` (of the compiled forward); ``pullback(u) = J^T u`` like params."""
         self._check(params, x)
-        out, pull = jax.vjp(lambda p: self._forward(p, x), list(params))
-        return out, checked_pullback(out, pull)
+        out, pull = jax.vjp(lambda p: self._forward(p, x), params)
+        return out, _pullback(out, pull)
 
-    def linearize(self, params: Sequence[Array], x: Array) -> tuple[Array, Callable, Callable]:
+    def linearize(self, params: Any, x: Array) -> tuple[Array, Callable, Callable]:
         """``(f, jvp_fn, pullback)`` at one point (the optional protocol primitive).
 
         Inside a trace (``jax.jit``): :func:`jax.linearize` of the forward
         (one primal pass; ``jvp_fn`` evaluates only the linear tangent
         program) and :func:`jax.linear_transpose` of that program as the
-        pullback, so the step holds one primal forward (XLA would also
-        deduplicate separate calls; nothing here adds a compilation).
-        Eagerly, the compiled ``jvp``/``vjp`` programs are measured faster
-        than op-by-op evaluation of the linearized program (2.4 vs 4.5 ms on
-        a [64, 64, 10] net), so it composes them instead.
+        pullback, so the step holds one primal forward. Eagerly, the compiled
+        ``jvp``/``vjp`` programs are measured faster than op-by-op evaluation
+        of the linearized program (2.4 vs 4.5 ms on a [64, 64, 10] net), so it
+        composes them instead.
         """
         self._check(params, x)
-        p = list(params)
-        if not any(isinstance(a, jax.core.Tracer) for a in (*p, x)):
-            return linearize_by_composition(self, p, x)
-        out, lin = jax.linearize(lambda q: self._forward(q, x), p)
-        transpose = jax.linear_transpose(lin, p)
+        if not any(isinstance(a, jax.core.Tracer) for a in (*jax.tree_util.tree_leaves(params), x)):
+            return linearize_by_composition(self, params, x)
+        out, lin = jax.linearize(lambda q: self._forward(q, x), params)
+        transpose = jax.linear_transpose(lin, params)
 
-        def jvp_fn(tangent: Sequence[Array]) -> Array:
-            check_same_structure("tangent", tangent, p)
-            return lin(list(tangent))
+        def jvp_fn(tangent: Any) -> Array:
+            _check_like("tangent", tangent, params)
+            return lin(tangent)
 
-        return out, jvp_fn, checked_pullback(out, transpose)
+        return out, jvp_fn, _pullback(out, transpose)
 
-    def jet(self, params: Sequence[Array], x: Array, tangent: Sequence[Array], order: int) -> list[Array]:
+    def jet(self, params: Any, x: Array, tangent: Any, order: int) -> list[Array]:
         """``[f, d1, ..., d_order]``, ``d_k = d^k/dt^k f(params + t tangent)`` at 0 (order <= 3).
 
         Nested :func:`jax.jvp` along the same tangent, compiled (XLA removes
@@ -184,8 +215,8 @@ class JaxModel:
         if order not in (1, 2, 3):
             raise ValueError(f"jet order must be 1, 2 or 3, got {order!r}")
         self._check(params, x)
-        check_same_structure("tangent", tangent, params)
-        return list(self._jet(list(params), x, list(tangent), order))
+        _check_like("tangent", tangent, params)
+        return list(self._jet[order](params, x, tangent))
 
     def layers(self, params: Sequence[Array], x: Array, out_cotangent: Cotangent) -> list[LayerRecord]:
         """One :class:`LayerRecord` per dense layer: one forward and one backward pass.
@@ -201,25 +232,45 @@ class JaxModel:
                 different number of times than there are dense layers.
         """
         self._check(params, x)
-        n = self.n_layers if self.n_layers is not None else len(params) // 2
         if not self.takes_tap:
             raise TypeError(
                 "layers() needs apply_fn(params, x, tap=None) that routes every dense layer through "
-                "a_next = tap(a, z, act); see curvcore.backends.jax.mlp_apply for an example"
+                "a_next = tap(a, z, act); see curvcore.backends.jax.mlp_apply for an example, or build the "
+                "model with from_flax/from_equinox"
             )
-        if len(params) != 2 * n:
-            raise TypeError(f"layers() needs params [W1, b1, ..., W{n}, b{n}] ({2 * n} arrays), got {len(params)}")
+        n = self.n_layers if self.n_layers is not None else len(params) // 2
+        if not isinstance(params, (list, tuple)) or len(params) != 2 * n:
+            raise TypeError(f"layers() needs params [W1, b1, ..., W{n}, b{n}] ({2 * n} arrays)")
         eps = [jnp.zeros((x.shape[0], params[2 * k].shape[0]), dtype=params[0].dtype) for k in range(n)]
         p = list(params)
-        out, pull, store = jax.vjp(lambda e: self._taps(p, x, e, n), eps, has_aux=True)
+        out, pull, store = jax.vjp(lambda e: self._taps[n](p, x, e), eps, has_aux=True)
         u = resolve_cotangent(out_cotangent, out)
-        if tuple(u.shape) != tuple(out.shape):
-            raise ValueError(f"Shape mismatch in the output cotangent: expected {tuple(out.shape)}, got {tuple(u.shape)}.")
+        check_cotangent_shape(u, out)
         gs = pull(u)[0]
         records = [LayerRecord(a=a, z=z, dact=d, g=g, h=h) for (a, z, d, h), g in zip(store, gs)]
         records[-1] = records[-1]._replace(h=out)
         return records
 
+
+def _check_like(name: str, tree: Any, params: Any) -> None:
+    """``ValueError`` unless ``tree`` has the structure and leaf shapes of ``params``."""
+    t_leaves, t_def = jax.tree_util.tree_flatten(tree)
+    p_leaves, p_def = jax.tree_util.tree_flatten(params)
+    if t_def != p_def:
+        raise ValueError(f"{name} must have the structure of params: {p_def}, got {t_def}")
+    for i, (a, b) in enumerate(zip(t_leaves, p_leaves)):
+        if tuple(a.shape) != tuple(b.shape):
+            raise ValueError(f"Shape mismatch in {name} leaf {i}: expected {tuple(b.shape)}, got {tuple(a.shape)}.")
+
+
+def _pullback(out: Array, pull: Callable[[Array], tuple]) -> Callable[[Array], Any]:
+    """A ``jax.vjp``-style pullback (returning a 1-tuple) as ``u -> J^T u`` in the params' structure."""
+
+    def pullback(u: Array) -> Any:
+        check_cotangent_shape(u, out)
+        return pull(u)[0]
+
+    return pullback
 
 
 def _tapped(apply_fn: Callable[..., Array], p: list, x: Array, e: list, n: int) -> tuple[Array, list]:
@@ -245,32 +296,107 @@ def _tapped(apply_fn: Callable[..., Array], p: list, x: Array, e: list, n: int) 
     return out, store
 
 
-_PROGRAMS: dict = {}  # apply_fn -> {jit flag: programs}; kept for the life of the process
+CACHE_SIZE = 16
+"""Compiled programs kept per primitive (per argument shapes), least recently used dropped first."""
 
 
-def _programs(apply_fn: Callable[..., Array], jit: bool) -> tuple[Callable[..., Any], ...]:
-    """The forward, jvp, jet and tapped-forward programs of ``apply_fn``, compiled once per function.
+class BoundedJit:
+    """``jax.jit(fn)`` with a bounded number of compiled executables.
 
-    Cached per ``apply_fn`` for the life of the process, so every ``JaxModel``
-    of the same function shares the compiled executables (one compilation per
-    shape and dtype).
+    ``jax.jit`` keeps one executable per argument signature for the life of
+    the process (about 30 MB per batch size for a small net). Called with
+    concrete arrays, this keeps an LRU of at most ``maxsize`` ahead-of-time
+    compiled programs instead (the least recently used is dropped first), so
+    eager training on many batch sizes stays bounded. Called with tracers
+    (inside ``jax.vjp`` or another ``jax.jit``), it calls ``jax.jit(fn)``,
+    whose own cache is cleared whenever it holds more than ``maxsize``
+    executables.
     """
-    key = (jit,)
-    cached = _PROGRAMS.get(apply_fn, {}).get(key)
+
+    def __init__(self, fn: Callable[..., Any], maxsize: int = CACHE_SIZE, **jit_kwargs: Any):
+        self.fn, self.maxsize = fn, maxsize
+        self._jit = jax.jit(fn, **jit_kwargs)
+        self._compiled: OrderedDict[Any, Any] = OrderedDict()
+        self.compiles = 0
+
+    def __call__(self, *args: Any) -> Any:
+        leaves, treedef = jax.tree_util.tree_flatten(args)
+        if any(isinstance(a, jax.core.Tracer) for a in leaves):
+            if self._jit._cache_size() >= self.maxsize:
+                self._jit.clear_cache()
+            return self._jit(*args)
+        key = (treedef, tuple(_signature(a) for a in leaves))
+        compiled = self._compiled.get(key)
+        if compiled is None:
+            compiled = self._jit.lower(*args).compile()
+            self.compiles += 1
+            self._compiled[key] = compiled
+            while len(self._compiled) > self.maxsize:
+                self._compiled.popitem(last=False)
+        else:
+            self._compiled.move_to_end(key)
+        return compiled(*args)
+
+    def lower(self, *args: Any) -> Any:
+        """``jax.jit(fn).lower(*args)`` (HLO, cost analysis)."""
+        return self._jit.lower(*args)
+
+    def cache_size(self) -> int:
+        """Compiled executables held: the LRU's (at most ``maxsize``) and ``jax.jit``'s (at most ``maxsize``)."""
+        return len(self._compiled) + self._jit._cache_size()
+
+
+def _signature(a: Any) -> Any:
+    """What a compiled program depends on for one argument leaf."""
+    if isinstance(a, (jax.Array, np.ndarray, np.generic)):
+        sharding = getattr(a, "sharding", None) if isinstance(a, jax.Array) else None
+        return (tuple(a.shape), str(a.dtype), getattr(a, "weak_type", False), sharding)
+    return (type(a).__name__, a)
+
+
+_PROGRAMS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # apply_fn -> {jit flag: programs}
+
+
+def _programs(apply_fn: Callable[..., Array], jit: bool) -> tuple[Any, ...]:
+    """The forward, jvp, jets (by order) and tapped-forward (by layer count) programs of ``apply_fn``.
+
+    Shared by every ``JaxModel`` of the same function while it lives.
+    """
+    cached = _PROGRAMS.get(apply_fn, {}).get(jit) if _weakrefable(apply_fn) else None
     if cached is not None:
         return cached
-    wrap = jax.jit if jit else (lambda f, **kw: f)
+    wrap = BoundedJit if jit else (lambda f: f)
     progs = (
         wrap(lambda p, x: apply_fn(p, x)),
         wrap(lambda p, x, u: jax.jvp(lambda q: apply_fn(q, x), (p,), (u,))),
-        wrap(lambda p, x, u, order: _nested_jet(lambda q: apply_fn(q, x), p, u, order), static_argnums=3),
-        wrap(lambda p, x, e, n: _tapped(apply_fn, p, x, e, n), static_argnums=3),
+        {order: wrap(functools.partial(lambda p, x, u, k: _nested_jet(lambda q: apply_fn(q, x), p, u, k), k=order))
+         for order in (1, 2, 3)},
+        _LazyPrograms(lambda n: wrap(functools.partial(lambda p, x, e, n: _tapped(apply_fn, p, x, e, n), n=n))),
     )
-    try:
-        _PROGRAMS.setdefault(apply_fn, {})[key] = progs
-    except TypeError:  # unhashable callable: no sharing
-        pass
+    if _weakrefable(apply_fn):
+        _PROGRAMS.setdefault(apply_fn, {})[jit] = progs
     return progs
+
+
+def _weakrefable(fn: Any) -> bool:
+    try:
+        weakref.ref(fn)
+        hash(fn)
+        return True
+    except TypeError:
+        return False
+
+
+class _LazyPrograms(dict):
+    """``{n: program}`` built on first use (the tapped forward per number of layers)."""
+
+    def __init__(self, make: Callable[[int], Any]):
+        super().__init__()
+        self.make = make
+
+    def __missing__(self, n: int) -> Any:
+        self[n] = self.make(n)
+        return self[n]
 
 
 def _nested_jet(fn: Callable[[list], Array], p: list, u: list, order: int) -> list[Array]:
@@ -355,48 +481,55 @@ class JitStep:
 
     The method, model and loss are closed over (their hyperparameters are
     read when the step is traced: changing ``method.lr`` later needs a new
-    ``jit_step``). Keyword arguments (``cov_batch=``) are traced arrays;
-    passing or omitting one is a different signature and compiles once more.
-    Value checks (NaN/Inf) are skipped inside the trace; check ``info``.
+    ``jit_step``). Params may be any pytree. Keyword arguments
+    (``cov_batch=``) are traced arrays; passing or omitting one is a
+    different signature and compiles once more. Every call first commits its
+    arguments to the params' device, so params fresh from ``flax``/``equinox``
+    init (uncommitted) and the committed outputs of the previous step share
+    one executable. At most :data:`CACHE_SIZE` executables are kept (LRU).
+    Value checks (NaN/Inf) are skipped inside the trace; a non-finite step
+    keeps the old params and sets ``info["finite"]`` to False.
 
     Attributes:
         traces: how many times the step was traced; a stable training loop
-            traces once per keyword signature (see also :meth:`cache_size`).
+            traces once per argument signature (see also :meth:`cache_size`).
     """
 
     def __init__(self, method: Any, model: Any, loss: Any, donate: bool = False):
         self.method, self.model, self.loss = method, model, loss
         self.donate = donate
         self.traces = 0
-        self._jitted: dict[Any, Any] = {}
+        self._jitted: dict[Any, BoundedJit] = {}
 
-    def _step(self, params: list, state: Any, x: Array, y: Array, kwargs: dict) -> tuple:
+    def _step(self, params: Any, state: Any, x: Array, y: Array, kwargs: dict) -> tuple:
         self.traces += 1
         return self.method.step(self.model, self.loss, params, state, x, y, **kwargs)
 
-    def _compiled(self, params: Sequence[Array]) -> Any:
-        """The jitted step for the device of ``params``.
-
-        The input sharding is fixed to that device: otherwise the first call
-        (arguments not yet committed to a device) and the next ones (the
-        committed outputs of the first) would compile twice.
-        """
-        dev = _device_of(params[0])
+    def _compiled(self, params: Any) -> tuple[BoundedJit, Any]:
+        """``(the jitted step, device)`` for the device of ``params`` (input sharding fixed to it)."""
+        dev = _device_of(jax.tree_util.tree_leaves(params)[0])
         if dev not in self._jitted:
             kw = {} if dev is None else {"in_shardings": jax.sharding.SingleDeviceSharding(dev)}
-            self._jitted[dev] = jax.jit(self._step, donate_argnums=(0, 1) if self.donate else (), **kw)
-        return self._jitted[dev]
+            self._jitted[dev] = BoundedJit(self._step, donate_argnums=(0, 1) if self.donate else (), **kw)
+        return self._jitted[dev], dev
 
-    def __call__(self, params: Sequence[Array], state: Any, x: Array, y: Array, **kwargs: Any) -> tuple:
-        return self._compiled(params)(list(params), state, x, y, kwargs)
+    def _args(self, params: Any, state: Any, x: Array, y: Array, kwargs: dict) -> tuple[BoundedJit, tuple]:
+        step, dev = self._compiled(params)
+        args = (params, state, x, y, kwargs)
+        return step, (args if dev is None else jax.device_put(args, dev))
 
-    def lower(self, params: Sequence[Array], state: Any, x: Array, y: Array, **kwargs: Any) -> Any:
+    def __call__(self, params: Any, state: Any, x: Array, y: Array, **kwargs: Any) -> tuple:
+        step, args = self._args(params, state, x, y, kwargs)
+        return step(*args)
+
+    def lower(self, params: Any, state: Any, x: Array, y: Array, **kwargs: Any) -> Any:
         """``jax.jit(...).lower`` for inspection (HLO, cost analysis)."""
-        return self._compiled(params).lower(list(params), state, x, y, kwargs)
+        step, args = self._args(params, state, x, y, kwargs)
+        return step.lower(*args)
 
     def cache_size(self) -> int:
-        """Compiled executables held (jax's ``_cache_size``): one per argument signature."""
-        return sum(f._cache_size() for f in self._jitted.values())
+        """Compiled executables held: one per argument signature (at most :data:`CACHE_SIZE` per device)."""
+        return sum(f.cache_size() for f in self._jitted.values())
 
 
 def _device_of(a: Array) -> Any:
@@ -434,10 +567,18 @@ class OptaxState(NamedTuple):
 def as_optax(method: Any, model: Any, loss: Any) -> Any:
     """The method as an optax ``GradientTransformationExtraArgs``.
 
-    ``update(updates, state, params, x=..., y=..., **kw)`` ignores the
-    incoming ``updates`` (the method computes its own derivatives) and returns
-    ``(new_params - params, state)``, so ``optax.apply_updates(params, updates)``
-    takes the method's step (up to one rounding of the addition).
+    ``init(params)`` is ``method.init(params, model)`` (any pytree);
+    ``update(updates, state, params, x=..., y=..., **kw)`` computes the step
+    from the model and the batch and **ignores the incoming ``updates``**
+    (the method computes its own derivatives). It returns
+    ``(new_params - params, state)`` in the params' structure, so
+    ``optax.apply_updates(params, updates)`` takes the method's step (up to
+    one rounding of the addition).
+
+    Put it **first** in an ``optax.chain``: transformations after it act on
+    the curvature step (``optax.chain(as_optax(...), optax.clip_by_global_norm(1.0))``
+    clips it); a transformation before it has no effect, since its output
+    is ignored.
 
     >>> tx = cj.as_optax(cc.SGD(lr=0.1), model, cc.losses.CrossEntropy())
     >>> opt_state = tx.init(params)
@@ -448,15 +589,16 @@ def as_optax(method: Any, model: Any, loss: Any) -> Any:
     same ``init``/``update`` fields.
     """
 
-    def init(params: Sequence[Array]) -> OptaxState:
-        return OptaxState(method.init(list(params)), jnp.zeros((), dtype=params[0].dtype))
+    def init(params: Any) -> OptaxState:
+        leaf = jax.tree_util.tree_leaves(params)
+        return OptaxState(init_state(method, params, model), jnp.zeros((), dtype=leaf[0].dtype if leaf else jnp.float32))
 
-    def update(updates: Any, state: OptaxState, params: Sequence[Array] | None = None, *, x: Array = None,
-               y: Array = None, **kwargs: Any) -> tuple[list[Array], OptaxState]:
+    def update(updates: Any, state: OptaxState, params: Any = None, *, x: Array = None,
+               y: Array = None, **kwargs: Any) -> tuple[Any, OptaxState]:
         if params is None or x is None or y is None:
             raise TypeError("the curvcore optax transform needs update(updates, state, params, x=..., y=...)")
-        new, inner, info = method.step(model, loss, list(params), state.inner, x, y, **kwargs)
-        return [n - p for n, p in zip(new, params)], OptaxState(inner, info["loss"])
+        new, inner, info = method.step(model, loss, params, state.inner, x, y, **kwargs)
+        return jax.tree_util.tree_map(lambda n, p: n - p, new, params), OptaxState(inner, info["loss"])
 
     try:
         import optax

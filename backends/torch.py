@@ -1,41 +1,66 @@
-"""PyTorch adapter: any ``nn.Module`` of ``nn.Linear`` layers speaks the curvcore protocol.
+"""PyTorch adapter: any ``nn.Module`` taking one tensor and returning one tensor speaks the curvcore protocol.
 
 >>> import torch, curvcore as cc
+>>> from torch import nn
 >>> from curvcore.backends import torch as ct
->>> net = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3)).double()
->>> model = ct.TorchModel(net)
->>> params = model.params()                       # [W1, b1, W2, b2], plain tensors
->>> opt = ct.Optimizer(net, cc.SGD(lr=0.1), loss="ce")  # or any registered method
->>> info = opt.step(torch.randn(5, 4, dtype=torch.float64), torch.tensor([0, 1, 2, 0, 1]))
+>>> net = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(144, 10)).double()
+>>> opt = ct.Optimizer(net, cc.CurveBall(), nn.CrossEntropyLoss())   # a torch.optim.Optimizer
+>>> sched = torch.optim.lr_scheduler.StepLR(opt, step_size=10, gamma=0.5)
+>>> info = opt.step(torch.randn(8, 1, 8, 8, dtype=torch.float64), torch.arange(8) % 10)
 
-``TorchModel`` evaluates the module with :func:`torch.func.functional_call`, so
-the params are plain tensors passed in (the module's own parameters are never
-read or changed by the primitives). ``jvp`` is true forward mode
-(:func:`torch.func.jvp`), ``vjp`` is :func:`torch.func.vjp`, ``jet`` nests
-``torch.func.jvp``, and ``layers`` records every ``nn.Linear`` with forward
-hooks in one forward pass (see :meth:`TorchModel.layers`).
+:class:`TorchModel` evaluates the module with :func:`torch.func.functional_call`
+on a private, per-thread copy of the module's structure (its parameters and
+buffers are meta tensors), with the params and buffers passed in: the
+user's module is never changed by a method step, and two threads stepping
+two models don't interfere. ``vjp`` is reverse mode (``torch.autograd``),
+``jvp`` forward mode (:func:`torch.func.jvp`), ``jet`` nests ``torch.func.jvp``;
+``records`` gives the inputs and output gradients of every ``nn.Linear`` and
+``nn.Conv2d`` (the layer-wise methods' needs) from one forward and one
+backward pass, through a thread-local ``TorchFunctionMode``. A plain MLP
+(``nn.Sequential`` of ``nn.Linear`` and one elementwise activation) gets
+hand-written tangent, backward and Taylor sweeps over one cached forward.
+
+**BatchNorm** in train mode: every pass of a step uses that batch's
+statistics; the step leaves the module's buffers alone and returns the
+updated ones in ``info["buffers"]`` (from the step's first pass at the
+current params), which :class:`Optimizer` writes back, so the running
+statistics after a step equal those after one ``module(x)`` in train mode.
+**Dropout** in train mode: masks come from a ``torch.Generator`` owned by the
+model (seeded from ``seed``, by default ``torch.initial_seed()`` when the
+model is built) and are replayed for every pass of a step (forward, JVPs,
+VJPs, jets), so the curvature is that of the sampled loss; the masks advance
+once per step. ``torch.compile``-d modules are not supported.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import copy
+import inspect
+import re
+import threading
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 import array_api_compat.torch as xp_torch
 import numpy as np
 import torch
 from torch import nn
-from torch.func import functional_call
 
-from curvcore._checks import check_params_and_x, check_same_structure, namespace
-from curvcore.losses import get as get_loss
-from curvcore.protocol import Cotangent, LayerRecord, checked_pullback, linearize_by_composition, resolve_cotangent
+from curvcore import tree as cc_tree
+from curvcore._checks import check_params_and_x, check_same_structure, in_step, value_checks_on
+from curvcore.layers import LayerSpec, Records, check_cotangent_shape, output_cotangent
+from curvcore.protocol import Cotangent, LayerRecord, linearize_by_composition
 
+from . import _torch_pass as tp
 from ._activations import LEAKY_SLOPE, check_activation
+from ._mlp import ArrayAPIMLP
 
 Array = Any
 
-__all__ = ["Optimizer", "TorchModel", "build_mlp", "from_numpy", "synchronize", "to_numpy"]
+__all__ = ["Optimizer", "TorchModel", "build_mlp", "from_numpy", "from_torch_loss", "synchronize", "to_numpy"]
+
+cc_tree.register_detach(lambda a: isinstance(a, torch.Tensor) and a.requires_grad, lambda a: a.detach())
 
 _ACTIVATIONS: dict[str, Callable[[], nn.Module]] = {
     "tanh": nn.Tanh,
@@ -45,47 +70,78 @@ _ACTIVATIONS: dict[str, Callable[[], nn.Module]] = {
     "softplus": nn.Softplus,
     "identity": nn.Identity,
 }
-# a non-constant cotangent pattern: the elementwise check of the layers between Linears
-_PATTERN_PERIOD = 5
+
+
+def _activation_name(mod: nn.Module) -> str | None:
+    """The curvcore activation name of an activation module, or None."""
+    if isinstance(mod, nn.LeakyReLU):
+        return "leaky_relu" if mod.negative_slope == LEAKY_SLOPE else None
+    if isinstance(mod, nn.Softplus):
+        return "softplus" if mod.beta == 1 else None
+    for name, cls in (("tanh", nn.Tanh), ("sigmoid", nn.Sigmoid), ("relu", nn.ReLU), ("identity", nn.Identity)):
+        if type(mod) is cls:
+            return name
+    return None
+
+
+class _Scope:
+    """One method step: the dropout seed of its passes and the buffers of its first pass."""
+
+    def __init__(self, seed: int):
+        self.seed = seed
+        self.buffers: dict[str, Array] | None = None
 
 
 class TorchModel:
     """Wrap an ``nn.Module`` as a curvcore model.
 
     The params are the module's trainable parameters in ``named_parameters``
-    order, as plain tensors: for ``nn.Sequential(nn.Linear, act, nn.Linear)``
-    that is ``[W1, b1, W2, b2]`` in the PyTorch layout ``W: (n_out, n_in)``.
-    ``forward``, ``jvp``, ``vjp`` and ``jet`` work for any module (buffers and
-    frozen parameters are taken from the module); ``layers`` needs every
-    trainable layer to be an ``nn.Linear`` with a bias, called once per
-    forward pass in registration order, with elementwise operations
-    (activations) between consecutive Linears.
-
-    Put the module in ``eval()`` mode if it has dropout: the primitives call it
-    several times and assume it is deterministic.
+    order, as plain tensors (``[W1, b1, W2, b2]`` for an MLP, in the PyTorch
+    layout ``W: (n_out, n_in)``). Frozen parameters and buffers are read from
+    the module at each pass and never written.
 
     Args:
-        module: the network.
-        validate: check batches (library, dtype, device, NaN/Inf) and, in
-            ``layers``, that the operations between Linears are elementwise.
-            Set it to False in benchmarks; the checks force a device sync.
+        module: the network; its ``forward`` takes one tensor (the batch,
+            samples on axis 0) and returns one tensor.
+        validate: check inputs (library, dtype, device, NaN/Inf) when a
+            primitive is called directly (inside a method step the step
+            checks its inputs once), and that the operations between the
+            Linear layers of ESN/MK's output chain are elementwise.
+        seed: seed of the dropout masks (default ``torch.initial_seed()``).
+        class_axis: move this output axis last for outputs with 3 or more
+            dims (``1`` for ``nn.CrossEntropyLoss``'s ``(B, C, ...)`` layout;
+            :class:`Optimizer` sets it).
+
+    Raises:
+        TypeError: not an ``nn.Module``, or its forward needs more than one input.
+        ValueError: no trainable parameters.
     """
 
     xp = xp_torch
 
-    def __init__(self, module: nn.Module, validate: bool = True):
+    def __init__(self, module: nn.Module, validate: bool = True, seed: int | None = None,
+                 class_axis: int | None = None):
         if not isinstance(module, nn.Module):
             raise TypeError(f"TorchModel wraps a torch.nn.Module, got {type(module).__name__}")
+        if type(module).__name__ == "OptimizedModule":
+            raise TypeError("torch.compile-d modules are not supported: wrap the original module "
+                            "(module._orig_mod)")
+        _check_single_input(module)
         self.module = module
         self.validate = validate
+        self.class_axis = class_axis
         self.names = [n for n, p in module.named_parameters() if p.requires_grad]
         if not self.names:
             raise ValueError("the module has no trainable parameters")
+        self.seed = int(torch.initial_seed() if seed is None else seed) % (2**63)
+        self._steps = 0
+        self._local = threading.local()
+        self._mlp: ArrayAPIMLP | None | bool = False  # False: not probed yet
 
     def __repr__(self) -> str:
         return f"TorchModel({self.module!r})"
 
-    # -- parameters ----------------------------------------------------------
+    # -- parameters and buffers ----------------------------------------------
     def parameters(self) -> list[nn.Parameter]:
         """The module's trainable parameters, in the order of the params list."""
         named = dict(self.module.named_parameters())
@@ -99,246 +155,342 @@ class TorchModel:
         """Shapes of the params list."""
         return [tuple(p.shape) for p in self.parameters()]
 
-    def _call(self, params: Sequence[Array], x: Array) -> Array:
-        return functional_call(self.module, dict(zip(self.names, params)), (x,))
+    def buffers(self) -> dict[str, Array]:
+        """The module's buffers (running statistics), as they are now."""
+        return {n: b for n, b in self.module.named_buffers()}
+
+    # -- one pass ------------------------------------------------------------
+    def _skeleton(self) -> nn.Module:
+        """This thread's copy of the module with meta tensors (functional_call swaps values into it)."""
+        skel = getattr(self._local, "skeleton", None)
+        if skel is None:
+            memo = {id(t): nn.Parameter(torch.empty_like(t, device="meta"), t.requires_grad)
+                    for t in self.module.parameters()}
+            memo.update({id(b): torch.empty_like(b, device="meta") for b in self.module.buffers()})
+            skel = self._local.skeleton = copy.deepcopy(self.module, memo)
+        return skel
+
+    def _scope(self) -> _Scope | None:
+        return getattr(self._local, "scope", None)
+
+    def _generator(self, device: Any) -> torch.Generator:
+        scope = self._scope()
+        seed = scope.seed if scope is not None else (self.seed + self._steps * 0x9E3779B97F4A7C15) % (2**63)
+        return torch.Generator(device=device).manual_seed(seed)
+
+    def _run(self, params: Sequence[Array], x: Array, layers: dict | None = None, capture: bool = True
+             ) -> tuple[Array, tp.Pass]:
+        """The module on ``x`` with ``params``: ``(output, the pass)`` (buffers cloned, never written back)."""
+        values = {n: b.clone() for n, b in self.module.named_buffers()}
+        frozen = {n: p.detach() for n, p in self.module.named_parameters() if not p.requires_grad}
+        values.update(frozen)
+        values.update(zip(self.names, params))
+        mode = tp.Pass(self._generator(x.device), layers)
+        with mode:
+            out = torch.func.functional_call(self._skeleton(), values, (x,))
+        if not isinstance(out, torch.Tensor):
+            raise TypeError(f"TorchModel needs a module that returns one tensor; {type(self.module).__name__} "
+                            f"returned a {type(out).__name__}")
+        if self.class_axis is not None and out.ndim >= 3:
+            out = out.movedim(self.class_axis, -1)
+        scope = self._scope()
+        if capture and scope is not None and scope.buffers is None and any(True for _ in self.module.buffers()):
+            scope.buffers = {n: values[n].detach() for n, _ in self.module.named_buffers()}
+        return out, mode
+
+    def _pure(self, params: Sequence[Array], x: Array) -> Array:
+        """The module as a pure function for ``torch.func`` transforms (buffers cloned inside)."""
+        return self._run(params, x, capture=False)[0]
+
+    @contextmanager
+    def step_scope(self) -> Iterator[_Scope]:
+        """One method step: every pass replays the same dropout masks; the first pass's buffers are kept.
+
+        The masks advance when the scope ends. Yields the scope (``scope.buffers``).
+        """
+        scope = _Scope((self.seed + self._steps * 0x9E3779B97F4A7C15) % (2**63))
+        self._local.scope = scope
+        try:
+            yield scope
+        finally:
+            self._local.scope = None
+            self._steps += 1
 
     def _check(self, params: Sequence[Array], x: Array) -> None:
+        if in_step():
+            return
         expected = self.param_shapes()
         if len(params) != len(expected):
             raise ValueError(
                 f"params must hold the module's {len(expected)} trainable tensors ({', '.join(self.names)}), "
                 f"got {len(params)}"
             )
-        namespace(*params, x, what="params and data")
         for i, (p, s) in enumerate(zip(params, expected)):
             if tuple(p.shape) != s:
                 raise ValueError(f"Shape mismatch in params[{i}] ({self.names[i]}): expected {s}, got {tuple(p.shape)}.")
-            if p.dtype != params[0].dtype or p.device != params[0].device:
-                raise TypeError(
-                    f"params[{i}] is {p.dtype} on {p.device} but params[0] is {params[0].dtype} on {params[0].device}"
-                )
-        if x.device != params[0].device:
-            raise ValueError(
-                f"device mismatch: params are on {params[0].device} but x is on {x.device}; "
-                f"move the data with x.to({str(params[0].device)!r})"
-            )
-        check_params_and_x(params, x, self.validate)
+        check_params_and_x(params, x, value_checks_on(self.validate))
 
     # -- primitives ------------------------------------------------------------
     def forward(self, params: Sequence[Array], x: Array) -> Array:
-        """The output ``f(params, x)``."""
+        """The output ``f(params, x)`` (no autograd graph)."""
         self._check(params, x)
-        return self._call(params, x)
+        with torch.no_grad():
+            return self._run([p.detach() for p in params], x)[0]
 
     def jvp(self, params: Sequence[Array], x: Array, tangent: Sequence[Array]) -> tuple[Array, Array]:
         """``(f, J tangent)`` by :func:`torch.func.jvp` (forward mode)."""
         self._check(params, x)
         check_same_structure("tangent", tangent, params)
-        return torch.func.jvp(lambda p: self._call(p, x), (list(params),), (list(tangent),))
+        p, t = [q.detach() for q in params], [q.detach() for q in tangent]
+        return _forward_ad(lambda: torch.func.jvp(lambda q: self._pure(q, x), (p,), (t,)))
 
     def vjp(self, params: Sequence[Array], x: Array) -> tuple[Array, Callable[[Array], list[Array]]]:
-        """``(f, pullback)`` by :func:`torch.func.vjp`; ``pullback(u) = J^T u`` as a list."""
+        """``(f, pullback)`` by ``torch.autograd`` (one forward; each pullback one backward); ``J^T u`` a list."""
         self._check(params, x)
-        out, pull = torch.func.vjp(lambda p: self._call(p, x), list(params))
-        return out, checked_pullback(out, pull)
+        leaves = [p.detach().requires_grad_(True) for p in params]
+        with torch.enable_grad():
+            out = self._run(leaves, x)[0]
+
+        def pullback(u: Array) -> list[Array]:
+            check_cotangent_shape(u, out)
+            return _grads(out, leaves, u)
+
+        return out.detach(), pullback
+
+    def linearize(self, params: Sequence[Array], x: Array) -> tuple[Array, Callable, Callable]:
+        """``(f, jvp_fn, pullback)`` at one point (the optional protocol primitive).
+
+        A plain MLP runs one forward and then hand-written tangent and
+        backward sweeps over the cached activations (1 forward + k tangent +
+        m backward for k JVPs and m VJPs); any other module composes ``vjp``
+        (one forward) with one ``jvp`` per tangent.
+        """
+        self._check(params, x)
+        mlp = self._plain_mlp(x)
+        if mlp is not None:
+            return mlp.linearize([p.detach() for p in params], x)
+        return linearize_by_composition(self, params, x)
 
     def jet(self, params: Sequence[Array], x: Array, tangent: Sequence[Array], order: int) -> list[Array]:
         """``[f, d1, ..., d_order]``, ``d_k = d^k/dt^k f(params + t tangent)`` at 0 (order <= 3).
 
-        Nested :func:`torch.func.jvp` along the same tangent; order ``k`` costs
-        about ``2^k`` forward passes.
+        Taylor mode over the layers for a plain MLP (about ``order + 1``
+        forwards); nested :func:`torch.func.jvp` for any other module (order
+        ``k`` costs about ``2^k`` forwards).
         """
         if order not in (1, 2, 3):
             raise ValueError(f"jet order must be 1, 2 or 3, got {order!r}")
         self._check(params, x)
         check_same_structure("tangent", tangent, params)
-        return _nested_jet(lambda p: self._call(p, x), list(params), list(tangent), order)
+        p, t = [q.detach() for q in params], [q.detach() for q in tangent]
+        mlp = self._plain_mlp(x)
+        if mlp is not None:
+            return mlp.jet(p, x, t, order)
+        return _forward_ad(lambda: tp.nested_jet(lambda q: self._pure(q, x), p, t, order))
 
     def layers(self, params: Sequence[Array], x: Array, out_cotangent: Cotangent) -> list[LayerRecord]:
-        """One :class:`LayerRecord` per ``nn.Linear``, in one forward pass.
-
-        Forward hooks record each Linear's input ``a`` and output ``z`` and
-        restart the autograd graph at ``z`` (a fresh leaf), so the graph falls
-        into independent elementwise segments ``z_k -> a_{k+1}``. One
-        backward sweep over those segments (elementwise ops only) gives
-        ``dact = act'(z)``; ``g = dL/dz`` then follows layer by layer,
-        ``g_k = (g_{k+1} W_{k+1}) * dact_k``: the cost of one backward pass.
+        """Records of the output chain of ``nn.Linear`` layers (all of them for an MLP), input to output.
 
         Raises:
-            TypeError: the module has trainable layers other than ``nn.Linear``
-                (e.g. ``Conv2d``), a Linear without bias, Linears called in
-                another order than registered, or non-elementwise operations
-                between Linears.
+            TypeError: the module has no chain of Linear layers ending at the output.
         """
-        self._check(params, x)
-        slots, a, z, dacts, out = self._records(params, x)
-        u = resolve_cotangent(out_cotangent, out)
-        if tuple(u.shape) != tuple(out.shape):
-            raise ValueError(f"Shape mismatch in the output cotangent: expected {tuple(out.shape)}, got {tuple(u.shape)}.")
-        n = len(slots)
-        hs = a[1:] + [out]
-        records: list[LayerRecord] = [None] * n  # type: ignore[list-item]
-        for k in reversed(range(n)):
-            g = u * dacts[k]
-            records[k] = LayerRecord(a=a[k], z=z[k], dact=dacts[k], g=g, h=hs[k])
-            if k:
-                u = torch.matmul(g, params[slots[k][1]])
-        return records
+        rec = self.records(params, x, out_cotangent, None, chain=True)
+        if not rec.layers:
+            raise TypeError(f"layers() needs nn.Linear layers ending at the output, with elementwise operations "
+                            f"between them; {type(self.module).__name__} has none (use records())")
+        return rec.layers
 
-    def linearize(self, params: Sequence[Array], x: Array) -> tuple[Array, Callable, Callable]:
-        """``(f, jvp_fn, pullback)`` from one forward pass (the optional protocol primitive).
-
-        For a chain of ``nn.Linear`` layers with elementwise operations between
-        them (what :meth:`layers` accepts) one hooked forward records each
-        layer's input ``a_k`` and ``act'(z_k)``; then ``jvp_fn(t)`` propagates
-        the tangent only, ``zdot_k = adot_k W_k^T + a_k U_k^T + c_k``,
-        ``adot_{k+1} = act'(z_k) zdot_k``, and ``pullback(u)`` is one backward
-        sweep by hand (``g_k = u_k act'(z_k)``, ``[g_k^T a_k, sum g_k]``,
-        ``u_{k-1} = g_k W_k``). This is measured 2-4x faster than separate
-        ``torch.func`` calls (:func:`torch.func.linearize` re-traces the
-        function every call and is far slower in eager mode). Any other
-        module falls back to ``vjp`` plus one ``jvp`` per tangent. As in
-        :meth:`layers`, ``validate=False`` skips the check that the operations
-        between Linears are elementwise (shape-preserving mixing such as
-        softmax would then give a wrong ``J``).
-        """
-        self._check(params, x)
-        try:  # TypeError: not a chain of nn.Linear layers (see layers())
-            slots, a, _, dacts, out = self._records(params, x)
-        except TypeError:
-            return linearize_by_composition(self, params, x)
-        Ws = [params[w] for _, w, _ in slots]
-
-        def jvp_fn(tangent: Sequence[Array]) -> Array:
-            check_same_structure("tangent", tangent, params)
-            adot = None
-            for k, (_, w, b) in enumerate(slots):
-                zdot = torch.matmul(a[k], tangent[w].mT) + tangent[b]
-                if adot is not None:
-                    zdot = zdot + torch.matmul(adot, Ws[k].mT)
-                adot = dacts[k] * zdot
-            return adot
-
-        def pullback(u: Array) -> list[Array]:
-            if tuple(u.shape) != tuple(out.shape):
-                raise ValueError(f"Shape mismatch in the cotangent: expected {tuple(out.shape)}, got {tuple(u.shape)}.")
-            grads: list[Array] = [None] * len(params)  # type: ignore[list-item]
-            for k in reversed(range(len(slots))):
-                _, w, b = slots[k]
-                g = u * dacts[k]
-                grads[w], grads[b] = torch.matmul(g.mT, a[k]), torch.sum(g, dim=0)
-                if k:
-                    u = torch.matmul(g, Ws[k])
-            return grads
-
-        return out, jvp_fn, pullback
-
-    def _records(self, params: Sequence[Array], x: Array, slots: list | None = None) -> tuple:
-        """One hooked forward: ``(slots, a_k, z_k, act'(z_k), out)``, all detached (see :meth:`layers`)."""
-        slots = self._linear_slots() if slots is None else slots
-        seen: list[tuple[nn.Module, Array, Array]] = []
-
-        def pre_hook(mod: nn.Module, inputs: tuple) -> tuple:
-            seen.append((mod, inputs[0], None))
-            return (inputs[0].detach(),) + tuple(inputs[1:])
-
-        def hook(mod: nn.Module, inputs: tuple, output: Array) -> Array:
-            z = output.detach().requires_grad_(True)
-            seen[-1] = (mod, seen[-1][1], z)
-            return z
-
-        handles = []
-        try:
-            for mod, _, _ in slots:
-                handles.append(mod.register_forward_pre_hook(pre_hook))
-                handles.append(mod.register_forward_hook(hook))
-            with torch.enable_grad():
-                out = self._call([p.detach() for p in params], x)
-                dacts = self._elementwise_derivatives(slots, seen, out)
-        finally:
-            for h in handles:
-                h.remove()
-        n = len(slots)
-        a = [seen[k][1].detach() for k in range(n)]
-        z = [seen[k][2].detach() for k in range(n)]
-        return slots, a, z, dacts, out.detach()
-
-    # -- layers() helpers --------------------------------------------------------
-    def _linear_slots(self) -> list[tuple[nn.Module, int, int]]:
-        """``(linear, index of W, index of b)`` per Linear; TypeError for anything else."""
+    def layer_specs(self, params: Sequence[Array] | None = None) -> list[LayerSpec]:
+        """Every ``nn.Linear`` and ``nn.Conv2d`` (groups = 1) with a trainable weight, in module order."""
         index = {n: i for i, n in enumerate(self.names)}
-        slots = []
+        specs = []
         for name, mod in self.module.named_modules():
-            own = [n for n, p in mod.named_parameters(recurse=False) if p.requires_grad]
-            if not own:
+            if not isinstance(mod, (nn.Linear, nn.Conv2d)) or not mod.weight.requires_grad:
                 continue
-            label = f"layer {name!r}" if name else "the module itself"
-            if not isinstance(mod, nn.Linear):
-                raise TypeError(
-                    f"layers() supports trainable nn.Linear layers only, but {label} is a {type(mod).__name__}; "
-                    "use a method that needs only forward/jvp/vjp (not a layer-wise one), or rebuild the "
-                    "network from nn.Linear layers and elementwise activations"
-                )
-            if sorted(own) != ["bias", "weight"]:
-                raise TypeError(
-                    f"layers() needs every nn.Linear to train both weight and bias; {label} trains {own} "
-                    "(use nn.Linear(..., bias=True) and leave both trainable)"
-                )
+            if isinstance(mod, nn.Conv2d) and mod.groups != 1:
+                continue
             prefix = f"{name}." if name else ""
-            slots.append((mod, index[prefix + "weight"], index[prefix + "bias"]))
-        expected = [i for _, w, b in slots for i in (w, b)]
-        if expected != list(range(len(self.names))):
-            raise TypeError(f"layers() needs the params in [W1, b1, W2, b2, ...] order; got {self.names}")
-        return slots
+            bias = index.get(prefix + "bias") if mod.bias is not None else None
+            kind = "dense" if isinstance(mod, nn.Linear) else "conv2d"
+            axes = (0, 1) if kind == "dense" else (0, 1, 2, 3)
+            specs.append(LayerSpec(kind, index[prefix + "weight"], bias, axes, name))
+        return specs
 
-    def _elementwise_derivatives(self, slots: list, seen: list, out: Array) -> list[Array]:
-        """``act'(z_k)`` per layer from the independent segments ``z_k -> a_{k+1}`` (and ``z_L -> out``)."""
-        n = len(slots)
-        order = [s[0] for s in seen]
-        if len(seen) != n or any(m is not s[0] for m, s in zip(order, slots)):
-            names = {id(m): type(m).__name__ for m, _, _ in slots}
-            raise TypeError(
-                f"layers() needs each of the {n} Linear layers called once per forward pass in registration "
-                f"order; the forward pass called {len(seen)} ({[names.get(id(m), '?') for m in order]})"
-            )
-        leaves = [z for _, _, z in seen]
-        dacts = []
-        for k in range(n):
-            nxt = seen[k + 1][1] if k + 1 < n else out
-            what = f"between Linear {k} and Linear {k + 1}" if k + 1 < n else "after the last Linear"
-            if tuple(nxt.shape) != tuple(leaves[k].shape) or not nxt.requires_grad:
-                raise TypeError(
-                    f"layers() needs elementwise operations {what}, but they map shape "
-                    f"{tuple(leaves[k].shape)} to {tuple(nxt.shape)}"
-                )
-            # retain_graph: a bad module (skip connection) may reach an earlier segment again
-            grads = torch.autograd.grad(nxt, leaves[: k + 1], torch.ones_like(nxt), allow_unused=True,
-                                        retain_graph=True)
-            if grads[k] is None or any(gr is not None for gr in grads[:k]):
-                raise TypeError(f"layers() needs a chain of Linear layers; {what} the input of a later layer "
-                                "depends on more than the previous Linear's output (skip connection?)")
-            if self.validate:
-                r = _pattern_like(nxt)
-                (gr,) = torch.autograd.grad(nxt, leaves[k], r, retain_graph=True)
-                if not torch.allclose(gr, grads[k] * r, rtol=1e-6, atol=1e-12 * float(grads[k].abs().max()) + 1e-30):
-                    raise TypeError(f"layers() needs elementwise operations {what}; they mix entries "
-                                    "(softmax, normalisation?)")
-            dacts.append(grads[k])
-        return dacts
+    def records(self, params: Sequence[Array], x: Array, cotangent: Cotangent,
+                specs: Sequence[LayerSpec] | None = None, chain: bool = False) -> Records:
+        """One forward and one backward: the output, ``J^T cotangent`` and the records of ``specs``.
+
+        Every layer asked for that the forward calls exactly once is recorded:
+        its input (a convolution's unfolded patches, ``(B, S, C_in kh kw)``)
+        and ``g = dL/dz`` (``(B, S, C_out)`` for a convolution), found by
+        adding a zero tensor to its output. With ``chain=True`` only the output
+        chain of dense layers is kept (in call order, with ``z``, ``dact``, ``h``).
+        """
+        self._check(params, x)
+        specs = self.layer_specs(params) if specs is None else list(specs)
+        mlp = self._plain_mlp(x)
+        if mlp is not None:
+            return _mlp_records(mlp, params, x, cotangent, self.layer_specs(), specs)
+        leaves = [p.detach().requires_grad_(True) for p in params]
+        wanted = {s.weight for s in specs}
+        if chain:  # the chain is found over every dense layer, then cut at the first one not asked for
+            specs = [s for s in self.layer_specs(params) if s.kind == "dense"]
+        with torch.enable_grad():
+            out, mode = self._run(leaves, x, {id(leaves[s.weight]): s for s in specs})
+        u = output_cotangent(cotangent, out.detach())
+        calls = _called_once(mode.calls)
+        grads = _grads(out, leaves + [c.e for c in calls], u, retain=chain)
+        param_grads, g_of = grads[: len(leaves)], grads[len(leaves):]
+        if chain:
+            kept, recs = self._chain(calls, g_of, out, leaves, wanted)
+        else:
+            kept, recs = [], []
+            for c, g in zip(calls, g_of):
+                rec = _record(c, g, leaves)
+                if rec is not None:
+                    kept.append(c.layer)
+                    recs.append(rec)
+        return Records(out.detach(), param_grads, kept, recs)
+
+    def _chain(self, calls: list[tp.Call], g_of: list[Array], out: Array, leaves: list,
+               wanted: set[int]) -> tuple[list, list]:
+        """The output chain: the longest run of dense calls (all in ``wanted``) ending at the output,
+        with elementwise operations between them."""
+        dense = list(zip(calls, g_of))
+        if not dense or dense[-1][0].z is not out or dense[-1][0].layer.weight not in wanted or out.ndim != 2:
+            return [], []
+        recs = [LayerRecord(a=dense[-1][0].a.detach(), z=out.detach(), dact=torch.ones_like(out),
+                            g=dense[-1][1], h=out.detach())]
+        kept = [dense[-1][0].layer]
+        for k in range(len(dense) - 2, -1, -1):
+            (c, g), (nxt, _) = dense[k], dense[k + 1]
+            usable = c.layer.weight in wanted and c.a.ndim == 2
+            dact = self._elementwise(c, nxt, g, recs[0], leaves) if usable else None
+            if dact is None:
+                break
+            recs.insert(0, LayerRecord(a=c.a.detach(), z=c.z.detach(), dact=dact, g=g, h=nxt.a.detach()))
+            kept.insert(0, c.layer)
+        return kept, recs
+
+    def _elementwise(self, c: tp.Call, nxt: tp.Call, g: Array, upper: LayerRecord, leaves: list) -> Array | None:
+        """``act'(z)`` if the next dense layer's input is an elementwise function of this layer's output.
+
+        Checks (``validate``): equal shapes, the derivative acts elementwise
+        (a non-constant pattern), and the recorded ``g`` is the chain rule
+        ``(g_next W_next) * act'(z)`` (no skip connection).
+        """
+        if tuple(nxt.a.shape) != tuple(c.z.shape) or not nxt.a.requires_grad:
+            return None
+        (dact,) = torch.autograd.grad(nxt.a, c.e, torch.ones_like(nxt.a), retain_graph=True, allow_unused=True)
+        if dact is None:
+            return None
+        if value_checks_on(self.validate):
+            r = tp.pattern_like(nxt.a)
+            (dr,) = torch.autograd.grad(nxt.a, c.e, r, retain_graph=True)
+            scale = float(dact.abs().max()) + 1e-300
+            if not torch.allclose(dr, dact * r, rtol=1e-6, atol=1e-12 * scale):
+                return None
+            back = torch.matmul(upper.g, leaves[nxt.layer.weight].detach()) * dact
+            if not torch.allclose(back, g, rtol=1e-6, atol=1e-9 * (float(g.abs().max()) + 1e-300)):
+                return None
+        return dact
+
+    # -- the plain-MLP fast path ---------------------------------------------------
+    def _plain_mlp(self, x: Array) -> ArrayAPIMLP | None:
+        """An ``ArrayAPIMLP`` on torch tensors when the module is ``Sequential(Linear, act, ..., Linear)``
+        and ``x`` is a 2-d batch."""
+        if self._mlp is False:
+            self._mlp = _as_plain_mlp(self.module, self.names)
+        return self._mlp if x.ndim == 2 else None
 
 
-def _pattern_like(a: Array) -> Array:
-    """A deterministic, non-constant array (1 .. 2) of the shape of ``a``."""
-    i = torch.arange(a.numel(), device=a.device, dtype=a.dtype).reshape(a.shape)
-    return 1 + torch.remainder(i * 7, _PATTERN_PERIOD) / (_PATTERN_PERIOD - 1)
+def _check_single_input(module: nn.Module) -> None:
+    """``TypeError`` if the module's forward needs more than one positional input."""
+    try:
+        sig = inspect.signature(module.forward)
+    except (TypeError, ValueError):  # pragma: no cover - builtins
+        return
+    required = [p for p in sig.parameters.values() if p.default is p.empty
+                and p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    if len(required) != 1:
+        raise TypeError(f"TorchModel needs a module whose forward takes one tensor (the batch); "
+                        f"{type(module).__name__}.forward{sig} needs {len(required)} inputs")
 
 
-def _nested_jet(fn: Callable[[list], Array], p: list, u: list, order: int) -> list[Array]:
-    """``[f, d1, ..., d_order]`` along ``u`` by nested ``torch.func.jvp``."""
-    if order == 0:
-        return [fn(p)]
-    primals, tangents = torch.func.jvp(lambda q: _nested_jet(fn, q, u, order - 1), (p,), (u,))
-    return list(primals) + [tangents[-1]]
+def _as_plain_mlp(module: nn.Module, names: list[str]) -> ArrayAPIMLP | None:
+    """``ArrayAPIMLP`` for ``Sequential(Linear, act, Linear, act, ..., Linear)`` with one activation, else None."""
+    if type(module) is not nn.Sequential or len(module) % 2 == 0:
+        return None
+    mods = list(module)
+    linears, acts = mods[0::2], mods[1::2]
+    if not all(type(m) is nn.Linear and m.bias is not None for m in linears):
+        return None
+    acts_named = {_activation_name(a) for a in acts}
+    if len(acts_named) > 1 or None in acts_named or any(list(a.parameters()) or list(a.buffers()) for a in acts):
+        return None
+    expected = [f"{2 * k}.{w}" for k in range(len(linears)) for w in ("weight", "bias")]
+    if names != expected:
+        return None
+    sizes = [linears[0].in_features] + [m.out_features for m in linears]
+    return ArrayAPIMLP(sizes, acts_named.pop() if acts_named else "identity", xp=xp_torch, validate=False)
+
+
+def _mlp_records(mlp: ArrayAPIMLP, params: Sequence[Array], x: Array, cotangent: Cotangent,
+                 all_specs: Sequence[LayerSpec], specs: Sequence[LayerSpec]) -> Records:
+    """Records of a plain MLP from its hand-written sweep (every layer is in the output chain)."""
+    recs = mlp.layers([p.detach() for p in params], x, cotangent)
+    grads: list[Array] = []
+    for r in recs:
+        grads += [torch.matmul(r.g.mT, r.a), r.g.sum(0)]
+    wanted = {s.weight for s in specs}
+    kept = [(s, r) for s, r in zip(all_specs, recs) if s.weight in wanted]
+    return Records(recs[-1].h, grads, [s for s, _ in kept], [r for _, r in kept])
+
+
+def _called_once(calls: list[tp.Call]) -> list[tp.Call]:
+    """The calls of layers called exactly once in the pass (a shared layer has no single record)."""
+    count: dict[int, int] = {}
+    for c in calls:
+        count[c.layer.weight] = count.get(c.layer.weight, 0) + 1
+    return [c for c in calls if count[c.layer.weight] == 1]
+
+
+def _record(call: tp.Call, g: Array, leaves: list) -> LayerRecord | None:
+    """A dense or conv record in weight-sharing format, or None if the call's geometry isn't supported."""
+    if call.layer.kind == "dense":
+        return LayerRecord(a=tp.as_positions(call.a.detach()), z=None, dact=None, g=tp.as_positions(g), h=None)
+    kernel = tuple(int(k) for k in leaves[call.layer.weight].shape[2:])
+    cols = tp.patches(call, kernel)
+    if cols is None:
+        return None
+    return LayerRecord(a=cols, z=None, dact=None, g=tp.channels_last(g), h=None)
+
+
+def _grads(out: Array, inputs: list, u: Array, retain: bool = True) -> list[Array]:
+    """``J^T u`` w.r.t. every input (zeros for inputs the output does not depend on)."""
+    gs = torch.autograd.grad(out, inputs, u, retain_graph=retain, allow_unused=True)
+    return [torch.zeros_like(t) if g is None else g for g, t in zip(gs, inputs)]
+
+
+def _forward_ad(fn: Callable[[], Any]) -> Any:
+    """Run a ``torch.func.jvp`` computation holding the process-wide forward-AD lock; name missing rules."""
+    with tp.FORWARD_AD:
+        try:
+            out = fn()
+        except (RuntimeError, NotImplementedError) as err:
+            found = re.search(r"forward AD with (\S+)", str(err))
+            if found is None:
+                raise
+            raise NotImplementedError(
+                f"the operation {found.group(1)} of this module has no forward-mode derivative in torch; the "
+                "methods that need JVPs (CurveBall, PseudoHessian) can't run on it, the others (SGD, Adam, "
+                "K-FAC, ACP, CenteredSGD, ESN, MK) can") from err
+    return tuple(out) if isinstance(out, tuple) else out
+
+
+# ---------------------------------------------------------------------------
+# MLP factory and arrays
+# ---------------------------------------------------------------------------
 
 
 def build_mlp(sizes: Sequence[int], activation: str, params_np: Sequence[np.ndarray],
@@ -395,117 +547,4 @@ def synchronize(tree: Any = None) -> Any:
     return tree
 
 
-# ---------------------------------------------------------------------------
-# torch.optim-style wrapper
-# ---------------------------------------------------------------------------
-
-
-class Optimizer:
-    """Drive a module with a curvcore method, like a ``torch.optim`` optimizer.
-
-    ``step(x, y)`` runs one method step on the module's current parameters and
-    writes the new values back in place (under ``torch.no_grad``); the method
-    state lives in the wrapper. No ``backward()`` is needed: the method
-    computes its own derivatives.
-
-    >>> opt = Optimizer(net, cc.SGD(lr=0.1), loss="ce")
-    >>> for x, y in loader:
-    ...     info = opt.step(x, y)          # info["loss"]: the loss before the step
-
-    Methods with ``needs_refresh(state)`` (ACP takes ``cov_batch=`` at refresh
-    steps) get ``cov_batch`` when a refresh is due: pass it to ``step`` or give
-    ``cov_source``, a callable returning a batch of inputs, called only then.
-
-    Args:
-        module: the network (its trainable parameters are updated in place).
-        method: a curvcore method instance (``cc.SGD(...)``, ``cc.CurveBall(...)``).
-        loss: ``"ce"``, ``"mse"`` or a :mod:`curvcore.losses` instance (or
-            give it to each ``step``).
-        cov_source: optional ``() -> inputs`` for methods with ``needs_refresh``.
-    """
-
-    def __init__(self, module: nn.Module, method: Any, loss: Any = None,
-                 cov_source: Callable[[], Array] | None = None):
-        self.module = module
-        self.model = TorchModel(module)
-        self.method = method
-        self.loss = None if loss is None else get_loss(loss)
-        self.cov_source = cov_source
-        self.state = method.init(self.model.params())
-        self.info: dict[str, Array] = {}
-
-    def __repr__(self) -> str:
-        return f"Optimizer({self.method!r}, loss={self.loss!r})"
-
-    def step(self, x: Array, y: Array, loss: Any = None, cov_batch: Array | None = None, **kwargs: Any) -> dict:
-        """One method step; updates the module in place and returns ``info`` (0-d tensors).
-
-        Args:
-            x: input batch.
-            y: targets (integer labels for ``ce``).
-            loss: overrides the loss given to the constructor.
-            cov_batch: inputs for a method's refresh step (used only when
-                ``method.needs_refresh(state)``); else ``cov_source()`` is used.
-            **kwargs: passed on to ``method.step``.
-        """
-        loss = self.loss if loss is None else get_loss(loss)
-        if loss is None:
-            raise ValueError("no loss: pass loss='ce'/'mse' (or a curvcore loss) to Optimizer(...) or step(...)")
-        needs_refresh = getattr(self.method, "needs_refresh", None)
-        if needs_refresh is not None and needs_refresh(self.state):
-            if cov_batch is None and self.cov_source is not None:
-                cov_batch = self.cov_source()
-            if cov_batch is not None:
-                kwargs["cov_batch"] = cov_batch
-        new, self.state, self.info = self.method.step(self.model, loss, self.model.params(), self.state, x, y,
-                                                      **kwargs)
-        with torch.no_grad():
-            for p, value in zip(self.model.parameters(), new):
-                p.copy_(value)
-        return self.info
-
-    def zero_grad(self, set_to_none: bool = True) -> None:
-        """Clear the module's ``.grad`` fields (the methods do not use them)."""
-        self.module.zero_grad(set_to_none=set_to_none)
-
-    def state_dict(self) -> dict[str, Any]:
-        """The method state as nested dicts/lists of tensor copies (``torch.save``-able)."""
-        return {"method": type(self.method).__name__, "state": _to_plain(self.state)}
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Restore a :meth:`state_dict` (exactly; shapes and dtypes are checked)."""
-        name = state_dict.get("method")
-        if name != type(self.method).__name__:
-            raise ValueError(f"state_dict is for {name!r}, but this optimizer runs {type(self.method).__name__!r}")
-        self.state = _from_plain(state_dict["state"], self.state, "state")
-
-
-def _to_plain(tree: Any) -> Any:
-    if isinstance(tree, tuple) and hasattr(tree, "_fields"):
-        return {k: _to_plain(v) for k, v in zip(tree._fields, tree)}
-    if isinstance(tree, dict):
-        return {k: _to_plain(v) for k, v in tree.items()}
-    if isinstance(tree, (list, tuple)):
-        return [_to_plain(v) for v in tree]
-    return tree.detach().clone() if isinstance(tree, torch.Tensor) else tree
-
-
-def _from_plain(plain: Any, template: Any, path: str) -> Any:
-    if isinstance(template, tuple) and hasattr(template, "_fields"):
-        if not isinstance(plain, dict) or set(plain) != set(template._fields):
-            raise ValueError(f"{path}: expected fields {list(template._fields)}, got {plain!r:.80}")
-        return type(template)(**{k: _from_plain(plain[k], v, f"{path}.{k}") for k, v in zip(template._fields, template)})
-    if isinstance(template, dict):
-        if not isinstance(plain, dict) or set(plain) != set(template):
-            raise ValueError(f"{path}: expected keys {sorted(template)}")
-        return {k: _from_plain(plain[k], v, f"{path}[{k!r}]") for k, v in template.items()}
-    if isinstance(template, (list, tuple)):
-        if not isinstance(plain, (list, tuple)) or len(plain) != len(template):
-            raise ValueError(f"{path}: expected {len(template)} entries")
-        return type(template)(_from_plain(p, t, f"{path}[{i}]") for i, (p, t) in enumerate(zip(plain, template)))
-    if isinstance(template, torch.Tensor):
-        if not isinstance(plain, torch.Tensor) or plain.shape != template.shape or plain.dtype != template.dtype:
-            got = f"{tuple(plain.shape)} {plain.dtype}" if isinstance(plain, torch.Tensor) else type(plain).__name__
-            raise ValueError(f"{path}: expected a {tuple(template.shape)} {template.dtype} tensor, got {got}")
-        return plain.detach().clone().to(template.device)
-    return plain
+from ._torch_optim import Optimizer, from_torch_loss  # noqa: E402  (the wrapper builds on TorchModel)

@@ -6,10 +6,13 @@
 >>> state = opt.init(params)
 """
 
-from . import losses, methods
+from . import losses, methods, tree
+from .curvature import Linearization, ggn_vp, linearization
+from .layers import LayerSpec, Records
 from .methods import REGISTRY
 from .methods import get as get_method
 from .methods import names as method_names
+from .methods._base import LayerwiseMethod, Method
 from .methods.adam import Adam
 from .methods.sgd import SGD
 from .protocol import LayerRecord, Model
@@ -25,5 +28,6 @@ def __getattr__(name: str):
 
 
 __all__ = [
-    "Adam", "SGD", "LayerRecord", "Model", "REGISTRY", "backends", "get_method", "losses", "method_names",
+    "Adam", "SGD", "LayerRecord", "LayerSpec", "LayerwiseMethod", "Linearization", "Method", "Model", "REGISTRY",
+    "Records", "backends", "get_method", "ggn_vp", "linearization", "losses", "method_names", "tree",
 ]

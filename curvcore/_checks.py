@@ -1,19 +1,55 @@
 """Input validation shared by methods, losses and backends.
 
-Checks that inspect array values (finiteness) force a device sync; they are
-skipped automatically while a JAX trace is running (values are abstract
-there), and a method's ``validate`` attribute turns them off for benchmarks.
+Checks that inspect array values (finiteness, label ranges) force a device
+sync; they are skipped automatically while a JAX trace is running (values
+are abstract there), and a method's ``validate`` attribute turns them off
+for benchmarks. A method step validates its inputs once, at its boundary,
+inside :func:`step_scope`; the model primitives and losses it calls then skip
+their own input checks (:func:`in_step`) and follow the step's ``validate``
+(:func:`value_checks_on`).
 """
 
 from __future__ import annotations
 
+import contextvars
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 from array_api_compat import array_namespace
+from array_api_compat import device as _device
 
 Array = Any
+
+SUPPORTED_DTYPES = ("float32", "float64")
+_STEP: contextvars.ContextVar[bool | None] = contextvars.ContextVar("curvcore_step_validate", default=None)
+
+
+@contextmanager
+def step_scope(validate: bool) -> Iterator[None]:
+    """Mark the code inside as one method step whose inputs are validated (``validate``: value checks on)."""
+    token = _STEP.set(bool(validate))
+    try:
+        yield
+    finally:
+        _STEP.reset(token)
+
+
+def in_step() -> bool:
+    """Whether a method step (which validated its inputs once) is running in this thread/context."""
+    return _STEP.get() is not None
+
+
+def value_checks_on(own: bool = True) -> bool:
+    """Whether value checks run now: the running step's ``validate``, else ``own``."""
+    flag = _STEP.get()
+    return own if flag is None else flag
+
+
+class NonFiniteError(FloatingPointError, ValueError):
+    """NaN or Inf where finite values are needed: a ``ValueError`` (bad input) that is also a
+    ``FloatingPointError`` (what the pseudo-Hessian's spec asks for)."""
 
 
 def _library(a: Array) -> str:
@@ -45,17 +81,32 @@ def concrete_bool(value: Any) -> bool | None:
 def check_finite(name: str, *arrays: Array) -> None:
     """Raise ``ValueError`` if any array holds NaN or Inf (like scipy's ``_check_finite``)."""
     for a in arrays:
+        check_tree_finite(name, [a], indexed=False)
+
+
+def all_finite(arrays: Sequence[Array]) -> Array | None:
+    """A 0-d boolean array: every floating array is free of NaN/Inf (one fused expression, no sync).
+
+    ``None`` when no array is floating.
+    """
+    ok = None
+    for a in arrays:
         xp = array_namespace(a)
-        if not xp.isdtype(a.dtype, ("real floating", "complex floating")):
-            continue
-        if concrete_bool(xp.all(xp.isfinite(a))) is False:
-            raise ValueError(f"{name} contains NaN or Inf")
+        if xp.isdtype(a.dtype, ("real floating", "complex floating")):
+            here = xp.all(xp.isfinite(a))
+            ok = here if ok is None else ok & here
+    return ok
 
 
-def check_tree_finite(name: str, tree: Sequence[Array]) -> None:
-    """``check_finite`` for every array of a params-like list, naming the index."""
+def check_tree_finite(name: str, tree: Sequence[Array], indexed: bool = True) -> None:
+    """``ValueError`` naming the first array of ``tree`` with NaN or Inf (one device sync for the whole tree)."""
+    ok = all_finite(tree)
+    if ok is None or concrete_bool(ok) is not False:
+        return
     for i, a in enumerate(tree):
-        check_finite(f"{name}[{i}]", a)
+        here = all_finite([a])
+        if here is not None and concrete_bool(here) is False:
+            raise NonFiniteError(f"{name}[{i}] contains NaN or Inf" if indexed else f"{name} contains NaN or Inf")
 
 
 def check_shapes(name: str, arrays: Sequence[Array], shapes: Sequence[tuple[int, ...]], unit: str = "arrays") -> None:
@@ -112,22 +163,51 @@ def _is_real(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
-def check_params_and_x(params: Sequence[Array], x: Array, validate: bool = True) -> Any:
-    """Checks every adapter shares: one library, one params dtype, a floating ``x`` in that
-    dtype, and (when ``validate``) no NaN/Inf. Returns the namespace.
+def _differ(a: Array, b: Array) -> bool:
+    """Whether two arrays sit on different devices (unknown devices, e.g. of traced values, never differ)."""
+    da, db = _device(a), _device(b)
+    return da is not None and db is not None and da != db
+
+
+def check_params(params: Sequence[Array], what: str = "params") -> Any:
+    """One library, one floating dtype (float32 or float64) and one device for every array; returns the namespace.
 
     Raises:
-        TypeError: libraries or dtypes differ.
-        ValueError: values are not finite.
+        TypeError: libraries, dtypes or devices differ, or an unsupported dtype (float16, bfloat16, ints).
+        ValueError: no arrays.
     """
-    xp = namespace(*params, x, what="params and data")
+    if len(params) == 0:
+        raise ValueError(f"{what} is empty; pass the model's parameter arrays")
+    xp = namespace(*params, what=what)
+    first = params[0]
+    if not any(first.dtype == getattr(xp, d) for d in SUPPORTED_DTYPES):
+        raise TypeError(f"{what}[0] has dtype {first.dtype}; curvcore supports {' and '.join(SUPPORTED_DTYPES)} "
+                        "(cast the model, e.g. module.float() or params in float32)")
     for i, p in enumerate(params):
-        if p.dtype != params[0].dtype:
-            raise TypeError(f"params[{i}] is {p.dtype} but params[0] is {params[0].dtype}")
+        if p.dtype != first.dtype:
+            raise TypeError(f"{what}[{i}] is {p.dtype} but {what}[0] is {first.dtype}")
+        if _differ(p, first):
+            raise ValueError(f"{what}[{i}] is on {_device(p)} but {what}[0] is on {_device(first)}")
+    return xp
+
+
+def check_params_and_x(params: Sequence[Array], x: Array, validate: bool = True) -> Any:
+    """Checks every adapter shares: one library, dtype and device for params (float32/float64), a
+    floating ``x`` in that dtype on that device, and (when ``validate``) no NaN/Inf. Returns the namespace.
+
+    Raises:
+        TypeError: libraries or dtypes differ, or an unsupported dtype.
+        ValueError: devices differ or values are not finite.
+    """
+    check_params(params)
+    xp = namespace(*params, x, what="params and data")
     if xp.isdtype(x.dtype, "real floating") and x.dtype != params[0].dtype:
         raise TypeError(
             f"dtype mismatch: params are {params[0].dtype} but x is {x.dtype}; cast the data to the params' dtype"
         )
+    if _differ(x, params[0]):
+        raise ValueError(f"device mismatch: params are on {_device(params[0])} but x is on {_device(x)}; "
+                         "move the data to the params' device")
     if validate:
         check_finite("x", x)
         check_tree_finite("params", params)
@@ -137,23 +217,25 @@ def check_params_and_x(params: Sequence[Array], x: Array, validate: bool = True)
 def check_batch(params: Sequence[Array], x: Array, y: Array | None = None, validate: bool = True) -> Any:
     """Validate a batch against params; return their common namespace.
 
-    Checks: same array library, ``x`` 2-d with a floating dtype equal to the
-    params' dtype, ``y`` with as many rows as ``x``, and (when ``validate``)
-    no NaN/Inf in ``x``, ``y`` or params.
+    Checks: same array library and device, ``x`` of shape ``(B, ...)`` with
+    ``B >= 1`` (a floating ``x`` must have the params' dtype), ``y`` with ``B``
+    rows, and (when ``validate``) no NaN/Inf in ``x``, ``y`` or params.
 
     Raises:
         TypeError: libraries or dtypes differ.
-        ValueError: shapes differ or values are not finite.
+        ValueError: shapes or devices differ, an empty batch, or values are not finite.
     """
     if y is not None:
         namespace(*params, x, y, what="params and data")
-    if x.ndim != 2:
-        raise ValueError(f"x must be a 2-d batch (B, n_in), got shape {tuple(x.shape)}")
+    if x.ndim < 1:
+        raise ValueError(f"x must be a batch (B, ...) with the samples on axis 0, got shape {tuple(x.shape)}")
+    if x.shape[0] == 0:
+        raise ValueError(f"empty batch: x has shape {tuple(x.shape)} (B = 0); every step needs at least one sample")
     xp = check_params_and_x(params, x, validate)
-    if not xp.isdtype(x.dtype, "real floating"):
-        raise TypeError(f"dtype mismatch: params are {params[0].dtype} but x is {x.dtype}; cast the data")
     if y is not None and (y.ndim == 0 or y.shape[0] != x.shape[0]):
         raise ValueError(f"y must have one row per sample: x has {x.shape[0]}, y has shape {tuple(y.shape)}")
+    if y is not None and _differ(y, x):
+        raise ValueError(f"device mismatch: x is on {_device(x)} but y is on {_device(y)}")
     if validate and y is not None:
         check_finite("y", y)
     return xp

@@ -24,6 +24,16 @@ def batch_mean(a: Array) -> Array:
     return array_namespace(a).mean(a, axis=0)
 
 
+def batch_sum_all(a: Array) -> Array:
+    """Sum of every entry of a batch-major array (0-d): a loss summed over samples and positions."""
+    return array_namespace(a).sum(a)
+
+
+def global_count(n: Any) -> Any:
+    """A count over the local batch (an int or a 0-d array) as a count over the whole batch."""
+    return n
+
+
 def batch_size(a: Array) -> int:
     """The (global) batch size of a batch-major array."""
     return int(a.shape[0])

@@ -1,26 +1,34 @@
 """Losses with their output-space derivatives in closed form (array-API code).
 
-Both losses are **batch means** over the B samples of a batch. For model
-outputs ``f`` of shape ``(B, C)``:
+For model outputs ``f`` with the batch on axis 0 (``(B, ...)``):
 
 * ``value(f, y)``: the loss (0-d array);
-* ``grad(f, y)``: ``dL/df`` (B, C), carrying the 1/B of the mean;
-* ``hvp(f, y, v)``: the loss Hessian w.r.t. the outputs applied to ``v``
-  (B, C), sample by sample, with the 1/B;
+* ``grad(f, y)``: ``dL/df`` (shape of ``f``), carrying the normalisation;
+* ``hvp(f, y, v)``: the loss Hessian w.r.t. the outputs applied to ``v``,
+  position by position, with the normalisation;
 * ``d3(f, y, v)``: the third directional derivative ``d^3 L[v, v, v]`` (0-d).
 
-The losses are stateless; use the module-level instances or construct new
-ones. ``get("mse")`` / ``get("ce")`` return them by name.
+:class:`MSE` takes any output shape with a same-shape target;
+:class:`CrossEntropy` takes logits ``(B, C)`` or ``(B, ..., C)`` (classes on
+the **last** axis) with integer labels ``(B, ...)``, and an ``ignore_index``.
+The losses hold only their settings; ``get("mse")`` / ``get("ce")`` return
+them by name.
+
+Label checks (labels outside ``[0, C)``) raise ``ValueError`` when the values
+are concrete; inside ``jax.jit`` the loss and its derivatives become NaN
+instead, so a method's non-finite guard keeps the old params.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from array_api_compat import array_namespace
 from array_api_compat import device as _device
 
-from ._checks import namespace
+from ._checks import check_choice, concrete_bool, namespace, value_checks_on
+from ._reduce import batch_size, batch_sum_all, global_count
 
 Array = Any
 
@@ -28,31 +36,51 @@ __all__ = ["MSE", "CrossEntropy", "Loss", "get"]
 
 
 class Loss:
-    """Base class: validation shared by the losses."""
+    """Base class of the closed-form losses: validation shared by both.
+
+    Subclasses define ``value``, ``grad``, ``hvp`` and ``d3``; a loss is
+    stateless apart from its settings (``reduction``, ``ignore_index``).
+    """
 
     name = "loss"
+    reduction = "mean"
 
     def _xp(self, f: Array, y: Array) -> Any:
         xp = namespace(f, y, what="outputs and targets")
-        if f.ndim != 2:
-            raise ValueError(f"{type(self).__name__}: outputs must be (B, C), got shape {tuple(f.shape)}")
-        if y.shape[0] != f.shape[0]:
-            raise ValueError(
-                f"{type(self).__name__}: {f.shape[0]} outputs but {y.shape[0]} targets"
-            )
+        if f.ndim < 1 or y.ndim < 1 or y.shape[0] != f.shape[0]:
+            raise ValueError(f"{type(self).__name__}: outputs {tuple(f.shape)} and targets {tuple(y.shape)} "
+                             "must share the batch axis 0")
         return xp
 
     def __repr__(self) -> str:
-        return f"{type(self).__name__}()"
+        args = ", ".join(f"{k}={v!r}" for k, v in vars(self).items())
+        return f"{type(self).__name__}({args})"
+
+    def __eq__(self, other: object) -> bool:
+        return type(other) is type(self) and vars(other) == vars(self)
+
+    def __hash__(self) -> int:
+        return hash((type(self), tuple(sorted(vars(self).items()))))
 
 
 class MSE(Loss):
-    """Mean squared error, per sample ``1/2 ||f - y||^2``, batch mean.
+    """Squared error ``c * sum (f - y)^2`` with ``y`` of the shape of ``f`` (any ``(B, ...)``).
 
-    ``grad = (f - y)/B``, ``hvp(v) = v/B``, ``d3 = 0``. ``y`` has the shape of ``f``.
+    ``reduction`` sets ``c``:
+
+    * ``"batch"`` (default): ``1/2 ||f_i - y_i||^2`` summed over the non-batch
+      axes, then the mean over the batch: ``c = 1/(2B)``;
+    * ``"mean"``: the mean over every element, ``c = 1/numel`` (``torch.nn.MSELoss()``);
+    * ``"sum"``: ``c = 1`` (``torch.nn.MSELoss(reduction="sum")``).
+
+    ``grad = 2c (f - y)``, ``hvp(v) = 2c v``, ``d3 = 0``.
     """
 
     name = "mse"
+
+    def __init__(self, reduction: str = "batch"):
+        check_choice("reduction", reduction, ("batch", "mean", "sum"))
+        self.reduction = reduction
 
     def _check(self, f: Array, y: Array) -> Any:
         xp = self._xp(f, y)
@@ -60,21 +88,36 @@ class MSE(Loss):
             raise ValueError(f"MSE: targets must have the outputs' shape {tuple(f.shape)}, got {tuple(y.shape)}")
         return xp
 
+    def scale(self, f: Array) -> float:
+        """``c``: the factor on ``sum (f - y)^2``."""
+        if self.reduction == "sum":
+            return 1.0
+        if self.reduction == "batch":
+            return 0.5 / global_count(batch_size(f))
+        return 1.0 / global_count(math.prod(int(d) for d in f.shape))
+
     def value(self, f: Array, y: Array) -> Array:
-        """``mean_p 1/2 ||f_p - y_p||^2``."""
-        xp = self._check(f, y)
+        """``c * sum (f - y)^2``."""
+        self._check(f, y)
         r = f - y
-        return xp.sum(r * r) / (2 * f.shape[0])
+        return batch_sum_all(r * r) * self.scale(f)
 
     def grad(self, f: Array, y: Array) -> Array:
-        """``(f - y)/B``."""
+        """``2c (f - y)``."""
         self._check(f, y)
-        return (f - y) / f.shape[0]
+        return (f - y) * (2 * self.scale(f))
 
     def hvp(self, f: Array, y: Array, v: Array) -> Array:
-        """``v/B``."""
+        """``2c v``."""
         self._check(f, y)
-        return v / f.shape[0]
+        return v * (2 * self.scale(f))
+
+    def hessian_sqrt(self, f: Array, y: Array) -> list[Array]:
+        """Columns ``S_c`` (shape of ``f`` = ``(B, C)``) with ``Σ_c S_c S_cᵀ = H_L``: ``√(2c) e_c`` in every row."""
+        xp = self._check(f, y)
+        root = math.sqrt(2 * self.scale(f))
+        eye = xp.eye(f.shape[-1], dtype=f.dtype, device=_device(f))
+        return [xp.zeros_like(f) + root * eye[c, :] for c in range(f.shape[-1])]
 
     def d3(self, f: Array, y: Array, v: Array) -> Array:
         """Zero: the loss is quadratic in ``f``."""
@@ -83,67 +126,131 @@ class MSE(Loss):
 
 
 class CrossEntropy(Loss):
-    """Softmax cross-entropy with integer labels ``y`` in ``[0, C)``, batch mean.
+    """Softmax cross-entropy over the last axis, integer labels, averaged over labelled positions.
 
-    With ``p = softmax(f)`` row by row: ``value = mean(logsumexp(f) - f_y)``,
-    ``grad = (p - onehot(y))/B``, ``hvp(v) = (p*v - p <p, v>)/B`` and
-    ``d3 = mean(E_p v^3 - 3 E_p v^2 E_p v + 2 (E_p v)^3)`` (cumulants of
+    Logits ``f`` are ``(B, C)`` or ``(B, ..., C)``; labels ``y`` are integers of
+    shape ``f.shape[:-1]`` in ``[0, C)``, or ``ignore_index`` (those positions
+    are left out). With ``p = softmax(f)`` per position and ``n`` the number of
+    labelled positions (``reduction="mean"``, the default; ``"sum"``: ``n = 1``):
+    ``value = sum (logsumexp(f) - f_y) / n``, ``grad = (p - onehot(y)) / n``,
+    ``hvp(v) = (p*v - p <p, v>) / n`` and
+    ``d3 = sum (E_p v^3 - 3 E_p v^2 E_p v + 2 (E_p v)^3) / n`` (cumulants of
     ``v`` under ``p``). Computed with log-sum-exp, stable for large logits.
+    ``torch.nn.CrossEntropyLoss`` puts the classes on axis 1 instead; the torch
+    adapter moves them last (see ``curvcore.backends.torch``).
+
+    Args:
+        reduction: ``"mean"`` over labelled positions or ``"sum"``.
+        ignore_index: a label value whose positions are excluded (e.g. -100), or None.
     """
 
     name = "ce"
 
+    def __init__(self, reduction: str = "mean", ignore_index: int | None = None):
+        check_choice("reduction", reduction, ("mean", "sum"))
+        if ignore_index is not None and (isinstance(ignore_index, bool) or not isinstance(ignore_index, int)):
+            raise ValueError(f"ignore_index must be an int or None, got {ignore_index!r}")
+        self.reduction, self.ignore_index = reduction, ignore_index
+
     def _check(self, f: Array, y: Array) -> Any:
         xp = self._xp(f, y)
-        if y.ndim != 1:
-            raise ValueError(f"CrossEntropy: labels must be 1-d integers (B,), got shape {tuple(y.shape)}")
+        if f.ndim < 2 or tuple(y.shape) != tuple(f.shape[:-1]):
+            raise ValueError(f"CrossEntropy: logits (B, ..., C) need labels of shape (B, ...) = {tuple(f.shape[:-1])}"
+                             f" (classes on the last axis); got logits {tuple(f.shape)} and labels {tuple(y.shape)}")
         if not xp.isdtype(y.dtype, "integral"):
             raise TypeError(f"CrossEntropy: labels must be integers, got dtype {y.dtype}")
         return xp
 
+    def _weights(self, xp: Any, f: Array, y: Array) -> tuple[Array | None, Array]:
+        """``(mask, n)``: 1.0 at labelled positions (None: all), and the normaliser ``n`` (poisoned by bad labels)."""
+        C = f.shape[-1]
+        labelled = None if self.ignore_index is None else y != self.ignore_index
+        in_range = (y >= 0) & (y < C)
+        bad = ~in_range if labelled is None else labelled & ~in_range
+        any_bad = xp.any(bad)
+        if value_checks_on() and concrete_bool(any_bad):
+            wrong = xp.where(bad, y, xp.zeros_like(y))
+            raise ValueError(
+                f"CrossEntropy: labels must lie in [0, {C})" + (f" or equal ignore_index={self.ignore_index}"
+                                                                if self.ignore_index is not None else "")
+                + f"; got {int(xp.sum(xp.astype(bad, xp.int64)))} label(s) outside, e.g. "
+                f"{int(xp.max(wrong)) if concrete_bool(xp.any(wrong > 0)) else int(xp.min(wrong))}")
+        mask = None if labelled is None else xp.astype(labelled, f.dtype)
+        if self.reduction == "sum":
+            n = xp.ones((), dtype=f.dtype, device=_device(f))
+        elif mask is None:
+            n = xp.asarray(global_count(math.prod(int(d) for d in y.shape)), dtype=f.dtype, device=_device(f))
+        else:
+            n = global_count(batch_sum_all(mask))
+        nan = xp.asarray(math.nan, dtype=f.dtype, device=_device(f))
+        return mask, xp.where(any_bad, nan, n)
+
     @staticmethod
     def _logsumexp(xp: Any, f: Array) -> Array:
-        m = xp.max(f, axis=1, keepdims=True)
-        return m + xp.log(xp.sum(xp.exp(f - m), axis=1, keepdims=True))
+        m = xp.max(f, axis=-1, keepdims=True)
+        return m + xp.log(xp.sum(xp.exp(f - m), axis=-1, keepdims=True))
 
     def softmax(self, f: Array) -> Array:
-        """Row-wise softmax, stable."""
+        """Softmax over the last axis, stable."""
         xp = array_namespace(f)
-        e = xp.exp(f - xp.max(f, axis=1, keepdims=True))
-        return e / xp.sum(e, axis=1, keepdims=True)
+        e = xp.exp(f - xp.max(f, axis=-1, keepdims=True))
+        return e / xp.sum(e, axis=-1, keepdims=True)
 
     def onehot(self, f: Array, y: Array) -> Array:
-        """One-hot labels in the dtype and device of ``f``."""
+        """One-hot labels over the last axis of ``f``, in its dtype and device (zeros for ignored labels)."""
         xp = array_namespace(f, y)
-        classes = xp.arange(f.shape[1], device=_device(f))
-        return xp.astype(xp.reshape(y, (-1, 1)) == xp.reshape(classes, (1, -1)), f.dtype)
+        classes = xp.arange(f.shape[-1], device=_device(f))
+        return xp.astype(y[..., None] == classes, f.dtype)
+
+    def _masked(self, a: Array, mask: Array | None) -> Array:
+        """Zero the unlabelled positions of ``a`` (shape of the labels, or with a trailing class axis)."""
+        if mask is None:
+            return a
+        return a * (mask if a.ndim == mask.ndim else mask[..., None])
 
     def value(self, f: Array, y: Array) -> Array:
-        """``mean_p (logsumexp(f_p) - f_p[y_p])``."""
+        """``sum (logsumexp(f) - f[y]) / n`` over labelled positions."""
         xp = self._check(f, y)
-        lse = self._logsumexp(xp, f)[:, 0]
-        return xp.mean(lse - xp.sum(f * self.onehot(f, y), axis=1))
+        mask, n = self._weights(xp, f, y)
+        per = self._logsumexp(xp, f)[..., 0] - xp.sum(f * self.onehot(f, y), axis=-1)
+        return batch_sum_all(self._masked(per, mask)) / n
 
     def grad(self, f: Array, y: Array) -> Array:
-        """``(softmax(f) - onehot(y))/B``."""
-        self._check(f, y)
-        return (self.softmax(f) - self.onehot(f, y)) / f.shape[0]
+        """``(softmax(f) - onehot(y)) / n`` (zero at ignored positions)."""
+        xp = self._check(f, y)
+        mask, n = self._weights(xp, f, y)
+        return self._masked(self.softmax(f) - self.onehot(f, y), mask) / n
 
     def hvp(self, f: Array, y: Array, v: Array) -> Array:
-        """``(p*v - p*<p, v>_row)/B``."""
+        """``(p*v - p*<p, v>) / n`` per position (zero at ignored positions)."""
         xp = self._check(f, y)
+        mask, n = self._weights(xp, f, y)
         p = self.softmax(f)
         pv = p * v
-        return (pv - p * xp.sum(pv, axis=1, keepdims=True)) / f.shape[0]
+        return self._masked(pv - p * xp.sum(pv, axis=-1, keepdims=True), mask) / n
+
+    def hessian_sqrt(self, f: Array, y: Array) -> list[Array]:
+        """Columns ``S_c`` (shape of ``f``) with ``Σ_c S_c S_cᵀ = H_L`` position by position.
+
+        ``S_c = √p_c (e_c - p) / √n``: the columns of ``R = diag(√p) - p √pᵀ``
+        (``R Rᵀ = diag(p) - ppᵀ``, curvlinops' ``loss_hessian_matrix_sqrt``), one per class.
+        """
+        xp = self._check(f, y)
+        mask, n = self._weights(xp, f, y)
+        p = self.softmax(f)
+        eye = xp.eye(f.shape[-1], dtype=f.dtype, device=_device(f))
+        root_n = xp.sqrt(n)
+        return [self._masked(xp.sqrt(p[..., c:c + 1]) * (eye[c, :] - p), mask) / root_n for c in range(f.shape[-1])]
 
     def d3(self, f: Array, y: Array, v: Array) -> Array:
-        """``mean_p (E v^3 - 3 E v^2 E v + 2 (E v)^3)`` with ``E`` under ``softmax(f_p)``."""
+        """``sum (E v^3 - 3 E v^2 E v + 2 (E v)^3) / n`` with ``E`` under ``softmax(f)`` per position."""
         xp = self._check(f, y)
+        mask, n = self._weights(xp, f, y)
         p = self.softmax(f)
-        m1 = xp.sum(p * v, axis=1)
-        m2 = xp.sum(p * v * v, axis=1)
-        m3 = xp.sum(p * v * v * v, axis=1)
-        return xp.mean(m3 - 3 * m2 * m1 + 2 * m1 * m1 * m1)
+        m1 = xp.sum(p * v, axis=-1)
+        m2 = xp.sum(p * v * v, axis=-1)
+        m3 = xp.sum(p * v * v * v, axis=-1)
+        return batch_sum_all(self._masked(m3 - 3 * m2 * m1 + 2 * m1 * m1 * m1, mask)) / n
 
 
 _BY_NAME = {"mse": MSE, "ce": CrossEntropy, "cross_entropy": CrossEntropy, "crossentropy": CrossEntropy}
@@ -154,10 +261,14 @@ def get(name: str | Loss) -> Loss:
 
     Raises:
         ValueError: unknown name.
+        TypeError: neither a name nor a curvcore loss (the torch adapter maps
+            ``torch.nn`` loss modules; see ``curvcore.backends.torch.Optimizer``).
     """
     if isinstance(name, Loss):
         return name
+    if not isinstance(name, str):
+        raise TypeError(f"loss must be 'mse', 'ce' or a curvcore.losses instance, got {type(name).__name__}")
     try:
-        return _BY_NAME[str(name).lower()]()
+        return _BY_NAME[name.lower()]()
     except KeyError:
         raise ValueError(f"unknown loss {name!r}; choose one of 'mse', 'ce'") from None

@@ -1,12 +1,14 @@
-"""The model protocol and parameter-list ("tree") helpers.
+"""The model protocol.
 
 Every curvature method in curvcore talks to a model only through the
 primitives below, so one method implementation serves every backend.
 
-Params are a plain ``list`` of arrays ``[W1, b1, W2, b2, ...]`` with ``W_k`` of
-shape ``(n_out, n_in)`` (the PyTorch layout) and ``b_k`` of shape ``(n_out,)``.
-Vectors over params (gradients, directions, CurveBall's ``z``) are lists of
-the same structure. Methods never mutate them: every helper returns new lists.
+Params are any pytree of arrays (:mod:`curvcore.tree`); a model's primitives
+take and return params in the structure the model uses (a list for the
+array-API MLP and torch, a dict for flax). Inside a method the params are a
+flat list, and :func:`flat_model` adapts a model to flat lists. Vectors over
+params (gradients, directions, CurveBall's ``z``) have the params' structure.
+Methods never mutate them: every helper returns new lists.
 """
 
 from __future__ import annotations
@@ -14,9 +16,6 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple, Protocol, runtime_checkable
 
-from array_api_compat import array_namespace
-
-from ._reduce import vdot
 
 Array = Any  # an array of any array-API library (numpy, torch, jax, cupy, ...)
 Params = list  # list[Array]
@@ -25,18 +24,24 @@ Params = list  # list[Array]
 class LayerRecord(NamedTuple):
     """What one dense layer ``z = a W^T + b``, ``h = act(z)`` saw in a pass.
 
+    For a layer applied at ``S`` positions per example (a convolution, a dense
+    layer on sequences) ``a`` and ``g`` are ``(B, S, D)`` and ``(B, S, n_out)``
+    (``a`` holds the unfolded patches of a convolution; see
+    :mod:`curvcore.layers`), and ``z``, ``dact``, ``h`` are ``None``: only the
+    output chain of an MLP (what ESN and MK use) records them.
+
     Attributes:
         a: the layer input, shape ``(B, n_in)``.
-        z: the pre-activation, shape ``(B, n_out)``.
+        z: the pre-activation, shape ``(B, n_out)``, or ``None``.
         dact: the activation derivative ``act'(z)``, shape ``(B, n_out)``
-            (all ones for a linear layer).
+            (all ones for a linear layer), or ``None``.
         g: the back-propagated gradient ``dL/dz`` for the cotangent given to
             :meth:`Model.layers`, shape ``(B, n_out)``. With the cotangent
             ``loss.grad(out, y)`` (which carries the 1/B of the batch mean),
             ``g.T @ a`` is the weight gradient and ``sum(g, axis=0)`` the bias
             gradient.
         h: the layer output ``act(z)``, shape ``(B, n_out)``; for the last
-            layer this is the model output.
+            layer this is the model output. ``None`` outside the output chain.
     """
 
     a: Array
@@ -71,7 +76,7 @@ class Model(Protocol):
     xp: Any
 
     def forward(self, params: Params, x: Array) -> Array:
-        """Return the output ``f(params, x)`` of shape ``(B, C)``."""
+        """Return the output ``f(params, x)`` of shape ``(B, ...)``."""
         ...
 
     def jvp(self, params: Params, x: Array, tangent: Params) -> tuple[Array, Array]:
@@ -136,65 +141,75 @@ def checked_pullback(out: Array, pull: Callable[[Array], tuple]) -> Callable[[Ar
     return pullback
 
 
+# the tree algebra lives in curvcore.tree; these names stay importable from here
+from .tree import (  # noqa: E402,F401
+    tree_add, tree_axpy, tree_dot, tree_map, tree_norm, tree_scale, tree_size, tree_sub, tree_zeros_like,
+)
+
+
 # ---------------------------------------------------------------------------
-# tree helpers: elementwise algebra over params-like lists, array API only
+# flat view of a model whose params are a pytree
 # ---------------------------------------------------------------------------
 
-
-def tree_map(fn: Callable[..., Array], *trees: Sequence[Array]) -> list[Array]:
-    """Apply ``fn`` leaf by leaf to lists of the same structure."""
-    first = trees[0]
-    for t in trees[1:]:
-        if len(t) != len(first):
-            raise ValueError(f"Structure mismatch: lists of length {len(first)} and {len(t)}.")
-    return [fn(*leaves) for leaves in zip(*trees)]
+_PRIMITIVES = ("forward", "jvp", "vjp", "linearize", "jet", "layers", "records", "layer_specs", "step_scope")
 
 
-def tree_add(a: Sequence[Array], b: Sequence[Array]) -> list[Array]:
-    """``a + b``."""
-    return tree_map(lambda u, v: u + v, a, b)
+class _FlatModel:
+    """A model over flat params lists, for a model whose own params are a pytree (see :func:`flat_model`)."""
+
+    def __init__(self, model: Any, treedef: Any):
+        from . import tree
+
+        self.model, self.treedef, self.xp = model, treedef, getattr(model, "xp", None)
+        self._tree = tree
+
+    def __repr__(self) -> str:
+        return f"flat_model({self.model!r})"
+
+    def __getattr__(self, name: str) -> Any:
+        if name in _PRIMITIVES and callable(getattr(self.model, name, None)):
+            return getattr(self, f"_{name}")
+        if name in _PRIMITIVES:
+            raise AttributeError(f"{type(self.model).__name__} has no {name}()")
+        return getattr(self.model, name)
+
+    def _up(self, flat: Sequence[Array]) -> Any:
+        return self._tree.unflatten(self.treedef, flat)
+
+    def _down(self, tree: Any) -> list:
+        return self._tree.flatten(tree, what="gradient")[0]
+
+    def _forward(self, params: Params, x: Array) -> Array:
+        return self.model.forward(self._up(params), x)
+
+    def _jvp(self, params: Params, x: Array, tangent: Params) -> tuple[Array, Array]:
+        return self.model.jvp(self._up(params), x, self._up(tangent))
+
+    def _vjp(self, params: Params, x: Array) -> tuple[Array, Callable[[Array], list]]:
+        out, pull = self.model.vjp(self._up(params), x)
+        return out, lambda u: self._down(pull(u))
+
+    def _linearize(self, params: Params, x: Array) -> tuple[Array, Callable, Callable]:
+        out, jvp_fn, pull = self.model.linearize(self._up(params), x)
+        return out, lambda t: jvp_fn(self._up(t)), lambda u: self._down(pull(u))
+
+    def _jet(self, params: Params, x: Array, tangent: Params, order: int) -> list[Array]:
+        return self.model.jet(self._up(params), x, self._up(tangent), order)
+
+    def _layers(self, params: Params, x: Array, out_cotangent: Cotangent) -> list[LayerRecord]:
+        return self.model.layers(self._up(params), x, out_cotangent)
+
+    def _records(self, params: Params, x: Array, cotangent: Cotangent, specs: Any = None, chain: bool = False) -> Any:
+        rec = self.model.records(self._up(params), x, cotangent, specs, chain)
+        return rec._replace(grads=self._down(rec.grads))
+
+    def _layer_specs(self, params: Params) -> list:
+        return self.model.layer_specs(self._up(params))
+
+    def _step_scope(self) -> Any:
+        return self.model.step_scope()
 
 
-def tree_sub(a: Sequence[Array], b: Sequence[Array]) -> list[Array]:
-    """``a - b``."""
-    return tree_map(lambda u, v: u - v, a, b)
-
-
-def tree_scale(a: Sequence[Array], s: Any) -> list[Array]:
-    """``s * a`` for a scalar (Python or 0-d array) ``s``."""
-    return [s * u for u in a]
-
-
-def tree_axpy(alpha: Any, x: Sequence[Array], y: Sequence[Array]) -> list[Array]:
-    """``alpha * x + y``."""
-    return tree_map(lambda u, v: alpha * u + v, x, y)
-
-
-def tree_zeros_like(a: Sequence[Array]) -> list[Array]:
-    """Zeros of the same shapes, dtypes and devices."""
-    return [array_namespace(u).zeros_like(u) for u in a]
-
-
-def tree_dot(a: Sequence[Array], b: Sequence[Array]) -> Array:
-    """``<a, b>``: the sum over the list of elementwise products (a 0-d array)."""
-    terms = tree_map(vdot, a, b)
-    total = terms[0]
-    for t in terms[1:]:
-        total = total + t
-    return total
-
-
-def tree_norm(a: Sequence[Array]) -> Array:
-    """Euclidean norm over the whole list (a 0-d array)."""
-    return array_namespace(a[0]).sqrt(tree_dot(a, a))
-
-
-def tree_size(a: Sequence[Array]) -> int:
-    """Total number of scalars in the list."""
-    total = 0
-    for u in a:
-        n = 1
-        for d in u.shape:
-            n *= int(d)
-        total += n
-    return total
+def flat_model(model: Any, treedef: Any) -> Any:
+    """``model`` itself when its params are a plain list, else a view whose primitives take flat lists."""
+    return model if treedef.kind == "list" else _FlatModel(model, treedef)

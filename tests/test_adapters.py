@@ -175,7 +175,9 @@ def test_torch_user_modules_pass_check_model():
 
 
 @needs_torch
-def test_torch_unsupported_layers_raise_type_error():
+def test_torch_layer_structure_and_output_chain():
+    """Conv nets and non-chain nets: records cover every Linear/Conv2d called once; ``layers`` (ESN/MK's
+    output chain) stops where the operations between Linears are not elementwise."""
     torch = _torch()
     nn = torch.nn
     x, y = _torch_batch(n_in=16)
@@ -183,13 +185,10 @@ def test_torch_unsupported_layers_raise_type_error():
     model = cc.backends.torch.TorchModel(conv)
     params = model.params()
     check_model(model, params, x, y, skip=("layers",))  # forward/jvp/vjp/jet work for any module
-    with pytest.raises(TypeError, match=r"layer '1' is a Conv2d.*nn.Linear"):
-        model.layers(params, x, lambda o: o)
-    layerwise = [s for s in cc.REGISTRY.values() if "layers" in getattr(s.cls, "needs", ())]
-    if layerwise:
-        opt = layerwise[0].make_test()
-        with pytest.raises(TypeError, match="Conv2d"):
-            opt.step(model, cc.losses.CrossEntropy(), params, opt.init(params), x, y)
+    assert [s.kind for s in model.layer_specs(params)] == ["conv2d", "dense"]
+    rec = model.records(params, x, lambda o: o)
+    assert [tuple(r.a.shape) for r in rec.layers] == [(x.shape[0], 4, 9), (x.shape[0], 8)]
+    assert len(model.layers(params, x, lambda o: o)) == 1  # the output chain: the last Linear alone
 
     class Skip(nn.Module):
         def __init__(self):
@@ -200,21 +199,21 @@ def test_torch_unsupported_layers_raise_type_error():
             h = torch.tanh(self.a(x))
             return self.c(torch.tanh(self.b(h)) + h)
 
-    bad = {
-        "skip connection": Skip(),
-        "mix entries": nn.Sequential(nn.Linear(4, 5), nn.Softmax(dim=1), nn.Linear(5, 3)),
-        r"bias=True": nn.Sequential(nn.Linear(4, 5, bias=False), nn.Tanh(), nn.Linear(5, 3)),
-        "called once": nn.Sequential(nn.Linear(4, 4), nn.Tanh(), nn.Linear(4, 3)),
+    lin = nn.Linear(4, 4)
+    chains = {  # net -> length of the output chain
+        "skip connection": (Skip(), 2),
+        "mix entries": (nn.Sequential(nn.Linear(4, 5), nn.Softmax(dim=1), nn.Linear(5, 3)), 1),
+        "shared Linear": (nn.Sequential(lin, nn.Tanh(), lin, nn.Tanh(), nn.Linear(4, 3)), 1),
+        "plain": (nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 5), nn.ReLU(), nn.Linear(5, 3)), 3),
     }
-    xs, _ = _torch_batch()
-    for match, net in bad.items():
-        net = net.double()
-        if match == "called once":  # the same Linear twice
-            lin = net[0]
-            net = nn.Sequential(lin, nn.Tanh(), lin, nn.Tanh(), nn.Linear(4, 3)).double()
-        tm = cc.backends.torch.TorchModel(net)
-        with pytest.raises(TypeError, match=match):
-            tm.layers(tm.params(), xs, lambda o: o)
+    xs, ys = _torch_batch()
+    for what, (net, n) in chains.items():
+        tm = cc.backends.torch.TorchModel(net.double())
+        recs = tm.layers(tm.params(), xs, lambda o: o)
+        assert len(recs) == n, what
+        # the chain's records obey back-propagation through elementwise activations (check_model's layer check)
+        grads = tm.records(tm.params(), xs, lambda o: o).grads
+        assert len(grads) == len(tm.params())
 
 
 class _RecordingSGD(Method):

@@ -20,7 +20,7 @@ from curvcore.backends.function import FunctionModel
 from curvcore.methods.curveball import CurveBall, CurveBallState
 from reference import assert_rel, dense_ggn_and_grad, flatten, rel
 
-INFO_KEYS = {"loss", "rho", "beta", "lam", "lam_next", "gamma", "pred_change", "step_norm"}
+INFO_KEYS = {"loss", "rho", "beta", "lam", "lam_next", "gamma", "pred_change", "step_norm", "finite"}
 W5 = 0.999**5
 
 
@@ -502,7 +502,8 @@ def test_float32():
     opt = CurveBall()
     new, state, info = opt.step(model, lossf, params, opt.init(params), x, y)
     assert all(p.dtype == np.float32 for p in new) and state.lam.dtype == np.float32
-    assert all(v.dtype == np.float32 for k, v in info.items())
+    assert all(v.dtype == np.float32 for k, v in info.items() if k != "finite")
+    assert info["finite"].dtype == np.bool_
 
 
 def test_function_model_any_params_list(array_api_backend):
@@ -529,13 +530,9 @@ def test_function_model_checks():
     _, pull = ROSEN.vjp(w, x)
     with pytest.raises(ValueError, match="cotangent"):
         pull(np.ones((2, 1)))
-    with pytest.raises(TypeError, match="layers"):
-        from curvcore.methods._base import Method
-
-        class NeedsLayers(Method):
-            needs = ("layers",)
-
-        NeedsLayers()._check_inputs(ROSEN, w, x, np.zeros((1, 2)))
+    with pytest.raises(TypeError, match="needs model.layers"):
+        opt = cc.KFAC()
+        opt.step(ROSEN, "mse", w, opt.init([np.ones((2, 3)), np.ones(2)]), x, np.zeros((1, 2)))
 
 
 @pytest.fixture

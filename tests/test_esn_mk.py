@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 import curvcore as cc
+from curvcore.layers import records
 from cases import make_problem
 from conftest import backend_param
 from curvcore.methods import _layerwise as lw
@@ -463,7 +464,8 @@ def test_regularized_backward_is_the_gradient_of_jr(eager_backend, act):
     sizes = [4, 5, 3, 2]
     model, params, x, y, loss = make_problem(eager_backend, sizes, act, "mse", batch=3, seed=6)
     for lam in ("auto", [0.7, 0.4, 0.9]):
-        _, terms = lw.compute_terms(model, loss, params, x, y, lam, reg_grad=True)
+        rec = records(model, params, x, lambda out: loss.grad(out, y), chain=True)
+        terms = lw.compute_terms(rec, loss, y, params[0::2], lam, reg_grad=True)
         rho = auto_rho(sizes, act, "mse", params, x, y) if lam == "auto" else np.array(lam)[None, :]
         grads = per_sample_grads(sizes, act, "mse", params, x, y, rho)
         for k in range(3):
@@ -567,7 +569,7 @@ def test_info_skipped_and_state(eager_backend):
     before = [cc.backends.to_numpy(p) for p in params]
     opt = cc.MK(mu=0.0)
     new, st, info = opt.step(model, loss, params, opt.init(params), x, y)
-    assert set(info) == {"loss", "step_norm", "lam_mean", "skipped", "mu"}
+    assert set(info) == {"loss", "step_norm", "finite", "n_preconditioned", "lam_mean", "skipped", "mu"}
     assert all(v.shape == () for v in info.values())
     assert int(info["skipped"]) == 2 * 3  # layers 1 and 2, every sample
     assert int(st.t) == 1
@@ -577,7 +579,7 @@ def test_info_skipped_and_state(eager_backend):
     esn = cc.ESN(variant="saddle_free")
     _, _, info = esn.step(model, loss, params, esn.init(params), x, y)
     assert int(info["skipped"]) == 6
-    assert set(info) == {"loss", "step_norm", "lam_mean", "skipped", "damping"}
+    assert set(info) == {"loss", "step_norm", "finite", "n_preconditioned", "lam_mean", "skipped", "damping"}
     # no hidden state: two identical calls agree; step_norm = lr ||d||
     model, params, x, y, loss = make_problem(eager_backend, [4, 5, 3], "tanh", "ce", batch=4, seed=1)
     for opt in (cc.ESN(lr=0.3, estimator="ema"), cc.MK(lr=0.3)):

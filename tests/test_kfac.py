@@ -112,7 +112,7 @@ def test_kfac_mc_fisher_matches_its_expectation(loss_name):
 def test_kfac_singular_factor_and_bad_loss():
     model, params, x, y, loss = make_problem("numpy", [4, 5, 3], "tanh", "ce", batch=2, seed=0)
     opt = cc.KFAC(damping=0.0)
-    with pytest.raises(ValueError, match=r"KFAC: the damped .* factor .* of layer \d is not positive definite"):
+    with pytest.raises(ValueError, match=r"KFAC: the damped .* factor .* of dense layer 'layer \d' is not positive definite"):
         opt.step(model, loss, params, opt.init(params), x, y)
 
     class Other(cc.losses.MSE):

@@ -332,9 +332,9 @@ def test_c6_cubic_solver_on_200_random_problems():
         worst_kkt = max(worst_kkt, kkt)
         best = min(minimize(_m, rng.standard_normal(g.size) * s, jac=_dm, args=(g, H, d, lam), method="BFGS",
                             options={"gtol": 1e-12}).fun for s in (0.1, 1.0, 3.0, 10.0))
-        worst_gap = max(worst_gap, m - best)
+        worst_gap = max(worst_gap, (m - best) / abs(best))  # relative: model values range 1e-4 .. 7e5
     assert worst_kkt <= 1e-7, worst_kkt
-    assert worst_gap <= 1e-9, worst_gap
+    assert worst_gap <= 1e-12, worst_gap  # measured <= 2.5e-15
 
 
 def test_c6_one_group_closed_form_and_hard_case():
@@ -633,7 +633,7 @@ def test_info_state_and_needs(backend):
         assert len(state.m) == n_m and len(state.v) == n_v and int(state.t) == 0
         new, state, info = opt.step(model, loss, params, state, x, y)
         assert int(state.t) == 1
-        assert set(info) == {"loss", "step_norm", "r", "hbar_min_eig", "eta_min", "eta_max", "t", "n_groups",
+        assert set(info) == {"loss", "step_norm", "finite", "r", "hbar_min_eig", "eta_min", "eta_max", "t", "n_groups",
                              "status"}
         assert all(v.ndim == 0 for v in info.values())
         assert [tuple(p.shape) for p in new] == [tuple(p.shape) for p in params]

@@ -9,6 +9,7 @@ benchmarks without further edits.
 import importlib
 import pkgutil
 
+from ._base import LayerwiseMethod, Method, init_state
 from ._registry import REGISTRY, MethodSpec, get, names, register
 
 for _info in sorted(pkgutil.iter_modules(__path__), key=lambda m: m.name):
@@ -24,4 +25,4 @@ def __getattr__(name: str):
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-__all__ = ["REGISTRY", "MethodSpec", "get", "names", "register"]
+__all__ = ["REGISTRY", "LayerwiseMethod", "Method", "MethodSpec", "get", "init_state", "names", "register"]

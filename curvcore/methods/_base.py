@@ -1,57 +1,223 @@
-"""What every method shares: the first-order pass, input checks, state checks."""
+"""What every method shares: the public ``init``/``step`` around each method's flat step.
+
+A method implements ``init_flat(params, model)`` and
+``flat_step(model, loss, params, state, x, y, **kw)`` over flat lists of
+arrays. :class:`Method` wraps them into the public, pure API:
+
+* params (and the per-parameter fields of the state) are any pytree: they
+  are flattened at entry and the same structure is returned
+  (:mod:`curvcore.tree`);
+* inputs are validated once, at the boundary (library, dtype, device,
+  shapes, NaN/Inf when ``validate``), before anything is computed; the state
+  must be this method's and match the params;
+* a step never returns non-finite params: eagerly it raises
+  ``FloatingPointError`` (``validate=True``); inside ``jax.jit`` (or with
+  ``validate=False``) it returns the old params and state and sets
+  ``info["finite"]`` to False, a device-side select without a host sync
+  (like optax's ``apply_if_finite``);
+* models with state of their own (BatchNorm statistics, dropout RNG) run the
+  step inside their ``step_scope()``; the updated buffers come back in
+  ``info["buffers"]``.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import inspect
+import warnings
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager, nullcontext
 from typing import Any
 
 from array_api_compat import array_namespace, device
 
-from .._checks import check_batch, check_same_structure, check_tree_finite
-from ..protocol import Array, tree_norm
+from .. import tree
+from .._checks import (
+    all_finite, check_batch, check_params, check_same_structure, check_tree_finite, concrete_bool, step_scope,
+)
+from ..layers import LayerSpec, Records, layer_specs, records
+from ..losses import get as get_loss
+from ..protocol import Array, flat_model
+from ..tree import tree_norm
+
+
+@contextmanager
+def method_errors(method: str) -> Iterator[None]:
+    """Re-raise ``ValueError``/``TypeError``/``FloatingPointError`` with ``"<method>: "`` in front (once)."""
+    try:
+        yield
+    except (ValueError, TypeError, FloatingPointError) as err:
+        if str(err).startswith(f"{method}: "):
+            raise
+        raise type(err)(f"{method}: {err}") from None
 
 
 class Method:
-    """Base of curvcore methods: ``init(params) -> state`` and
+    """Base of curvcore methods: ``init(params, model=None) -> state`` and
     ``step(model, loss, params, state, x, y) -> (params, state, info)``.
 
-    Methods are pure: ``step`` returns new lists and a new state and never
+    Methods are pure: ``step`` returns new params and a new state and never
     mutates its arguments. ``info`` is a dict of 0-d arrays (call ``float`` at
-    the edge; inside ``jax.jit`` they stay traced).
+    the edge; inside ``jax.jit`` they stay traced); every method reports
+    ``loss`` (before the step), ``step_norm`` and ``finite``.
+
+    Subclasses implement :meth:`init_flat` and :meth:`flat_step` and set
+    ``state_type`` (their state NamedTuple) and ``param_fields`` (the state
+    fields shaped like params, returned in the params' tree structure).
 
     Attributes:
-        validate: check batches and params for NaN/Inf, shapes and libraries
-            on every step (default True). Set it to False in benchmarks; the
-            checks force a device sync.
+        validate: check inputs for NaN/Inf (and labels for range) at every
+            step (default True), and raise on a non-finite result. Set it to
+            False in benchmarks: value checks force a device sync. Inside
+            ``jax.jit`` value checks are skipped automatically.
         needs: protocol primitives the method uses beyond forward/jvp/vjp
             (``"layers"``, ``"jet"``); the CLI and the test suite read it.
     """
 
     validate: bool = True
     needs: tuple[str, ...] = ()
+    state_type: type | None = None
+    param_fields: tuple[str, ...] = ()
 
-    def init(self, params: Sequence[Array]) -> Any:  # pragma: no cover - abstract
+    # -- to implement --------------------------------------------------------
+    def init_flat(self, params: list[Array], model: Any = None) -> Any:  # pragma: no cover - abstract
+        """The initial state for flat ``params``."""
         raise NotImplementedError
 
-    def step(self, model: Any, loss: Any, params: Sequence[Array], state: Any, x: Array, y: Array, **kwargs: Any):  # pragma: no cover
+    def flat_step(self, model: Any, loss: Any, params: list[Array], state: Any, x: Array, y: Array,
+                  **kwargs: Any) -> tuple[list[Array], Any, dict]:  # pragma: no cover - abstract
+        """One step over flat params (inputs already validated)."""
         raise NotImplementedError
+
+    # -- the public API ------------------------------------------------------
+    def init(self, params: Any, model: Any = None) -> Any:
+        """The initial state for ``params`` (any pytree of float32/float64 arrays).
+
+        Args:
+            params: the parameters.
+            model: optional; layer-wise methods read the layer structure from
+                it (without it they read params as a plain MLP ``[W1, b1, ...]``).
+
+        Raises:
+            TypeError: leaves that are not arrays, mixed libraries, or an
+                unsupported dtype (float16, bfloat16).
+            ValueError: empty params; a layer structure that doesn't fit.
+        """
+        with method_errors(type(self).__name__):
+            leaves, treedef = tree.flatten(params)
+            check_params(leaves)
+        flat = self.init_flat(leaves, None if model is None else flat_model(model, treedef))
+        return self._tree_state(flat, treedef)
+
+    def step(self, model: Any, loss: Any, params: Any, state: Any, x: Array, y: Array, **kwargs: Any):
+        """One step: ``(new_params, new_state, info)``, params in the structure given.
+
+        Raises:
+            TypeError: a state of another method, leaves that are not arrays,
+                mixed libraries or dtypes, a model lacking a needed primitive.
+            ValueError: shapes that differ, an empty batch, NaN/Inf in the
+                inputs (``validate``), labels out of range, a state for
+                another model.
+            FloatingPointError: the step is not finite (``validate``, eager).
+        """
+        with method_errors(type(self).__name__):
+            loss = get_loss(loss)
+            leaves, treedef = tree.flatten(params)
+            leaves = tree.detached(leaves)
+            flat_state = self._flat_state(state, leaves, treedef)
+            fmodel = flat_model(model, treedef)
+            for need in self.needs:
+                if not callable(getattr(fmodel, need, None)) and not (need == "layers" and callable(
+                        getattr(fmodel, "records", None))):
+                    raise TypeError(f"{type(self).__name__} needs model.{need}(...); "
+                                    f"{type(model).__name__} does not provide it")
+            xp = check_batch(leaves, x, y, validate=self.validate)
+        scope_fn = getattr(fmodel, "step_scope", None)
+        with step_scope(self.validate), (scope_fn() if scope_fn is not None else nullcontext()) as scope:
+            new, new_state, info = self.flat_step(fmodel, loss, leaves, flat_state, x, y, **kwargs)
+        new, new_state, info = self._keep_finite(xp, leaves, flat_state, new, new_state, dict(info))
+        buffers = getattr(scope, "buffers", None)
+        if buffers is not None:
+            info["buffers"] = buffers
+        return tree.unflatten(treedef, new), self._tree_state(new_state, treedef), info
 
     def __repr__(self) -> str:
         args = ", ".join(f"{k}={v!r}" for k, v in vars(self).items() if not k.startswith("_"))
         return f"{type(self).__name__}({args})"
 
-    # -- helpers for subclasses ------------------------------------------
-    def _check_inputs(self, model: Any, params: Sequence[Array], x: Array, y: Array) -> Any:
-        """Validate the batch; return the namespace."""
-        for need in self.needs:
-            if not callable(getattr(model, need, None)):
-                raise TypeError(
-                    f"{type(self).__name__} needs model.{need}(...); {type(model).__name__} does not provide it"
-                )
-        return check_batch(params, x, y, validate=self.validate)
+    # -- state trees ---------------------------------------------------------
+    def _tree_state(self, state: Any, treedef: tree.TreeDef) -> Any:
+        """The state with its per-parameter fields in the params' tree structure."""
+        if not self.param_fields or treedef.kind == "list":
+            return state
+        fields = {f: tree.unflatten(treedef, getattr(state, f)) for f in self.param_fields if len(getattr(state, f))}
+        return state._replace(**fields)
 
-    def _check_state_tree(self, name: str, tree: Sequence[Array], params: Sequence[Array]) -> None:
-        check_same_structure(name, tree, params)
+    def _flat_state(self, state: Any, params: list[Array], treedef: tree.TreeDef) -> Any:
+        """The state with flat per-parameter fields; checks that it is this method's and matches the params."""
+        name = type(self).__name__
+        if self.state_type is not None and not isinstance(state, self.state_type):
+            raise TypeError(f"{name}.step got a {type(state).__name__} as its state; a {name} needs the "
+                            f"{self.state_type.__name__} made by {name}(...).init(params)")
+        fields = {}
+        for f in self.param_fields:
+            value = getattr(state, f)
+            if isinstance(value, list) and not value:
+                continue
+            flat, td = tree.flatten(value, what=f"state.{f}")
+            if td != treedef:
+                raise ValueError(f"state.{f} has the structure {td.describe()} but params have {treedef.describe()};"
+                                 f" the state was made for other params")
+            check_same_structure(f"state.{f}", flat, params)
+            if self.validate:
+                check_tree_finite(f"state.{f}", flat)
+            fields[f] = flat
+        return state._replace(**fields) if fields else state
+
+    # -- the non-finite guard ------------------------------------------------
+    def _keep_finite(self, xp: Any, old: list[Array], old_state: Any, new: list[Array], new_state: Any,
+                     info: dict) -> tuple[list[Array], Any, dict]:
+        """Raise (eager, ``validate``) or select the old params and state when the step is not finite."""
+        finite = all_finite([*new, info["loss"]])
+        info["finite"] = finite
+        known = concrete_bool(finite) if self.validate else None
+        if known is True:
+            return new, new_state, info
+        if known is False:
+            bad = [i for i, p in enumerate(new) if concrete_bool(all_finite([p])) is False]
+            raise FloatingPointError(
+                f"{type(self).__name__}: the step is not finite (loss before the step = {float(info['loss'])!r}; "
+                f"non-finite update of params {bad}); the params are left unchanged. Check the data and targets "
+                "for overflow, and the method's damping")
+
+        def select(n: Any, o: Any) -> Any:
+            return xp.where(finite, n, o) if hasattr(n, "shape") and hasattr(o, "shape") else n
+
+        return [select(n, o) for n, o in zip(new, old)], tree.map_leaves(select, new_state, old_state), info
+
+
+def init_state(method: Any, params: Any, model: Any = None) -> Any:
+    """``method.init(params, model)``, or ``method.init(params)`` for a method whose ``init`` takes no model.
+
+    The wrappers (torch ``Optimizer``, ``jit_step``, ``as_optax``) call this,
+    so user methods written against the older ``init(params)`` keep working.
+    """
+    try:
+        takes_model = len(inspect.signature(method.init).parameters) >= 2
+    except (TypeError, ValueError):  # pragma: no cover - builtins
+        takes_model = True
+    return method.init(params, model) if takes_model else method.init(params)
+
+
+# ---------------------------------------------------------------------------
+# helpers for the methods
+# ---------------------------------------------------------------------------
+
+
+def check_flag(name: str, value: Any) -> bool:
+    """``value`` if it is a bool, else ``ValueError`` naming ``name``."""
+    if not isinstance(value, bool):
+        raise ValueError(f"{name} must be True or False, got {value!r}")
+    return value
 
 
 def value_and_grad(model: Any, loss: Any, params: Sequence[Array], x: Array, y: Array) -> tuple[Array, list[Array], Array]:
@@ -61,7 +227,7 @@ def value_and_grad(model: Any, loss: Any, params: Sequence[Array], x: Array, y: 
 
 
 def loss_and_records(model: Any, loss: Any, params: Sequence[Array], x: Array, y: Array) -> tuple[Array, list]:
-    """One forward + one backward: ``(L, records)`` with ``g = dL/dz`` of the batch-mean loss."""
+    """One forward + one backward: ``(L, records)`` with ``g = dL/dz`` of the batch-mean loss (MLP layers)."""
     recs = model.layers(params, x, lambda out: loss.grad(out, y))
     return loss.value(recs[-1].h, y), recs
 
@@ -88,3 +254,84 @@ def zero_count(params: Sequence[Array]) -> Array:
 def count_as_float(count: Array, like: Array) -> Array:
     """The counter cast to the dtype of ``like`` (for bias corrections like ``1 - beta**t``)."""
     return array_namespace(like).astype(count, like.dtype)
+
+
+# ---------------------------------------------------------------------------
+# layer-wise methods: which layers are preconditioned, the rest a gradient step
+# ---------------------------------------------------------------------------
+
+
+class LayerwiseMethod(Method):
+    """Base of the methods that precondition whole layers (K-FAC, ACP, CenteredSGD, ESN, MK).
+
+    ``preconditions`` names the layer kinds the method preconditions
+    (``"dense"``, ``"conv2d"``); ``chain=True`` keeps only the output chain of
+    dense layers (ESN, MK). Every other parameter takes the plain gradient
+    step ``-lr g``; ``info["n_preconditioned"]`` counts the preconditioned
+    tensors, a warning lists the others once, and ``strict=True`` raises
+    instead.
+    """
+
+    needs = ("layers",)
+    preconditions: tuple[str, ...] = ("dense",)
+    chain: bool = False
+    strict: bool = False
+    lr: float
+
+    def layer_candidates(self, params: Sequence[Array], model: Any) -> list[LayerSpec]:
+        """The layers of the model this method can precondition (kind and a bias), in spec order.
+
+        Raises:
+            ValueError: no model and params that are not a plain MLP; with
+                ``strict``, a parameter that no candidate layer owns.
+        """
+        specs = layer_specs(model, params)
+        kept = [s for s in specs if s.kind in self.preconditions and s.bias is not None]
+        if self.strict:
+            self._check_strict(params, model, kept, "is not in a layer it preconditions")
+        if not kept:
+            raise ValueError(f"{type(self).__name__}: the model has no {' or '.join(self.preconditions)} layer "
+                             "with a bias to precondition; use a method that needs no layers (CurveBall, "
+                             "PseudoHessian, SGD, Adam)")
+        return kept
+
+    def _check_strict(self, params: Sequence[Array], model: Any, kept: Sequence[LayerSpec], why: str) -> None:
+        rest = self._others(params, model, kept)
+        if rest:
+            raise ValueError(f"{type(self).__name__}(strict=True): {', '.join(rest)} {why} "
+                             f"({' and '.join(self.preconditions)} layers"
+                             f"{', output chain' if self.chain else ''}); it would take a plain gradient step")
+
+    def _others(self, params: Sequence[Array], model: Any, kept: Sequence[LayerSpec]) -> list[str]:
+        owned = {i for s in kept for i in s.tensors()}
+        names = getattr(model, "names", None) or [f"params[{i}]" for i in range(len(params))]
+        return [names[i] for i in range(len(params)) if i not in owned]
+
+    def record(self, model: Any, loss: Any, params: Sequence[Array], x: Array, y: Array,
+               specs: Sequence[LayerSpec]) -> tuple[Array, Records]:
+        """One recorded pass with the loss gradient as cotangent: ``(L, records)``; checks coverage."""
+        rec = records(model, params, x, lambda out: loss.grad(out, y), specs, chain=self.chain)
+        if self.strict:
+            self._check_strict(params, model, rec.specs, "is not preconditioned in this pass")
+        elif not getattr(self, "_warned", False):
+            rest = self._others(params, model, rec.specs)
+            if rest:
+                warnings.warn(f"{type(self).__name__} preconditions {len(params) - len(rest)} of {len(params)} "
+                              f"parameter tensors; these take a plain gradient step: {', '.join(rest)}",
+                              stacklevel=4)
+            self._warned = True
+        return loss.value(rec.out, y), rec
+
+    def assemble(self, params: Sequence[Array], grads: Sequence[Array], deltas: dict[int, Array]) -> list[Array]:
+        """New params: ``params + deltas[i]`` where given, ``params - lr grads`` elsewhere."""
+        return [p + deltas[i] if i in deltas else p - self.lr * g for i, (p, g) in enumerate(zip(params, grads))]
+
+    @staticmethod
+    def all_deltas(params: Sequence[Array], grads: Sequence[Array], deltas: dict[int, Array], lr: float) -> list[Array]:
+        """Every update as a list (the plain ``-lr g`` where no layer delta is given), for ``step_norm``."""
+        return [deltas[i] if i in deltas else -lr * g for i, g in enumerate(grads)]
+
+
+def n_preconditioned(xp: Any, rec: Records, like: Array) -> Array:
+    """``info["n_preconditioned"]``: the number of params tensors in recorded layers (0-d, dtype of ``like``)."""
+    return xp.asarray(float(sum(len(s.tensors()) for s in rec.specs)), dtype=like.dtype, device=device(like))

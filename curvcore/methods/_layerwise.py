@@ -26,10 +26,10 @@ from array_api_compat import device as _dev
 from .._checks import check_nonnegative, concrete_bool
 from .._linalg import eigh
 from .._reduce import batch_gram, batch_mean, batch_sum
+from ..layers import LayerSpec, Records, matrix_to_weight, weight_matrix
 from ..losses import MSE, CrossEntropy
 from ..protocol import Array, LayerRecord
-from ..protocol import tree_scale, tree_sub
-from ._base import Method, check_grads_finite, loss_and_records, step_info
+from ._base import LayerwiseMethod, check_grads_finite, n_preconditioned, step_info
 
 
 class Terms(NamedTuple):
@@ -184,36 +184,35 @@ def granular_term(loss: Any, out: Array, y: Array, ghat_n: Array) -> tuple[Array
     raise AssertionError("unreachable")  # pragma: no cover
 
 
-def compute_terms(model: Any, loss: Any, params: Sequence[Array], x: Array, y: Array, lam: Any,
-                  reg_grad: bool, lam_out: Any = 1.0, validate: bool = True) -> tuple[Array, Terms]:
-    """Spec §5 steps 1-4 from ONE ``model.layers`` call (one forward, one backward).
+def compute_terms(rec: Records, loss: Any, y: Array, weights: Sequence[Array], lam: Any, reg_grad: bool,
+                  lam_out: Any = 1.0, validate: bool = True) -> Terms:
+    """Spec §5 steps 2-4 from the records of ONE pass (one forward, one backward) of the output chain.
 
-    Returns ``(ℓ, terms)``: the batch-mean loss before the step and the
-    per-sample :class:`Terms`. ``ρ`` comes from the non-regularised ``ĝ``
+    ``rec.layers`` are the chain's records, ``weights`` their ``(n_out, n_in)``
+    weight matrices. ``ρ`` comes from the non-regularised ``ĝ``
     (``lam="auto"``) or the constants, divided by ``λ_n`` (``lam_out``); with
-    ``reg_grad`` the gradients are then recomputed for ``J_R`` using the
-    ``W``'s of ``params``.
+    ``reg_grad`` the gradients are then recomputed for ``J_R``.
 
     Raises:
         NotImplementedError: a loss other than MSE/CE, a non-linear output layer.
         FloatingPointError: the output or the back-propagated gradients are not finite.
     """
     check_loss(loss)
-    value, recs = loss_and_records(model, loss, params, x, y)
+    recs = rec.layers
     out = recs[-1].h
     ghat = sample_grads(recs)
     if validate:
         check_linear_output(recs)
         check_grads_finite([out, *ghat], validate)
-    rho = rho_auto(ghat, [r.dact for r in recs]) if lam == "auto" else rho_fixed(lam, len(recs), x)
+    rho = rho_auto(ghat, [r.dact for r in recs]) if lam == "auto" else rho_fixed(lam, len(recs), out)
     if lam_out == "auto":
         rho = scale_rho(rho, output_scale_auto(ghat[-1]))
     elif lam_out != 1.0:
         rho = scale_rho(rho, lam_out)
     if reg_grad:
-        ghat = regularized_backward(ghat, recs, params[0::2], rho)
+        ghat = regularized_backward(ghat, recs, weights, rho)
     q, gq = granular_term(loss, out, y, ghat[-1])
-    return value, Terms([r.a for r in recs], ghat, rho, q, gq)
+    return Terms([r.a for r in recs], ghat, rho, q, gq)
 
 
 def check_loss(loss: Any) -> None:
@@ -378,19 +377,52 @@ def solve_sylvester(C: Array, V: Array, R: Array, damping: float, eps: float, la
     return xp.matmul(xp.matmul(U, rot / den), xp.matrix_transpose(Q))
 
 
-class LayerwiseMethod(Method):
-    """Base of ESN and MK: ``step`` = ``direction`` then ``params - lr d``."""
+class ChainMethod(LayerwiseMethod):
+    """Base of ESN and MK: they precondition the output chain of dense layers; ``step`` = ``direction``
+    then ``params - lr d`` (every other parameter: ``params - lr g``).
+    """
 
-    needs = ("layers",)
-    lr: float
+    chain = True
+    preconditions = ("dense",)
 
-    def direction(self, model: Any, loss: Any, params: Sequence[Array], state: Any, x: Array,
-                  y: Array) -> tuple[list[Array], Any, dict[str, Array]]:  # pragma: no cover - abstract
+    def chain_direction(self, terms: Terms, rec: Records, params: Sequence[Array], state: Any,
+                        candidates: Sequence[LayerSpec]) -> tuple[list[Array], Any, dict[str, Array]]:  # pragma: no cover
+        """``([N_1, η_1, ...], new state, info extras)`` over the chain's layers (abstract)."""
         raise NotImplementedError
 
-    def step(self, model: Any, loss: Any, params: Sequence[Array], state: Any, x: Array, y: Array):
-        """One step ``params - lr d``; ``info``: ``loss``, ``step_norm`` (``lr ||d||``) and the method's extras."""
+    def direction(self, model: Any, loss: Any, params: Sequence[Array], state: Any, x: Array, y: Array
+                  ) -> tuple[list[Array], Any, dict[str, Array]]:
+        """The direction ``d = [N_1, η_1, ..., N_n, η_n]`` over the output chain (update ``params - lr d``),
+        the new state and the info extras (``loss``, ``n_preconditioned``, the records as ``records``).
+
+        One forward and one backward (the chain's records). For a plain MLP
+        the chain is every layer, and ``d`` is the whole update direction.
+
+        Raises:
+            NotImplementedError: a loss other than MSE/CE, a non-linear output layer.
+            FloatingPointError: the forward/backward pass overflowed.
+        """
+        candidates = self.layer_candidates(params, model)
+        check_loss(loss)
+        value, rec = self.record(model, loss, params, x, y, candidates)
+        if not rec.specs:
+            raise ValueError(f"{type(self).__name__}: the model has no chain of dense layers ending at the output "
+                             "(Linear layers with elementwise activations between them); use another method")
+        weights = [weight_matrix(params[s.weight], s) for s in rec.specs]
+        terms = compute_terms(rec, loss, y, weights, self.lam, self.reg_grad, getattr(self, "lam_out", 1.0),
+                              validate=self.validate)
+        d, new_state, extras = self.chain_direction(terms, rec, params, state, candidates)
+        xp = array_namespace(params[0])
+        return d, new_state, {"loss": value, "n_preconditioned": n_preconditioned(xp, rec, params[0]),
+                              "records": rec, **extras}
+
+    def flat_step(self, model: Any, loss: Any, params: Sequence[Array], state: Any, x: Array, y: Array):
+        """One step; ``info``: ``loss``, ``step_norm``, ``n_preconditioned`` and the method's extras."""
         d, new_state, extras = self.direction(model, loss, params, state, x, y)
-        delta = tree_scale(d, self.lr)
-        value = extras.pop("loss")
-        return tree_sub(params, delta), new_state, step_info(value, delta, **extras)
+        rec, value = extras.pop("records"), extras.pop("loss")
+        deltas = {}
+        for k, s in enumerate(rec.specs):
+            deltas[s.weight] = -self.lr * matrix_to_weight(d[2 * k], s, params[s.weight].shape)
+            deltas[s.bias] = -self.lr * array_namespace(d[2 * k + 1]).reshape(d[2 * k + 1], params[s.bias].shape)
+        new = self.assemble(params, rec.grads, deltas)
+        return new, new_state, step_info(value, self.all_deltas(params, rec.grads, deltas, self.lr), **extras)

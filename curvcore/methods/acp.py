@@ -1,125 +1,45 @@
 """ACP: the amortized covariance preconditioner (T. George, MSc thesis, 2017, ch. 6, Alg 4).
 
-Spec: ``shared/spec/acp.md``. This module also holds the layer-wise helpers
-that :mod:`.centered_sgd` and :mod:`.kfac` share (centered gradients, input
-covariances, error prefixes).
+A member of the Kronecker-factored family (:mod:`._kronecker`): K-FAC with the
+output factor replaced by ``α I``, the input covariance whitened and the
+gradient centred (thesis eqs 6.2.3-6.2.5).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from typing import Any, NamedTuple
 
 from array_api_compat import array_namespace, device
 
-from .._checks import (
-    check_finite, check_int, check_nonnegative, check_positive, check_shapes, concrete_bool, namespace,
-)
-from .._control import cond
-from .._linalg import eigh
-from .._reduce import batch_gram, batch_mean, batch_size, batch_sum
+from .._checks import check_finite, check_int, check_nonnegative, check_positive, check_shapes, concrete_bool, namespace
+from ..layers import records
 from ..protocol import Array, LayerRecord
-from ._base import Method, check_grads_finite, loss_and_records, step_info, zero_count
+from . import _kronecker as kr
+from ._base import (LayerwiseMethod, check_flag, check_grads_finite, method_errors, n_preconditioned, step_info,
+                    zero_count)
 from ._registry import register
-
-# ---------------------------------------------------------------------------
-# layer-wise helpers shared by ACP, CenteredSGD and KFAC
-# ---------------------------------------------------------------------------
-
-
-@contextmanager
-def method_errors(method: str) -> Iterator[None]:
-    """Re-raise ``ValueError``/``TypeError``/``FloatingPointError`` with ``"<method>: "`` in front."""
-    try:
-        yield
-    except (ValueError, TypeError, FloatingPointError) as err:
-        raise type(err)(f"{method}: {err}") from None
-
-
-def input_records(model: Any, params: Sequence[Array], x: Array) -> list[LayerRecord]:
-    """Layer records of a batch with a zero output cotangent: only the inputs ``a`` are used."""
-    return model.layers(params, x, lambda out: array_namespace(out).zeros_like(out))
-
-
-def centered_gradient(rec: LayerRecord) -> tuple[Array, Array, Array]:
-    """``(a_bar, G_hat, g_hat)``: batch-mean input, ``g^T (a - a_bar)`` and ``sum_i g_i``."""
-    a_bar = batch_mean(rec.a)
-    return a_bar, batch_gram(rec.g, rec.a - a_bar), batch_sum(rec.g)
-
-
-def input_covariance_eig(a: Array) -> tuple[Array, Array, Array]:
-    """``(s, U, mu)``: ``C = (a - mu)^T (a - mu) / B = U diag(s) U^T`` (biased), ``s`` clipped at 0."""
-    xp = array_namespace(a)
-    mu = batch_mean(a)
-    ac = a - mu
-    s, U = eigh(batch_gram(ac, ac) / batch_size(a))
-    return xp.maximum(s, xp.zeros_like(s)), canonical_signs(U), mu
-
-
-def canonical_signs(U: Array) -> Array:
-    """Flip eigenvector columns so each one's largest-magnitude entry is positive (sklearn's ``svd_flip``).
-
-    The step does not depend on the signs; fixing them makes the stored state the
-    same on every backend (LAPACK, torch and JAX pick different signs).
-    """
-    xp = array_namespace(U)
-    n = U.shape[0]
-    rows = xp.reshape(xp.arange(n, device=device(U)), (n, 1))
-    first_max = rows == xp.reshape(xp.argmax(xp.abs(U), axis=0), (1, n))  # argmax: first occurrence
-    pick = xp.sum(xp.where(first_max, U, xp.zeros_like(U)), axis=0)
-    return U * xp.where(pick < 0, -xp.ones_like(pick), xp.ones_like(pick))
-
-
-def per_example_alpha(g: Array) -> Array:
-    """Adaptive alpha of thesis §6.3.2: ``max_{i,j} (B g_ij)^2`` (0-d).
-
-    ``B g_i`` is the per-example ``dl_i/dz`` (erratum E7). A max over the batch:
-    a data-parallel version must all-reduce it with ``max``.
-    """
-    xp = array_namespace(g)
-    return xp.max((batch_size(g) * g) ** 2)
 
 
 def check_extra_batch(name: str, params: Sequence[Array], x: Array, extra: Array, validate: bool) -> None:
-    """A second input batch (``cov_batch``) must match ``x`` in library, width and dtype, and be finite.
+    """A second input batch (``cov_batch``) must match ``x`` in library, sample shape and dtype, and be finite.
 
     Raises:
         TypeError: other library or dtype.
-        ValueError: not 2-d, wrong number of features, NaN/Inf.
+        ValueError: an empty batch, another sample shape, NaN/Inf.
     """
     namespace(params[0], extra, what=f"params and {name}")
-    if extra.ndim != 2 or extra.shape[0] < 1:
-        raise ValueError(f"{name} must be a 2-d batch (B_c, n_in) of inputs, got shape {tuple(extra.shape)}")
-    if extra.shape[1] != x.shape[1]:
-        raise ValueError(f"{name} has {extra.shape[1]} features but x has {x.shape[1]}")
-    if extra.dtype != params[0].dtype:
-        raise TypeError(f"dtype mismatch: params are {params[0].dtype} but {name} is {extra.dtype}")
+    if extra.ndim != x.ndim or extra.shape[0] < 1:
+        like = "a 2-d batch (B_c, n_in)" if x.ndim == 2 else f"a batch (B_c, ...) like x {tuple(x.shape)}"
+        raise ValueError(f"{name} must be {like} of inputs, got shape {tuple(extra.shape)}")
+    if tuple(extra.shape[1:]) != tuple(x.shape[1:]):
+        what = (f"{extra.shape[1]} features but x has {x.shape[1]}" if x.ndim == 2 else
+                f"samples of shape {tuple(extra.shape[1:])} but x has {tuple(x.shape[1:])}")
+        raise ValueError(f"{name} has {what}")
+    if extra.dtype != x.dtype:
+        raise TypeError(f"dtype mismatch: x is {x.dtype} but {name} is {extra.dtype}")
     if validate:
         check_finite(name, extra)
-
-
-def check_layer_state(name: str, arrays: Sequence[Array], shapes: Sequence[tuple[int, ...]]) -> None:
-    """Raise ``ValueError`` unless the per-layer state arrays have the expected shapes."""
-    check_shapes(f"state.{name}", arrays, shapes, unit="layers")
-
-
-def flag(xp: Any, value: float, like: Array) -> Array:
-    """A 0-d float array (dtype and device of ``like``) for ``info``."""
-    return xp.asarray(value, dtype=like.dtype, device=device(like))
-
-
-def concrete_count(method: str, count: Array, why: str) -> int:
-    """``int(count)``; a ``TypeError`` explaining ``why`` when it is abstract (inside ``jax.jit``)."""
-    try:
-        return int(count)
-    except Exception:
-        raise TypeError(f"{method}: {why} needs a concrete step count and cannot run inside jax.jit") from None
-
-
-# ---------------------------------------------------------------------------
-# ACP
-# ---------------------------------------------------------------------------
 
 
 class ACPState(NamedTuple):
@@ -133,7 +53,7 @@ class ACPState(NamedTuple):
     mu: list
 
 
-class ACP(Method):
+class ACP(LayerwiseMethod):
     """Amortized covariance preconditioner (thesis eqs 6.2.4, 6.2.5, §6.3.2, Alg 4).
 
     Per dense layer, with the update minibatch's input mean ``a_bar``, centered
@@ -177,10 +97,11 @@ class ACP(Method):
         ValueError: invalid hyperparameters.
     """
 
-    needs = ("layers",)
+    preconditions = ("dense",)
+    state_type = ACPState
 
     def __init__(self, lr: float = 0.1, eps: float = 1e-2, alpha: float | str = 1.0, refresh_every: int = 100,
-                 bias_correction: bool = True):
+                 bias_correction: bool = True, strict: bool = False):
         check_positive("lr", lr)
         check_nonnegative("eps", eps)
         if isinstance(alpha, str):
@@ -193,16 +114,18 @@ class ACP(Method):
             raise ValueError(f"bias_correction must be True or False, got {bias_correction!r}")
         self.lr, self.eps, self.alpha = lr, eps, alpha
         self.refresh_every, self.bias_correction = refresh_every, bias_correction
+        self.strict = check_flag("strict", strict)
 
-    def init(self, params: Sequence[Array]) -> ACPState:
-        """Count 0 (the first step refreshes), ``s = 0``, ``U = I``, ``mu = 0`` per layer."""
+    def init_flat(self, params: Sequence[Array], model: Any = None) -> ACPState:
+        """Count 0 (the first step refreshes), ``s = 0``, ``U = I``, ``mu = 0`` per dense layer."""
         xp = array_namespace(*params)
+        dt, dev = params[0].dtype, device(params[0])
         s, U, mu = [], [], []
-        for W in params[0::2]:
-            n_in, dev = W.shape[1], device(W)
-            s.append(xp.zeros((n_in,), dtype=W.dtype, device=dev))
-            U.append(xp.eye(n_in, dtype=W.dtype, device=dev))
-            mu.append(xp.zeros((n_in,), dtype=W.dtype, device=dev))
+        for spec in self.layer_candidates(params, model):
+            n_in = kr.joint_dims(params, spec)[1]
+            s.append(xp.zeros((n_in,), dtype=dt, device=dev))
+            U.append(xp.eye(n_in, dtype=dt, device=dev))
+            mu.append(xp.zeros((n_in,), dtype=dt, device=dev))
         return ACPState(count=zero_count(params), s=s, U=U, mu=mu)
 
     def needs_refresh(self, state: ACPState) -> bool:
@@ -210,19 +133,15 @@ class ACP(Method):
 
         A Python bool; call it outside ``jax.jit``.
         """
-        return concrete_count("ACP", state.count, "needs_refresh") % self.refresh_every == 0
+        return kr.concrete_count("ACP", state.count, "needs_refresh") % self.refresh_every == 0
 
-    def step(self, model: Any, loss: Any, params: Sequence[Array], state: ACPState, x: Array, y: Array,
-             cov_batch: Array | None = None) -> tuple[list[Array], ACPState, dict[str, Array]]:
+    def flat_step(self, model: Any, loss: Any, params: Sequence[Array], state: ACPState, x: Array, y: Array,
+                  cov_batch: Array | None = None) -> tuple[list[Array], ACPState, dict[str, Array]]:
         """One ACP update.
 
         Args:
-            model: a protocol model with ``layers``.
-            loss: a curvcore loss.
-            params: ``[W1, b1, ...]``.
-            state: from :meth:`init` or the previous step.
-            x: update minibatch inputs ``(B, n_in)``; y: its targets.
-            cov_batch: statistics-batch inputs ``(B_c, n_in)`` (no labels), used only
+            x: update minibatch inputs; y: its targets.
+            cov_batch: statistics-batch inputs ``(B_c, ...)`` (no labels), used only
                 when a refresh is due (ignored, bitwise, otherwise). ``None`` at a
                 refresh uses ``x`` (``info["cov_from_minibatch"] = 1``).
 
@@ -230,68 +149,75 @@ class ACP(Method):
             ``(params, state, info)``; ``info``: ``loss`` (before the step),
             ``step_norm``, ``refreshed`` (1.0/0.0), ``cov_from_minibatch`` (1.0 when
             a refresh used ``x``), ``alpha_min``, ``alpha_max`` (over layers),
-            ``count`` (the index of this update = ``state.count`` before it).
+            ``count`` (the index of this update = ``state.count`` before it),
+            ``n_preconditioned``.
 
         Raises:
-            ValueError: bad shapes, NaN/Inf in x, y or cov_batch, singular
-                ``alpha C + eps I``.
+            ValueError: bad shapes, NaN/Inf in cov_batch, singular ``alpha C + eps I``.
             TypeError: mixed libraries or dtypes.
             FloatingPointError: the layer gradients overflowed.
         """
+        xp = array_namespace(params[0])
+        specs = self.layer_candidates(params, model)
         with method_errors("ACP"):
-            xp = self._check_inputs(model, params, x, y)
-            shapes = [(W.shape[1],) for W in params[0::2]]
-            check_layer_state("s", state.s, shapes)
-            check_layer_state("U", state.U, [(n, n) for (n,) in shapes])
-            check_layer_state("mu", state.mu, shapes)
+            dims = kr.layer_state_shapes(params, specs, lambda o, d: (d,))
+            check_shapes("state.s", state.s, dims, unit="layers")
+            check_shapes("state.U", state.U, [(n, n) for (n,) in dims], unit="layers")
+            check_shapes("state.mu", state.mu, dims, unit="layers")
             if cov_batch is not None:
                 check_extra_batch("cov_batch", params, x, cov_batch, self.validate)
-        value, recs = loss_and_records(model, loss, params, x, y)
+        value, rec = self.record(model, loss, params, x, y, specs)
         with method_errors("ACP"):
-            check_grads_finite([r.g for r in recs], self.validate)
-        one, zero = flag(xp, 1.0, params[0]), flag(xp, 0.0, params[0])
+            check_grads_finite([r.g for r in rec.layers], self.validate)
+        one, zero = kr.flag(xp, 1.0, params[0]), kr.flag(xp, 0.0, params[0])
+        slot = {sp.weight: i for i, sp in enumerate(specs)}
 
         def refresh(*_: Any) -> tuple[list, list, list, Array]:
-            src = recs if cov_batch is None else input_records(model, params, cov_batch)
-            eig = [input_covariance_eig(r.a) for r in src]
-            return [e[0] for e in eig], [e[1] for e in eig], [e[2] for e in eig], one
+            src = rec if cov_batch is None else records(model, params, cov_batch,
+                                                        lambda out: array_namespace(out).zeros_like(out), rec.specs)
+            s, U, mu = list(state.s), list(state.U), list(state.mu)
+            for sp, r in zip(src.specs, src.layers):
+                i = slot[sp.weight]
+                s[i], U[i], mu[i] = kr.input_covariance_eig(r.a)
+            return s, U, mu, one
 
         def keep(s: list, U: list, mu: list) -> tuple[list, list, list, Array]:
             return list(s), list(U), list(mu), zero
 
-        s, U, mu, refreshed = cond(state.count % self.refresh_every == 0, refresh, keep,
-                                   state.s, state.U, state.mu)
-        deltas, alphas = [], []
-        for k, rec in enumerate(recs):
-            dW, db, alpha = self._layer_step(xp, k, rec, s[k], U[k])
-            deltas += [dW, db]
+        s, U, mu, refreshed = kr.refresh_every(state.count, self.refresh_every, refresh, keep,
+                                               state.s, state.U, state.mu)
+        deltas: dict[int, Array] = {}
+        alphas = []
+        for sp, r in zip(rec.specs, rec.layers):
+            i = slot[sp.weight]
+            dW, db, alpha = self._layer_step(xp, i, r, s[i], U[i])
+            deltas.update(kr.split_joint(xp.concat([dW, db[:, None]], axis=1), sp, params))
             alphas.append(alpha)
         alpha_all = xp.stack(alphas)
-        info = step_info(value, deltas, refreshed=refreshed,
+        info = step_info(value, self.all_deltas(params, rec.grads, deltas, self.lr), refreshed=refreshed,
                          cov_from_minibatch=refreshed if cov_batch is None else zero,
-                         alpha_min=xp.min(alpha_all), alpha_max=xp.max(alpha_all), count=state.count)
-        new_params = [p + d for p, d in zip(params, deltas)]
-        return new_params, ACPState(count=state.count + 1, s=s, U=U, mu=mu), info
+                         alpha_min=xp.min(alpha_all), alpha_max=xp.max(alpha_all), count=state.count,
+                         n_preconditioned=n_preconditioned(xp, rec, params[0]))
+        return self.assemble(params, rec.grads, deltas), ACPState(count=state.count + 1, s=s, U=U, mu=mu), info
 
     def _layer_step(self, xp: Any, k: int, rec: LayerRecord, s: Array, U: Array) -> tuple[Array, Array, Array]:
         """``(dW, db, alpha)`` of one layer (spec §2)."""
-        a_bar, G_hat, g_hat = centered_gradient(rec)
+        a_bar, G_hat, g_hat = kr.centered_gradient(rec)
         if self.alpha == "adaptive":
-            alpha = per_example_alpha(rec.g)
+            alpha = kr.per_example_alpha(rec)
             positive = alpha > 0
             inv_alpha = xp.where(positive, 1 / xp.where(positive, alpha, xp.ones_like(alpha)),
                                  xp.zeros_like(alpha))
         else:
-            alpha, positive = flag(xp, self.alpha, s), None
+            alpha, positive = kr.flag(xp, self.alpha, s), None
             inv_alpha = 1 / self.alpha
         d = alpha * s + self.eps
         self._check_nonsingular(xp, k, d, positive)
         if positive is not None:  # alpha = 0 (all g = 0): G_hat = 0, avoid 0/0
             d = xp.where(positive, d, xp.ones_like(d))
-        dW = -self.lr * xp.matmul(xp.matmul(G_hat, U) / d, xp.matrix_transpose(U))
-        db = -self.lr * inv_alpha * g_hat
-        if self.bias_correction:
-            db = db - xp.matmul(dW, a_bar)
+        dW, db = kr.centered_step(self.lr, G_hat, g_hat, a_bar, inv_alpha,
+                                  lambda G: xp.matmul(xp.matmul(G, U) / d, xp.matrix_transpose(U)),
+                                  self.bias_correction)
         return dW, db, alpha
 
     def _check_nonsingular(self, xp: Any, k: int, d: Array, positive: Array | None) -> None:

@@ -5,9 +5,11 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any, NamedTuple
 
+from array_api_compat import array_namespace
 
 from .._checks import check_interval, check_nonnegative, check_positive
-from ..protocol import Array, tree_map, tree_sub, tree_zeros_like
+from ..protocol import Array
+from ..tree import tree_map, tree_sub, tree_zeros_like
 from ._base import Method, check_grads_finite, count_as_float, step_info, value_and_grad, zero_count
 from ._registry import register
 
@@ -40,15 +42,16 @@ class Adam(Method):
         check_nonnegative("eps", eps)
         self.lr, self.betas, self.eps = lr, tuple(betas), eps
 
-    def init(self, params: Sequence[Array]) -> AdamState:
+    state_type = AdamState
+    param_fields = ("m", "v")
+
+    def init_flat(self, params: Sequence[Array], model: Any = None) -> AdamState:
         """Zero moments, count 0."""
         return AdamState(m=tree_zeros_like(params), v=tree_zeros_like(params), count=zero_count(params))
 
-    def step(self, model: Any, loss: Any, params: Sequence[Array], state: AdamState, x: Array, y: Array):
-        """One Adam step; returns ``(params, state, info)`` with ``loss``, ``step_norm``."""
-        xp = self._check_inputs(model, params, x, y)
-        self._check_state_tree("state.m", state.m, params)
-        self._check_state_tree("state.v", state.v, params)
+    def flat_step(self, model: Any, loss: Any, params: Sequence[Array], state: AdamState, x: Array, y: Array):
+        """One Adam step; ``info``: ``loss``, ``step_norm``."""
+        xp = array_namespace(params[0])
         value, g, _ = value_and_grad(model, loss, params, x, y)
         check_grads_finite(g, self.validate)
         b1, b2 = self.betas

@@ -1,16 +1,22 @@
-"""Centered gradient descent (T. George, MSc thesis, 2017, §6.3.1, Alg 3). Spec: ``shared/spec/acp.md`` §5."""
+"""Centered gradient descent (T. George, MSc thesis, 2017, §6.3.1, Alg 3): the centring part of ACP alone.
+
+A member of the Kronecker-factored family (:mod:`._kronecker`): ACP with the
+input covariance replaced by ``I``, ``α = 1`` and ``ε = 0``.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from typing import Any, NamedTuple
 
-from ..protocol import Array
-from ._base import Method, check_grads_finite, step_info, zero_count
-from ._registry import register
-from ._base import loss_and_records
-from .acp import centered_gradient, method_errors
+from array_api_compat import array_namespace
+
 from .._checks import check_positive
+from ..protocol import Array
+from . import _kronecker as kr
+from ._base import (LayerwiseMethod, check_flag, check_grads_finite, method_errors, n_preconditioned, step_info,
+                    zero_count)
+from ._registry import register
 
 
 class CenteredSGDState(NamedTuple):
@@ -19,7 +25,7 @@ class CenteredSGDState(NamedTuple):
     count: Any
 
 
-class CenteredSGD(Method):
+class CenteredSGD(LayerwiseMethod):
     """Centered gradient descent: the centering part of ACP alone (Alg 3).
 
     Per dense layer, with the minibatch input mean ``a_bar``::
@@ -29,52 +35,50 @@ class CenteredSGD(Method):
     Alg 3 has no bias correction; ``bias_correction=True`` adds ``-dW a_bar``,
     which is ACP with ``C := I``, ``alpha = 1``, ``eps = 0`` and restores exact
     input-shift invariance. When a layer's input has zero batch mean the step
-    equals SGD's. Cost: one forward + one backward (``model.layers``).
+    equals SGD's. Every parameter outside a dense layer takes the SGD step.
+    Cost: one forward + one backward (the layer records).
 
     Args:
         lr: learning rate > 0.
         bias_correction: add ``-dW a_bar`` to the bias update.
+        strict: raise instead of taking an SGD step on parameters outside dense layers.
 
     Raises:
         ValueError: invalid hyperparameters.
     """
 
-    needs = ("layers",)
+    preconditions = ("dense",)
+    state_type = CenteredSGDState
 
-    def __init__(self, lr: float = 0.1, bias_correction: bool = False):
+    def __init__(self, lr: float = 0.1, bias_correction: bool = False, strict: bool = False):
         check_positive("lr", lr)
-        if not isinstance(bias_correction, bool):
-            raise ValueError(f"bias_correction must be True or False, got {bias_correction!r}")
-        self.lr, self.bias_correction = lr, bias_correction
+        self.lr, self.bias_correction = lr, check_flag("bias_correction", bias_correction)
+        self.strict = check_flag("strict", strict)
 
-    def init(self, params: Sequence[Array]) -> CenteredSGDState:
-        """Count 0."""
+    def init_flat(self, params: Sequence[Array], model: Any = None) -> CenteredSGDState:
+        """Count 0 (checks that the model has dense layers)."""
+        self.layer_candidates(params, model)
         return CenteredSGDState(count=zero_count(params))
 
-    def step(self, model: Any, loss: Any, params: Sequence[Array], state: CenteredSGDState, x: Array,
-             y: Array) -> tuple[list[Array], CenteredSGDState, dict[str, Array]]:
-        """One centered step; returns ``(params, state, info)`` with ``loss`` (before), ``step_norm``.
+    def flat_step(self, model: Any, loss: Any, params: Sequence[Array], state: CenteredSGDState, x: Array,
+                  y: Array) -> tuple[list[Array], CenteredSGDState, dict[str, Array]]:
+        """One centered step; ``info``: ``loss`` (before), ``step_norm``, ``n_preconditioned``.
 
         Raises:
-            ValueError: bad shapes or NaN/Inf in the batch.
-            TypeError: mixed libraries or dtypes.
             FloatingPointError: the layer gradients overflowed.
         """
+        xp = array_namespace(params[0])
+        value, rec = self.record(model, loss, params, x, y, self.layer_candidates(params, model))
         with method_errors("CenteredSGD"):
-            xp = self._check_inputs(model, params, x, y)
-        value, recs = loss_and_records(model, loss, params, x, y)
-        with method_errors("CenteredSGD"):
-            check_grads_finite([r.g for r in recs], self.validate)
-        deltas = []
-        for rec in recs:
-            a_bar, G_hat, g_hat = centered_gradient(rec)
-            dW = -self.lr * G_hat
-            db = -self.lr * g_hat
-            if self.bias_correction:
-                db = db - xp.matmul(dW, a_bar)
-            deltas += [dW, db]
-        new_params = [p + d for p, d in zip(params, deltas)]
-        return new_params, CenteredSGDState(count=state.count + 1), step_info(value, deltas)
+            check_grads_finite([r.g for r in rec.layers], self.validate)
+        deltas: dict[int, Array] = {}
+        for spec, r in zip(rec.specs, rec.layers):
+            a_bar, G_hat, g_hat = kr.centered_gradient(r)
+            dW, db = kr.centered_step(self.lr, G_hat, g_hat, a_bar, 1.0, None, self.bias_correction)
+            deltas.update(kr.split_joint(xp.concat([dW, db[:, None]], axis=1), spec, params))
+        info = step_info(value, self.all_deltas(params, rec.grads, deltas, self.lr),
+                         n_preconditioned=n_preconditioned(xp, rec, params[0]))
+        return self.assemble(params, rec.grads, deltas), CenteredSGDState(count=state.count + 1), info
 
 
 register(

@@ -24,10 +24,12 @@ from .._checks import (
     check_tree_finite,
     concrete_bool,
 )
+from ..curvature import ggn_vp_at, linearization
 from .._control import cond
 from .._linalg import pinv
 from .._reduce import batch_vdot
-from ..protocol import Array, linearize, tree_add, tree_dot, tree_map, tree_scale
+from ..protocol import Array
+from ..tree import tree_add, tree_dot, tree_map, tree_scale
 from ._base import Method, step_info, zero_count
 from ._registry import register
 
@@ -190,14 +192,17 @@ class CurveBall(Method):
         self.auto_lam, self.lam_factor, self.lam_interval = auto_lam, lam_factor, lam_interval
         self.lam_low, self.lam_high, self.rcond = lam_low, lam_high, rcond
 
-    def init(self, params: Sequence[Array]) -> CurveBallState:
+    state_type = CurveBallState
+    param_fields = ("z",)
+
+    def init_flat(self, params: Sequence[Array], model: Any = None) -> CurveBallState:
         """``z = 0`` like params, ``lam`` = the constructor's, ``count = 0``."""
         p0 = params[0]
         xp = array_namespace(*params)
         lam = xp.asarray(self.lam, dtype=p0.dtype, device=device(p0))
         return CurveBallState(z=tree_map(xp.zeros_like, params), lam=lam, count=zero_count(params))
 
-    def step(self, model: Any, loss: Any, params: Sequence[Array], state: CurveBallState, x: Array, y: Array):
+    def flat_step(self, model: Any, loss: Any, params: Sequence[Array], state: CurveBallState, x: Array, y: Array):
         """One CurveBall step.
 
         Returns:
@@ -207,26 +212,22 @@ class CurveBall(Method):
             (``M``) and ``step_norm`` (``||lr z_new||``).
 
         Raises:
-            ValueError: NaN/Inf in ``x``, ``y`` or params, or a state whose ``z``
-                does not match the params (length or shapes) or is not finite.
             FloatingPointError: ``dz`` or the 2x2 system is not finite.
         """
-        xp = self._check_inputs(model, params, x, y)
-        params = list(params)
-        z = list(state.z)
-        self._check_state_tree("state.z", z, params)
+        xp = array_namespace(params[0])
+        params, z = list(params), list(state.z)
         if self.validate:
-            check_tree_finite("state.z", z)
             check_finite("state.lam", state.lam)
         lam = state.lam
-        f, jvp_fn, pullback = linearize(model, params, x)               # 1 forward
-        Jz = jvp_fn(z)                                                   # JVP 1
-        f0, gf, HJz = loss.value(f, y), loss.grad(f, y), loss.hvp(f, y, Jz)
-        dz = tree_map(lambda a, b: a + lam * b, pullback(HJz + gf), z)   # VJP, eq. 18
+        lin = linearization(model, params, x)                            # 1 forward
+        f, gf = lin.out, loss.grad(lin.out, y)
+        Gz_g, Jz, HJz = ggn_vp_at(lin, loss, y, z, plus=gf)              # JVP 1 + VJP: J^T(H J z + g_f)
+        f0 = loss.value(f, y)
+        dz = tree_map(lambda a, b: a + lam * b, Gz_g, z)                 # eq. 18: G_lam z + g
         self._check_dz(dz)
 
         def system() -> System:                                          # JVP 2
-            Jdz = jvp_fn(dz)
+            Jdz = lin.jvp(dz)
             return two_by_two(Jz, HJz, Jdz, loss.hvp(f, y, Jdz), gf, z, dz, lam)
 
         nan = xp.asarray(math.nan, dtype=f0.dtype, device=device(f0))

@@ -7,11 +7,11 @@ from typing import Any, NamedTuple
 
 from array_api_compat import array_namespace, device
 
-from .._checks import check_choice, check_interval, check_nonnegative, check_positive
+from .._checks import check_choice, check_interval, check_nonnegative, check_positive, check_shapes
 from .._reduce import batch_mean
 from ..protocol import Array
 from . import _layerwise as lw
-from ._base import check_grads_finite, count_as_float, zero_count
+from ._base import check_flag, check_grads_finite, count_as_float, zero_count
 from ._registry import register
 
 VARIANTS = ("newton", "saddle_free", "randomized")
@@ -33,7 +33,7 @@ class ESNState(NamedTuple):
     P: list
 
 
-class ESN(lw.LayerwiseMethod):
+class ESN(lw.ChainMethod):
     """Exact Stochastic Newton (ICLR 2022 eqs 17, 21, 24, 26; spec §2-§6).
 
     Per sample ``p`` and layer ``k`` (``ĝ_k`` per-sample gradient at the
@@ -95,7 +95,7 @@ class ESN(lw.LayerwiseMethod):
 
     def __init__(self, lr: float = 0.01, lam: Any = "auto", variant: str = "randomized", damping: float = 1.0,
                  solver: str = "identity", estimator: str = "batch", beta: float = 0.99, granular: bool = False,
-                 reg_grad: bool | None = None, eps: float = 1e-12) -> None:
+                 reg_grad: bool | None = None, eps: float = 1e-12, strict: bool = False) -> None:
         check_positive("lr", lr)
         check_choice("variant", variant, VARIANTS)
         check_nonnegative("damping", damping)
@@ -119,34 +119,40 @@ class ESN(lw.LayerwiseMethod):
                              "uses the gradient of J_R")
         self.lr, self.lam, self.variant = lr, lw.check_lam(lam), variant
         self.damping, self.solver, self.estimator, self.beta, self.granular = damping, solver, estimator, beta, granular
-        self.reg_grad, self.eps = reg_grad, eps
+        self.reg_grad, self.eps, self.strict = reg_grad, eps, check_flag("strict", strict)
 
-    def init(self, params: Sequence[Array]) -> ESNState:
-        """``t = 0``; zero moments for ``estimator="ema"`` (``P`` only with the Sylvester solver)."""
+    state_type = ESNState
+
+    def init_flat(self, params: Sequence[Array], model: Any = None) -> ESNState:
+        """``t = 0``; zero moments per dense layer for ``estimator="ema"`` (``P`` only with the Sylvester solver)."""
         t = zero_count(params)
+        candidates = self.layer_candidates(params, model)
         if self.variant != "randomized" or self.estimator != "ema":
             return ESNState(t, [], [], [], [])
         xp = array_namespace(*params)
-        W = params[0::2]
-        zeros = [lambda w: xp.zeros((w.shape[0], w.shape[0]), dtype=w.dtype, device=device(w)),
-                 xp.zeros_like,
-                 lambda w: xp.zeros((w.shape[1],), dtype=w.dtype, device=device(w)),
-                 lambda w: xp.zeros((w.shape[1], w.shape[1]), dtype=w.dtype, device=device(w))]
-        C, R, m, P = ([f(w) for w in W] for f in zeros)
-        return ESNState(t, C, R, m, P if self.solver == "sylvester" else [])
+        dt, dev = params[0].dtype, device(params[0])
+        shapes = [self._dims(params, s) for s in candidates]
+        C = [xp.zeros((o, o), dtype=dt, device=dev) for o, _ in shapes]
+        R = [xp.zeros((o, i), dtype=dt, device=dev) for o, i in shapes]
+        m = [xp.zeros((i,), dtype=dt, device=dev) for _, i in shapes]
+        P = [xp.zeros((i, i), dtype=dt, device=dev) for _, i in shapes] if self.solver == "sylvester" else []
+        return ESNState(t, C, R, m, P)
 
-    def direction(self, model: Any, loss: Any, params: Sequence[Array], state: ESNState, x: Array,
-                  y: Array) -> tuple[list[Array], ESNState, dict[str, Array]]:
-        """The direction ``d = [N_1, η_1, ...]`` (update ``params - lr d``), the new state and info extras.
+    @staticmethod
+    def _dims(params: Sequence[Array], spec: Any) -> tuple[int, int]:
+        """``(n_out, n_in)`` of a dense layer."""
+        shape = tuple(params[spec.weight].shape)
+        return int(shape[spec.weight_axes[0]]), int(shape[spec.weight_axes[1]])
+
+    def chain_direction(self, terms: lw.Terms, rec: Any, params: Sequence[Array], state: ESNState,
+                  candidates: Sequence[Any]) -> tuple[list[Array], ESNState, dict[str, Array]]:
+        """The direction ``d = [N_1, η_1, ...]`` over the chain (update ``params - lr d``), new state, info extras.
 
         Raises:
             ValueError: ``"newton"`` with a zero back-propagated gradient in a
-                layer ``k >= 2``; a singular ``damping=0`` system; bad inputs.
-            NotImplementedError: a non-linear output layer or another loss.
-            FloatingPointError: the forward/backward pass overflowed.
+                layer ``k >= 2``; a singular ``damping=0`` system; a state for another model.
         """
-        xp = self._check_inputs(model, params, x, y)
-        value, terms = lw.compute_terms(model, loss, params, x, y, self.lam, self.reg_grad, validate=self.validate)
+        xp = array_namespace(params[0])
         if self.variant == "newton":
             bad = lw.first_zero_gradient(terms, self.eps)
             if bad is not None:
@@ -154,33 +160,46 @@ class ESN(lw.LayerwiseMethod):
                                  "the exact Newton direction does not exist")
         masks: list[Array] = []
         if self.variant == "randomized":
-            d, state = self._randomized(terms, state, params)
+            d, state = self._randomized(terms, rec, state, params, candidates)
         else:
             d, masks = lw.closed_form(terms, self.variant, 0.0, self.eps)
             state = state._replace(t=state.t + 1)
         damping = self.damping if self.variant == "randomized" else 0.0
-        extras = {"loss": value, "lam_mean": lw.mean_rho(terms.rho), "skipped": lw.count(masks, zero_count(params)),
+        extras = {"lam_mean": lw.mean_rho(terms.rho), "skipped": lw.count(masks, zero_count(params)),
                   "damping": xp.asarray(damping, dtype=params[0].dtype, device=device(params[0]))}
         return d, state, extras
 
-    def _randomized(self, terms: lw.Terms, state: ESNState, params: Sequence[Array]) -> tuple[list[Array], ESNState]:
-        """ICLR eq 26 / eq 24 per layer, with batch or EMA expectations."""
+    def _check_ema_state(self, state: ESNState, params: Sequence[Array], candidates: Sequence[Any]) -> None:
+        shapes = [self._dims(params, s) for s in candidates]
+        check_shapes("state.C", state.C, [(o, o) for o, _ in shapes], unit="layers")
+        check_shapes("state.R", state.R, shapes, unit="layers")
+        check_shapes("state.m", state.m, [(i,) for _, i in shapes], unit="layers")
+        if self.solver == "sylvester":
+            check_shapes("state.P", state.P, [(i, i) for _, i in shapes], unit="layers")
+
+    def _randomized(self, terms: lw.Terms, rec: Any, state: ESNState, params: Sequence[Array],
+                    candidates: Sequence[Any]) -> tuple[list[Array], ESNState]:
+        """ICLR eq 26 / eq 24 per chain layer, with batch or EMA expectations."""
         xp = array_namespace(*params)
-        n = len(terms.ghat)
         ema = self.estimator == "ema"
         sylvester = self.solver == "sylvester"
-        if ema and (len(state.C) != n or (sylvester and len(state.P) != n)):
-            raise ValueError("state does not match this ESN and model; create it with init(params)")
+        if ema:
+            self._check_ema_state(state, params, candidates)
+        slot = {s.weight: i for i, s in enumerate(candidates)}
         t = state.t + 1
         tf = count_as_float(t, params[0])
-        kept: list[lw.Moments] = []
+        C, R, m, P = (list(v) for v in (state.C, state.R, state.m, state.P))
         d: list[Array] = []
+        n = len(terms.ghat)
         for k in range(n):
             mom = lw.batch_moments(terms.ghat[k], terms.a[k], terms.rho[k], sylvester)
             if ema:
-                old = lw.Moments(state.C[k], state.R[k], state.m[k], state.P[k] if sylvester else None)
+                i = slot[rec.specs[k].weight]
+                old = lw.Moments(C[i], R[i], m[i], P[i] if sylvester else None)
                 raw, mom = lw.ema_moments(old, mom, self.beta, tf)
-                kept.append(raw)
+                C[i], R[i], m[i] = raw.C, raw.R, raw.m
+                if sylvester:
+                    P[i] = raw.P
             check_grads_finite([mom.C, mom.R], self.validate)
             if sylvester:
                 V = mom.P - mom.m[:, None] * mom.m[None, :]
@@ -191,9 +210,7 @@ class ESN(lw.LayerwiseMethod):
             if self.granular and k == n - 1:
                 eta = eta + batch_mean(terms.q)
             d += [N, eta]
-        new = ESNState(t, [m.C for m in kept], [m.R for m in kept], [m.m for m in kept],
-                       [m.P for m in kept] if sylvester else [])
-        return d, new
+        return d, ESNState(t, C, R, m, P)
 
 
 register("esn", ESN, compare={"lr": 0.3}, test={"lr": 0.01},

@@ -5,12 +5,12 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any, NamedTuple
 
-from array_api_compat import device
+from array_api_compat import array_namespace, device
 
 from .._checks import check_nonnegative, check_positive
 from ..protocol import Array
 from . import _layerwise as lw
-from ._base import zero_count
+from ._base import check_flag, zero_count
 from ._registry import register
 
 
@@ -20,7 +20,7 @@ class MKState(NamedTuple):
     t: Any
 
 
-class MK(lw.LayerwiseMethod):
+class MK(lw.ChainMethod):
     """MK direction with damping (MK eq 42, generalised to cross-entropy; spec §3.3-§4).
 
     Per sample and layer (``ĝ_k`` per-sample gradient at the pre-activation,
@@ -71,7 +71,7 @@ class MK(lw.LayerwiseMethod):
     """
 
     def __init__(self, lr: float = 0.01, lam: Any = "auto", mu: float = 1.0, lam_out: Any = 1.0,
-                 reg_grad: bool = False, eps: float = 1e-12) -> None:
+                 reg_grad: bool = False, eps: float = 1e-12, strict: bool = False) -> None:
         check_positive("lr", lr)
         check_nonnegative("mu", mu)
         if lam_out != "auto":
@@ -82,25 +82,21 @@ class MK(lw.LayerwiseMethod):
         check_nonnegative("eps", eps)
         self.lr, self.lam, self.mu, self.lam_out, self.reg_grad, self.eps = (
             lr, lw.check_lam(lam), float(mu), lam_out, reg_grad, eps)
+        self.strict = check_flag("strict", strict)
 
-    def init(self, params: Sequence[Array]) -> MKState:
-        """``t = 0``."""
+    state_type = MKState
+
+    def init_flat(self, params: Sequence[Array], model: Any = None) -> MKState:
+        """``t = 0`` (checks that the model has dense layers to precondition)."""
+        self.layer_candidates(params, model)
         return MKState(zero_count(params))
 
-    def direction(self, model: Any, loss: Any, params: Sequence[Array], state: MKState, x: Array,
-                  y: Array) -> tuple[list[Array], MKState, dict[str, Array]]:
-        """The MK direction ``d = [N_1, η_1, ...]`` (update ``params - lr d``), new state and info extras.
-
-        Raises:
-            ValueError: bad inputs (NaN/Inf, shapes, ``lam`` list length).
-            NotImplementedError: a non-linear output layer or another loss.
-            FloatingPointError: the forward/backward pass overflowed.
-        """
-        xp = self._check_inputs(model, params, x, y)
-        value, terms = lw.compute_terms(model, loss, params, x, y, self.lam, self.reg_grad, self.lam_out,
-                                        validate=self.validate)
+    def chain_direction(self, terms: lw.Terms, rec: Any, params: Sequence[Array], state: MKState,
+                  candidates: Sequence[Any]) -> tuple[list[Array], MKState, dict[str, Array]]:
+        """The MK direction ``d = [N_1, η_1, ...]`` over the chain (update ``params - lr d``), new state, extras."""
+        xp = array_namespace(params[0])
         d, masks = lw.closed_form(terms, "mk", self.mu, self.eps)
-        extras = {"loss": value, "lam_mean": lw.mean_rho(terms.rho), "skipped": lw.count(masks, zero_count(params)),
+        extras = {"lam_mean": lw.mean_rho(terms.rho), "skipped": lw.count(masks, zero_count(params)),
                   "mu": xp.asarray(self.mu, dtype=params[0].dtype, device=device(params[0]))}
         return d, MKState(state.t + 1), extras
 

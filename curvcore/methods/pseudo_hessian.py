@@ -22,11 +22,12 @@ from typing import Any, NamedTuple
 from array_api_compat import array_namespace
 from array_api_compat import device as _device
 
-from .._checks import (check_choice, check_int, check_interval, check_nonnegative, check_positive,
-                       concrete_bool)
+from .._checks import (NonFiniteError, check_choice, check_int, check_interval, check_nonnegative,  # noqa: F401
+                       check_positive, concrete_bool)
 from .._control import while_loop
 from .._reduce import batch_vdot
-from ..protocol import Array, tree_dot, tree_map, tree_norm, tree_size, tree_zeros_like
+from ..protocol import Array
+from ..tree import tree_dot, tree_map, tree_norm, tree_size, tree_zeros_like
 from . import _cubic
 from ._base import Method, check_grads_finite, count_as_float, step_info, zero_count
 from ._registry import register
@@ -34,14 +35,6 @@ from ._registry import register
 GROUPS = ("tensor", "layer", "wb", "one", "scalar")
 MAX_SCALAR_GROUPS = 4096
 ARMIJO_C = 1e-4
-
-
-class NonFiniteError(FloatingPointError, ValueError):
-    """NaN/Inf in the inputs or in ``gbar``/``Hbar``/``T``.
-
-    A ``FloatingPointError`` (spec) that is also a ``ValueError``, the error
-    every curvcore method raises for NaN/Inf in its inputs.
-    """
 
 
 class PseudoHessianState(NamedTuple):
@@ -138,8 +131,11 @@ class PseudoHessian(Method):
         self.lam, self.ridge, self.momentum, self.betas, self.eps = lam, ridge, momentum, tuple(betas), eps
         self.max_step_norm, self.backtrack, self.max_backtracks = max_step_norm, backtrack, max_backtracks
 
+    state_type = PseudoHessianState
+    param_fields = ("m", "v")
+
     # -- state ---------------------------------------------------------------
-    def init(self, params: Sequence[Array]) -> PseudoHessianState:
+    def init_flat(self, params: Sequence[Array], model: Any = None) -> PseudoHessianState:
         """Zero buffers for momentum/Adam (empty lists otherwise), ``t = 0``."""
         group_index(self.groups, params)  # validate the partition early
         m = tree_zeros_like(params) if self.direction != "gradient" else []
@@ -151,11 +147,9 @@ class PseudoHessian(Method):
         t = state.t + 1
         if self.direction == "gradient":
             return g, state.m, state.v, t
-        self._check_state_tree("state.m", state.m, g)
         if self.direction == "momentum":
             m = tree_map(lambda mi, gi: self.momentum * mi + gi, state.m, g)
             return m, m, state.v, t
-        self._check_state_tree("state.v", state.v, g)
         b1, b2 = self.betas
         tf = count_as_float(t, g[0])
         m = tree_map(lambda mi, gi: b1 * mi + (1 - b1) * gi, state.m, g)
@@ -165,18 +159,11 @@ class PseudoHessian(Method):
         u = tree_map(lambda mi, vi: (mi / c1) / (xp.sqrt(vi / c2) + self.eps), m, v)
         return u, m, v, t
 
-    def _check_inputs(self, model: Any, params: Sequence[Array], x: Array, y: Array) -> Any:
-        try:
-            return super()._check_inputs(model, params, x, y)
-        except ValueError as err:
-            if "NaN or Inf" in str(err):
-                raise NonFiniteError(str(err)) from None
-            raise
-
     # -- the step --------------------------------------------------------------
-    def step(self, model: Any, loss: Any, params: Sequence[Array], state: PseudoHessianState, x: Array, y: Array):
+    def flat_step(self, model: Any, loss: Any, params: Sequence[Array], state: PseudoHessianState, x: Array,
+                  y: Array):
         """One pseudo-Hessian step; returns ``(params, state, info)`` (keys in the class docstring)."""
-        xp = self._check_inputs(model, params, x, y)
+        xp = array_namespace(params[0])
         out, pullback = model.vjp(params, x)
         value, gl = loss.value(out, y), loss.grad(out, y)
         g = pullback(gl)

@@ -6,7 +6,8 @@ from collections.abc import Sequence
 from typing import Any, NamedTuple
 
 from .._checks import check_interval, check_nonnegative, check_positive
-from ..protocol import Array, tree_axpy, tree_norm, tree_scale, tree_sub, tree_zeros_like
+from ..protocol import Array
+from ..tree import tree_axpy, tree_norm, tree_scale, tree_sub, tree_zeros_like
 from ._base import Method, check_grads_finite, step_info, value_and_grad, zero_count
 from ._registry import register
 
@@ -39,14 +40,15 @@ class SGD(Method):
             raise ValueError("nesterov=True needs momentum > 0")
         self.lr, self.momentum, self.nesterov, self.weight_decay = lr, momentum, nesterov, weight_decay
 
-    def init(self, params: Sequence[Array]) -> SGDState:
+    state_type = SGDState
+    param_fields = ("v",)
+
+    def init_flat(self, params: Sequence[Array], model: Any = None) -> SGDState:
         """Zero momentum, count 0."""
         return SGDState(v=tree_zeros_like(params), count=zero_count(params))
 
-    def step(self, model: Any, loss: Any, params: Sequence[Array], state: SGDState, x: Array, y: Array):
-        """One SGD step; returns ``(params, state, info)`` with ``loss``, ``step_norm``, ``grad_norm``."""
-        self._check_inputs(model, params, x, y)
-        self._check_state_tree("state.v", state.v, params)
+    def flat_step(self, model: Any, loss: Any, params: Sequence[Array], state: SGDState, x: Array, y: Array):
+        """One SGD step; ``info``: ``loss``, ``step_norm``, ``grad_norm``."""
         value, g, _ = value_and_grad(model, loss, params, x, y)
         check_grads_finite(g, self.validate)
         if self.weight_decay:
