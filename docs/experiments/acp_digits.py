@@ -1,4 +1,4 @@
-"""Digits reproduction of the ACP thesis experiments (shared/spec/acp.md §7).
+"""Digits reproduction of the ACP thesis experiments (protocol in docs/methods/acp.md).
 
 Two problems on scikit-learn's ``load_digits`` (X/16, permuted with
 ``default_rng(0)``, first 1500 = train, the rest = test):
@@ -17,26 +17,20 @@ median time per step. ``--grid`` reruns the spec's grids on seed 0 first.
 
 Run (about 2-3 minutes on 2 CPU cores)::
 
-    python docs/experiments/acp_digits.py            # writes docs/experiments/acp_digits_*.{md,png,json}
+    python docs/experiments/acp_digits.py   # docs/experiments/results/acp_digits.{json,md}, docs/img/acp_digits_*.png
 """
 
 from __future__ import annotations
 
-import os
+import sys
+import time
 
-os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # small eigh: threaded 64x64 eigh is ~100x slower here
-os.environ.setdefault("OMP_NUM_THREADS", "1")
+import numpy as np
+from _common import caption, main, pyplot, savefig
 
-import argparse  # noqa: E402
-import json  # noqa: E402
-import time  # noqa: E402
+import curvcore as cc
 
-import numpy as np  # noqa: E402
-
-import curvcore as cc  # noqa: E402
-
-OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)))
-DATE = "2026-11-27"
+NAME = "acp_digits"  # main() runs it with one BLAS thread: a threaded 64x64 eigh was ~100x slower here
 
 PROBLEMS = {
     "ae": {"sizes": [64, 32, 16, 32, 64], "activation": "sigmoid", "loss": "mse", "updates": 3000,
@@ -87,7 +81,7 @@ def load(backend: str) -> dict:
             "dev": {"X": put(X[:1500]), "y": put(y[:1500]), "Xte": put(X[1500:])}}
 
 
-def run(problem: str, cls: type, kw: dict, seed: int, data: dict, backend: str, every: int) -> dict:
+def run_one(problem: str, cls: type, kw: dict, seed: int, data: dict, backend: str, every: int) -> dict:
     """Train once; return the loss curve (every ``every`` updates), final loss/accuracy, median step time."""
     p = PROBLEMS[problem]
     model, params = cc.backends.mlp(backend, p["sizes"], activation=p["activation"], seed=seed)
@@ -142,19 +136,15 @@ def grid(problem: str, data: dict, backend: str) -> dict:
     for label, (cls, grid_kw) in GRIDS.items():
         scores = []
         for kw in grid_kw:
-            r = run(problem, cls, kw, 0, data, backend, PROBLEMS[problem]["updates"])
+            r = run_one(problem, cls, kw, 0, data, backend, PROBLEMS[problem]["updates"])
             scores.append((r["train_loss"] if np.isfinite(r["train_loss"]) else np.inf, kw))
             print(f"  grid {problem} {label} {kw}: {r['train_loss']:.4g}", flush=True)
         best[label] = min(scores, key=lambda s: s[0])
     return best
 
 
-def plot(problem: str, results: dict, path: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+def plot(problem: str, results: dict) -> None:
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     for i, (label, runs) in enumerate(results.items()):
         for j, r in enumerate(runs):
@@ -167,13 +157,12 @@ def plot(problem: str, results: dict, path: str) -> None:
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    savefig(fig, f"acp_digits_{problem}.png", dpi=110)
 
 
-def table(results: dict, settings: dict) -> str:
-    lines = [f"Digits reproduction of spec acp.md §7, run {DATE} (NumPy float64, OPENBLAS_NUM_THREADS=1, "
-             "2-core CPU shared with other jobs: times are noisy).", "",
+def table(data: dict) -> str:
+    results, settings = data["results"], data["settings"]
+    lines = [f"{caption(data, NAME)} NumPy, float64; the times are noisy.", "",
              "| problem | method | settings | train loss, seeds 0, 1, 2 | test acc | ms/step | step / SGD step |",
              "|---|---|---|---|---|---|---|"]
     for problem, res in results.items():
@@ -209,12 +198,12 @@ def acceptance(results: dict) -> list[str]:
     return [f"- {'PASS' if ok else 'FAIL'}: {name}" for name, ok in checks]
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def add_arguments(parser) -> None:
     parser.add_argument("--backend", default="numpy")
     parser.add_argument("--grid", action="store_true", help="rerun the spec's grids on seed 0 first (slow)")
-    parser.add_argument("--out", default=OUT)
-    args = parser.parse_args()
+
+
+def run(args) -> dict:
     data = load(args.backend)
     settings = {pb: {label: dict(kw) for label, _, kw in s} for pb, s in SETTINGS.items()}
     classes = {pb: {label: cls for label, cls, _ in s} for pb, s in SETTINGS.items()}
@@ -228,18 +217,17 @@ def main() -> None:
     for pb in PROBLEMS:
         results[pb] = {}
         for label, kw in settings[pb].items():
-            results[pb][label] = [run(pb, classes[pb][label], kw, seed, data, args.backend, 50 if pb == "ae" else 10)
-                                  for seed in (0, 1, 2)]
+            results[pb][label] = [run_one(pb, classes[pb][label], kw, seed, data, args.backend,
+                                          50 if pb == "ae" else 10) for seed in (0, 1, 2)]
             r = results[pb][label]
             print(f"{pb} {label}: {[round(q['train_loss'], 4) for q in r]} ({time.time() - t0:.0f} s)", flush=True)
-        plot(pb, results[pb], os.path.join(args.out, f"acp_digits_{pb}.png"))
-    text = table(results, settings) + "\n\nAcceptance (spec §7):\n\n" + "\n".join(acceptance(results)) + "\n"
-    print(text)
-    with open(os.path.join(args.out, "acp_digits_table.md"), "w") as fh:
-        fh.write(text)
-    with open(os.path.join(args.out, "acp_digits_results.json"), "w") as fh:
-        json.dump({"date": DATE, "backend": args.backend, "settings": settings, "results": results}, fh, indent=1)
+        plot(pb, results[pb])
+    return {"backend": args.backend, "settings": settings, "results": results}
+
+
+def render(data: dict) -> dict[str, str]:
+    return {"": table(data) + "\n\nAcceptance criteria:\n\n" + "\n".join(acceptance(data["results"]))}
 
 
 if __name__ == "__main__":
-    main()
+    main(sys.modules[__name__])

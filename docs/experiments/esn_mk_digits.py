@@ -1,4 +1,4 @@
-"""Digits reproduction of spec ``shared/spec/esn_mk.md`` §8 for ESN and MK, with SGD beside.
+"""Digits reproduction for ESN and MK, with SGD beside (protocol in docs/methods/esn_mk.md).
 
 Data: ``sklearn.datasets.load_digits``, X/16, ``train_test_split(test_size=0.2,
 random_state=0, stratify=y)`` (1437/360). Nets: ESN {64, 64, 32, 10} and the MK-paper
@@ -7,9 +7,10 @@ He init (``N(0, 2/n_in)``, seed 0); MSE on one-hot targets and cross-entropy. On
 (B = 1) runs for 3 epochs at constant lr, B = 32 runs for 10 epochs; the same sample
 order (seed 0) for every method. NumPy backend, float64.
 
-Writes ``docs/experiments/esn_mk_digits.png`` (full training loss vs epoch and vs
-training wall time) and ``docs/experiments/esn_mk_digits_results.md`` (test accuracy,
-final training loss, wall time), and prints the table.
+Writes ``docs/img/esn_mk_digits.png`` (full training loss vs epoch and vs training wall
+time), ``docs/experiments/results/esn_mk_digits.json`` and the tables
+``results/esn_mk_digits.md`` (test accuracy, final training loss, wall time) and
+``results/esn_mk_digits_cost.md`` (ms per step); see docs/experiments/README.md.
 
 Run from the repository root: ``python docs/experiments/esn_mk_digits.py`` (about 3-5
 minutes on 2 CPU cores); ``--epochs 1`` for a quick look.
@@ -17,20 +18,15 @@ minutes on 2 CPU cores); ``--epochs 1`` for a quick look.
 
 from __future__ import annotations
 
-import argparse
-import datetime
-import json
-import os
+import sys
 import time
 
-os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # small matrices: threads only add overhead (30x on 2 busy cores)
-os.environ.setdefault("OMP_NUM_THREADS", "1")
+import numpy as np
+from _common import caption, main, pyplot, savefig
 
-import numpy as np  # noqa: E402
+import curvcore as cc
 
-import curvcore as cc  # noqa: E402
-
-HERE = os.path.dirname(os.path.abspath(__file__))
+NAME = "esn_mk_digits"  # main() runs it with one BLAS thread: threads only added overhead (30x on 2 busy cores)
 NETS = {"ESN net": [64, 64, 32, 10], "MK net": [64, 128, 64, 32, 10]}
 # (label, factory, lr, batch, epochs); epochs None = the online setting's --epochs
 ROWS = [
@@ -48,8 +44,8 @@ ROWS = [
     ("B=32, 10 epochs: ESN lr 0.1", lambda: cc.ESN(lr=0.1), 32, 10),
     ("B=32, 10 epochs: MK mu=1 lr 0.1", lambda: cc.MK(lr=0.1), 32, 10),
 ]
-# spec §8 table ({64,64,32,10}, 3 epochs online unless stated): (MSE, CE); None = not given
-SPEC = {
+# reference table ({64,64,32,10}, 3 epochs online unless stated): (MSE, CE); None = not given
+REFERENCE = {
     "SGD lr 0.01": (0.936, 0.969),
     "ESN defaults (randomized, δ=1, lam auto) lr 0.01": (0.878, 0.919),
     "MK mu=1, lam auto, lr 0.01": (0.919, 0.933),
@@ -67,7 +63,7 @@ SPEC = {
 
 
 def load() -> tuple[np.ndarray, ...]:
-    """The spec's split: X/16, stratified 80/20, random_state 0."""
+    """The reference split: X/16, stratified 80/20, random_state 0."""
     from sklearn.datasets import load_digits
     from sklearn.model_selection import train_test_split
 
@@ -75,7 +71,7 @@ def load() -> tuple[np.ndarray, ...]:
     return train_test_split(data.data / 16.0, data.target, test_size=0.2, random_state=0, stratify=data.target)
 
 
-def run(label: str, factory, sizes: list[int], loss_name: str, batch: int, epochs: int, data) -> dict:
+def run_one(label: str, factory, sizes: list[int], loss_name: str, batch: int, epochs: int, data) -> dict:
     """Train one configuration; returns the per-epoch history and the final numbers."""
     x_tr, x_te, y_tr, y_te = data
     t_tr = np.eye(10)[y_tr] if loss_name == "mse" else y_tr
@@ -131,34 +127,50 @@ def cell(r: dict) -> str:
     return f"diverged: {text}" if r["train_loss"] > 10 * r["history"]["loss"][0] else text
 
 
-def spec_cell(label: str, loss_name: str) -> str:
-    v = SPEC.get(label, (None, None))[0 if loss_name == "mse" else 1]
+def ref_cell(label: str, loss_name: str) -> str:
+    v = REFERENCE.get(label, (None, None))[0 if loss_name == "mse" else 1]
     return "—" if v is None else (f"{v:.3f}" if isinstance(v, float) else str(v))
 
 
-def table(runs: list[dict], online_epochs: int) -> str:
+def table(data: dict) -> str:
+    runs = data["runs"]
+    online_epochs = next(r["epochs"] for r in runs if r["batch"] == 1)
     by = {(r["label"], tuple(r["sizes"]), r["loss"]): r for r in runs}
-    head = ("| setting | spec MSE | ESN net MSE | MK net MSE | spec CE | ESN net CE | MK net CE |\n"
+    head = ("| setting | ref. MSE | ESN net MSE | MK net MSE | ref. CE | ESN net CE | MK net CE |\n"
             "|---|---|---|---|---|---|---|")
     lines = [head]
     for label, _, _, _ in ROWS:
-        cells = [label.replace("|", "/"), spec_cell(label, "mse")]
+        cells = [label.replace("|", "/"), ref_cell(label, "mse")]
         cells += [cell(by[(label, tuple(s), "mse")]) for s in NETS.values()]
-        cells += [spec_cell(label, "ce")]
+        cells += [ref_cell(label, "ce")]
         cells += [cell(by[(label, tuple(s), "ce")]) for s in NETS.values()]
         lines.append("| " + " | ".join(cells) + " |")
-    note = (f"Test accuracy after {online_epochs} online epochs (B = 1) or 10 epochs (B = 32), "
-            "with the final full training loss and the training wall time (NumPy, float64). "
-            "Spec columns: the spec §8 reference ({64,64,32,10}).")
+    note = (f"{caption(data, NAME)} Test accuracy after {online_epochs} online epochs (B = 1) or 10 epochs "
+            "(B = 32), with the final full training loss and the training wall time (NumPy, float64). "
+            "Ref. columns: the reference runs on {64,64,32,10}.")
     return note + "\n\n" + "\n".join(lines)
 
 
-def plot(runs: list[dict], path: str) -> None:
-    import matplotlib
+COST_ROWS = {"SGD": "SGD lr 0.01", "MK": "MK mu=1, lam auto, lr 0.01",
+             "ESN randomized": "ESN defaults (randomized, δ=1, lam auto) lr 0.01"}
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
+def cost_table(data: dict) -> str:
+    """Mean wall time per step of the online (B = 1) MSE runs."""
+    by = {(r["label"], tuple(r["sizes"]), r["loss"]): r for r in data["runs"]}
+    lines = ["| net | " + " | ".join(COST_ROWS) + " |", "|---" * (len(COST_ROWS) + 1) + "|"]
+    for sizes in NETS.values():
+        cells = [f"{by[(label, tuple(sizes), 'mse')]['ms_per_step']:.1f} ms/step" for label in COST_ROWS.values()]
+        lines.append(f"| {{{','.join(map(str, sizes))}}} | " + " | ".join(cells) + " |")
+    return f"{caption(data, NAME)} Online B = 1, MSE, mean wall time per step.\n\n" + "\n".join(lines)
+
+
+def render(data: dict) -> dict[str, str]:
+    return {"": table(data), "_cost": cost_table(data)}
+
+
+def plot(runs: list[dict]) -> None:
+    plt = pyplot()
     combos = [(n, s, loss) for loss in ("mse", "ce") for n, s in NETS.items()]
     fig, axes = plt.subplots(len(combos), 2, figsize=(13, 4.0 * len(combos)))
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
@@ -183,45 +195,25 @@ def plot(runs: list[dict], path: str) -> None:
     fig.suptitle("digits, leaky ReLU, He init; solid: online B=1; dashed: B=32 (10 epochs); "
                  "diverging runs leave the top of the plot or stop (non-finite loss / error)")
     fig.tight_layout(rect=(0, 0, 1, 0.98))
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
+    savefig(fig, "esn_mk_digits.png", dpi=90)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--epochs", type=int, default=3, help="online epochs (spec: 3)")
-    parser.add_argument("--out", default=HERE)
-    parser.add_argument("--from-json", action="store_true",
-                        help="rewrite the table and the PNG from the saved esn_mk_digits_results.json (no training)")
-    args = parser.parse_args()
-    json_path = os.path.join(args.out, "esn_mk_digits_results.json")
-    t_start = time.perf_counter()
-    if args.from_json:
-        with open(json_path) as fh:
-            saved = json.load(fh)
-        runs, stamp, seconds = saved["runs"], saved["date"], saved["seconds"]
-    else:
-        data = load()
-        runs = []
-        for loss_name in ("mse", "ce"):
-            for net, sizes in NETS.items():
-                for label, factory, batch, epochs in ROWS:
-                    r = run(label, factory, sizes, loss_name, batch, epochs or args.epochs, data)
-                    runs.append(r)
-                    print(f"{net:8s} {loss_name:3s} {label:52s} {cell(r)}  [{r['ms_per_step']:.2f} ms/step]",
-                          flush=True)
-        stamp, seconds = datetime.date.today().isoformat(), time.perf_counter() - t_start
-    text = table(runs, args.epochs)
-    os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "esn_mk_digits_results.md"), "w") as fh:
-        fh.write(f"# ESN / MK digits reproduction ({stamp})\n\nGenerated by `docs/experiments/esn_mk_digits.py` "
-                 f"(training took {seconds:.0f} s).\n\n{text}\n")
-    if not args.from_json:
-        with open(json_path, "w") as fh:
-            json.dump({"date": stamp, "seconds": seconds, "runs": runs}, fh, indent=1)
-    plot(runs, os.path.join(args.out, "esn_mk_digits.png"))
-    print("\n" + text)
+def add_arguments(parser) -> None:
+    parser.add_argument("--epochs", type=int, default=3, help="online epochs (reference: 3)")
+
+
+def run(args) -> dict:
+    data = load()
+    runs = []
+    for loss_name in ("mse", "ce"):
+        for net, sizes in NETS.items():
+            for label, factory, batch, epochs in ROWS:
+                r = run_one(label, factory, sizes, loss_name, batch, epochs or args.epochs, data)
+                runs.append(r)
+                print(f"{net:8s} {loss_name:3s} {label:52s} {cell(r)}  [{r['ms_per_step']:.2f} ms/step]", flush=True)
+    plot(runs)
+    return {"runs": runs}
 
 
 if __name__ == "__main__":
-    main()
+    main(sys.modules[__name__])

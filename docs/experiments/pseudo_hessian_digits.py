@@ -1,4 +1,4 @@
-"""PseudoHessian on sklearn digits: spec pseudo_hessian.md Sec. 8 (a) optimisation table, (b) Fig. 1 analogue.
+"""PseudoHessian on sklearn digits: (a) optimisation table, (b) an analogue of the paper's Fig. 1.
 
 Run:  python docs/experiments/pseudo_hessian_digits.py   (about 2 minutes on 2 CPU cores)
 
@@ -9,33 +9,30 @@ Run:  python docs/experiments/pseudo_hessian_digits.py   (about 2 minutes on 2 C
     64-32-32-32-32-10 (LeNet-5 has 5 layers) at initialisation and after 20 SGD epochs (lr 0.1, batch 64),
     Hbar on the whole training set with groups="tensor" and u = g.
 
-Writes docs/img/pseudo_hessian_digits.png, docs/img/pseudo_hessian_fig1.png and
-docs/experiments/pseudo_hessian_digits_results.json; prints the Markdown table used in
-docs/methods/pseudo_hessian.md.
+Writes docs/img/pseudo_hessian_digits.png, docs/img/pseudo_hessian_fig1.png,
+docs/experiments/results/pseudo_hessian_digits.json and the tables
+results/pseudo_hessian_digits.md (optimisation) and results/pseudo_hessian_digits_cost.md
+(time per step) included in docs/methods/pseudo_hessian.md; see docs/experiments/README.md.
 """
 
 from __future__ import annotations
 
 import json
-import os
-import time
+import sys
 
-for _var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):  # small matmuls: threads only contend
-    os.environ.setdefault(_var, "1")
+import numpy as np
+from _common import caption, interleaved_min, main, pyplot, savefig
 
-import numpy as np  # noqa: E402
+import curvcore as cc
+from curvcore.methods.pseudo_hessian import summary
 
-import curvcore as cc  # noqa: E402
-from curvcore.methods.pseudo_hessian import summary  # noqa: E402
-
-HERE = os.path.dirname(os.path.abspath(__file__))
-IMG = os.path.join(HERE, "..", "img")
+NAME = "pseudo_hessian_digits"  # main() runs it with one BLAS thread (small matmuls: threads only contend)
 STEPS = 30
 SEEDS = (0, 1, 2, 3, 4)
 
 
 def load() -> tuple[np.ndarray, ...]:
-    """Spec Sec. 8: X = data/16, permutation by default_rng(0), first 1500 train, the rest test."""
+    """X = data/16, permutation by default_rng(0), first 1500 train, the rest test."""
     from sklearn.datasets import load_digits
 
     d = load_digits()
@@ -81,36 +78,75 @@ def optimisation(data) -> dict:
             state = opt.init(params)
             curve = [float(loss.value(model.forward(params, Xtr), ytr))]
             statuses, ts = [], []
-            t0 = time.perf_counter()
             for _ in range(STEPS):
                 params, state, info = opt.step(model, loss, params, state, Xtr, ytr)
                 curve.append(float(loss.value(model.forward(params, Xtr), ytr)))
                 statuses.append(float(info.get("status", 0.0)))
                 ts.append(float(info.get("t", 1.0)))
-            wall = time.perf_counter() - t0
             out[name].append({"seed": seed, "curve": curve, "train_loss": curve[-1],
                               "test_acc": accuracy(model, params, Xte, yte), "max_status": max(statuses),
-                              "min_t": min(ts), "ms_per_step": 1e3 * wall / STEPS})
+                              "min_t": min(ts)})
             print(f"{name:32s} seed {seed}: train loss {curve[-1]:.4f}  test acc {out[name][-1]['test_acc']:.3f}  "
-                  f"max status {max(statuses):.0f}  min t {min(ts):g}  {1e3 * wall / STEPS:.1f} ms/step", flush=True)
+                  f"max status {max(statuses):.0f}  min t {min(ts):g}", flush=True)
     return out
 
 
-def table(res: dict) -> str:
-    lines = ["| method | train loss after 30 steps (seeds 0 / 1 / 2 / 3 / 4) | test acc | max status | min t | ms/step |",
-             "|---|---|---|---|---|---|"]
+def table(data: dict) -> str:
+    res = data["optimisation"]
+    lines = [caption(data, NAME), "",
+             "| method | train loss after 30 steps (seeds 0 / 1 / 2 / 3 / 4) | test acc | max status | min t |",
+             "|---|---|---|---|---|"]
     for name, runs in res.items():
         tl = " / ".join(f"{r['train_loss']:.3f}" for r in runs)
         acc = " / ".join(f"{r['test_acc']:.3f}" for r in runs)
         st = max(r["max_status"] for r in runs)
         mt = min(r["min_t"] for r in runs)
-        ms = np.median([r["ms_per_step"] for r in runs])
-        lines.append(f"| {name} | {tl} | {acc} | {st:.0f} | {mt:g} | {ms:.1f} |")
+        lines.append(f"| {name} | {tl} | {acc} | {st:.0f} | {mt:g} |")
     return "\n".join(lines)
 
 
+COST_ROWS = {"GD": ("GD lr=0.5", None), '`"one"`': ("PseudoHessian one (cubic)", 1),
+             '`"layer"`': ("PseudoHessian layer (cubic)", 2), '`"tensor"`': ("PseudoHessian tensor (cubic)", 4)}
+
+
+def predicted_ratio(S: int | None) -> float:
+    """Forward-pass units of a step, ``4 + 4S + 1.5 S(S-1)``, over a gradient step's 3 (1 for GD itself)."""
+    return 1.0 if S is None else (4 + 4 * S + 1.5 * S * (S - 1)) / 3
+
+
+def step_times(data) -> dict[str, float]:
+    """CPU seconds of one full-batch step from the seed-0 initialisation, min over 10 interleaved rounds."""
+    Xtr, ytr, _, _ = data
+    model, _ = cc.backends.mlp("numpy", [64, 32, 10], activation="tanh")
+    loss, params = cc.losses.CrossEntropy(), init([64, 32, 10], 0)
+
+    def call(make):
+        opt = make()
+        state = opt.init(params)
+        return lambda: opt.step(model, loss, params, state, Xtr, ytr)
+
+    return interleaved_min({key: call(RUNS[key]) for key, _ in COST_ROWS.values()}, repeats=10)
+
+
+def cost_table(data: dict) -> str:
+    """CPU time per full-batch step, against GD and the forward-unit prediction."""
+    ms = {key: 1e3 * t for key, t in data["step_cpu_s"].items()}
+    gd = ms["GD lr=0.5"]
+    lines = [f"{caption(data, NAME)} Full batch of 1500; one step from the seed-0 initialisation, "
+             "CPU time, minimum over 10 rounds interleaved across the runs.", "",
+             "| run | S | CPU ms per step | ratio to GD | predicted ratio |", "|---|---|---|---|---|"]
+    for label, (key, S) in COST_ROWS.items():
+        lines.append(f"| {label} | {'–' if S is None else S} | {ms[key]:.1f} | {ms[key] / gd:.1f} | "
+                     f"{predicted_ratio(S):.1f} |")
+    return "\n".join(lines)
+
+
+def render(data: dict) -> dict[str, str]:
+    return {"": table(data), "_cost": cost_table(data)}
+
+
 def acceptance(res: dict) -> dict:
-    """Spec Sec. 8 acceptance, per seed."""
+    """The acceptance criteria of docs/methods/pseudo_hessian.md, per seed."""
     checks = {}
     for i, seed in enumerate(SEEDS):
         t = res["PseudoHessian tensor (cubic)"][i]
@@ -164,11 +200,7 @@ def _offdiag_share(M: np.ndarray) -> float:
 
 
 def _plot_fig1(mats: dict, L: int) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     W, B = np.arange(0, 2 * L, 2), np.arange(1, 2 * L, 2)
     blocks = [("W-W", W, W), ("B-B", B, B), ("W-B", W, B)]
     fig, axes = plt.subplots(2, 6, figsize=(17, 6.2))
@@ -189,16 +221,11 @@ def _plot_fig1(mats: dict, L: int) -> None:
     fig.suptitle("Fig. 1 analogue: pseudo-Hessian Hbar (top) and its inverse (bottom), 64-32-32-32-32-10 tanh MLP "
                  "on digits,\ncanonical partition (W_k, b_k), u = g; scaled by J = Diag(|Hbar_ss|^-1/2) "
                  "(J Hbar J and J^-1 Hbar^-1 J^-1; red > 0, blue < 0)", fontsize=10)
-    fig.savefig(os.path.join(IMG, "pseudo_hessian_fig1.png"), dpi=100)
-    plt.close(fig)
+    savefig(fig, "pseudo_hessian_fig1.png")
 
 
 def plot_curves(res: dict) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 4.3))
     for name, runs in res.items():
         curves = np.array([r["curve"] for r in runs])
@@ -211,28 +238,22 @@ def plot_curves(res: dict) -> None:
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(os.path.join(IMG, "pseudo_hessian_digits.png"), dpi=110)
-    plt.close(fig)
+    savefig(fig, "pseudo_hessian_digits.png", dpi=110)
 
 
-def main() -> None:
-    os.makedirs(IMG, exist_ok=True)
+def run(args) -> dict:
     data = load()
-    t0 = time.perf_counter()
     res = optimisation(data)
+    cpu = step_times(data)
     plot_curves(res)
     checks = acceptance(res)
     f1 = fig1(data)
-    print("\n" + table(res))
-    print("\nacceptance (spec Sec. 8):", json.dumps(checks, indent=1))
+    print("\nacceptance:", json.dumps(checks, indent=1))
     for k in ("epoch 0", "epoch 20"):
         print(f"{k}: Hbar eig [{f1[k]['eig_min']:.3g}, {f1[k]['eig_max']:.3g}], off-diagonal share (scaled) "
               f"Hbar {f1[k]['offdiag_share_scaled_Hbar']:.2f}, inverse {f1[k]['offdiag_share_scaled_inverse']:.2f}")
-    print(f"total {time.perf_counter() - t0:.0f} s")
-    with open(os.path.join(HERE, "pseudo_hessian_digits_results.json"), "w") as fh:
-        json.dump({"date": "2026-11-27", "optimisation": res, "acceptance": checks, "fig1": f1,
-                   "table": table(res)}, fh, indent=1)
+    return {"optimisation": res, "acceptance": checks, "fig1": f1, "step_cpu_s": cpu}
 
 
 if __name__ == "__main__":
-    main()
+    main(sys.modules[__name__])
