@@ -15,7 +15,7 @@ from curvcore.data import digits
 def test_compare_runs_every_method_and_writes_outputs(tmp_path, capsys):
     code = cli.main(["compare", "--epochs", "1", "--batch-size", "128", "--out", str(tmp_path), "--quiet"])
     out = capsys.readouterr().out
-    results = json.loads((tmp_path / "results.json").read_text())
+    results = strict_json(tmp_path / "results.json")
     assert (tmp_path / "compare.png").stat().st_size > 10_000
     methods = [r["method"] for r in results["runs"]]
     assert set(methods) == set(cc.method_names())
@@ -56,6 +56,12 @@ def no_training(monkeypatch):
         raise AssertionError("training started before the arguments were checked")
 
     monkeypatch.setattr(cli, "train_one", refuse)
+
+
+def wrap(monkeypatch, name, wrapper):
+    """Replace ``cli.<name>`` by ``wrapper(original, *args, **kwargs)``."""
+    original = getattr(cli, name)
+    monkeypatch.setattr(cli, name, lambda *args, **kwargs: wrapper(original, *args, **kwargs))
 
 
 def usage_error(capsys, argv):
@@ -121,12 +127,11 @@ def test_out_folder_is_created_before_training(tmp_path, monkeypatch):
     out = tmp_path / "new" / "folder"
     seen = []
 
-    def check_then_train(*args, **kwargs):
+    def check_then_train(train_one, *args, **kwargs):
         seen.append(out.is_dir())
         return train_one(*args, **kwargs)
 
-    train_one = cli.train_one
-    monkeypatch.setattr(cli, "train_one", check_then_train)
+    wrap(monkeypatch, "train_one", check_then_train)
     assert cli.main([*TINY, "--out", str(out)]) == 0
     assert seen == [True]
 
@@ -154,13 +159,12 @@ def strict_json(path):
 
 def test_results_json_turns_non_finite_numbers_into_null(tmp_path, monkeypatch):
     """NaN / Inf anywhere in a run (a diverged loss, an empty timing) are written as null."""
-    def diverging(*args, **kwargs):
+    def diverging(train_one, *args, **kwargs):
         run = train_one(*args, **kwargs)
         run["history"]["train_loss"][-1] = float("nan")
         return {**run, "train_loss": float("inf"), "step_ms": float("-inf")}
 
-    train_one = cli.train_one
-    monkeypatch.setattr(cli, "train_one", diverging)
+    wrap(monkeypatch, "train_one", diverging)
     cli.main([*TINY, "--out", str(tmp_path)])
     (run,) = strict_json(tmp_path / "results.json")["runs"]
     assert run["train_loss"] is None and run["step_ms"] is None and run["history"]["train_loss"][-1] is None
@@ -171,14 +175,13 @@ def test_ctrl_c_keeps_the_finished_methods(tmp_path, monkeypatch, capsys):
     """KeyboardInterrupt in the second method: table, JSON and plot of the first; exit status 130."""
     calls = []
 
-    def interrupted_after_first(method, *args, **kwargs):
+    def interrupted_after_first(train_one, method, *args, **kwargs):
         calls.append(method)
         if len(calls) > 1:
             raise KeyboardInterrupt
         return train_one(method, *args, **kwargs)
 
-    train_one = cli.train_one
-    monkeypatch.setattr(cli, "train_one", interrupted_after_first)
+    wrap(monkeypatch, "train_one", interrupted_after_first)
     code = cli.main([*TINY, "--methods", "sgd,adam,curveball", "--out", str(tmp_path)])
     assert code == 130
     assert calls == ["sgd", "adam"], "training went on after Ctrl-C"
@@ -193,14 +196,13 @@ def test_ctrl_c_inside_a_method_keeps_its_partial_history(tmp_path, monkeypatch)
     """Interrupted after its first epoch, the run keeps the epochs it finished (for the plot and JSON)."""
     calls = []
 
-    def evaluate(*args):
+    def evaluate(_evaluate, *args):
         calls.append(1)
         if len(calls) == 3:  # epoch 0 and 1 evaluated; Ctrl-C in epoch 2
             raise KeyboardInterrupt
         return _evaluate(*args)
 
-    _evaluate = cli._evaluate
-    monkeypatch.setattr(cli, "_evaluate", evaluate)
+    wrap(monkeypatch, "_evaluate", evaluate)
     code = cli.main([*TINY, "--epochs", "3", "--batch-size", "512", "--out", str(tmp_path)])
     assert code == 130
     (run,) = strict_json(tmp_path / "results.json")["runs"]
