@@ -11,9 +11,13 @@ Example::
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
+import math
 import os
+import re
 import sys
+import tempfile
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -32,24 +36,101 @@ def _ordered_methods() -> list[str]:
     return [m for m in BASELINES if m in REGISTRY] + [m for m in REGISTRY if m not in BASELINES]
 
 
+DEVICE = re.compile(r"(cpu|cuda|gpu|tpu|mps)(:[0-9]+)?")
+INTERRUPTED = 130  # exit status after Ctrl-C (128 + SIGINT), as shells report it
+
+
 def _parse_methods(text: str | None) -> list[str]:
+    """Method names from ``a,b`` or ``all``; ``argparse.ArgumentTypeError`` names unknown ones."""
     if not text or text == "all":
         return _ordered_methods()
     names = [m.strip() for m in text.split(",") if m.strip()]
     unknown = [m for m in names if m not in REGISTRY]
-    if unknown:
-        raise SystemExit(f"unknown method(s) {', '.join(unknown)}; registered: {', '.join(_ordered_methods())}")
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated method names from {', '.join(_ordered_methods())} or 'all', got {text!r}"
+            + (f" (unknown: {', '.join(unknown)})" if unknown else ""))
     return names
 
 
 def _parse_backends(text: str) -> list[str]:
+    """``[text]``, or every available backend for ``all``; the backend must be usable here."""
     if text == "all":
         return backends.names()
     if text not in backends.ALL:
-        raise SystemExit(f"unknown backend {text!r}; choose one of {', '.join(backends.ALL)} or 'all'")
+        raise argparse.ArgumentTypeError(f"expected one of {', '.join(backends.ALL)} or 'all', got {text!r}")
     if not backends.available(text):
-        raise SystemExit(f"backend {text!r} is not available here (installed: {', '.join(backends.names())})")
+        raise argparse.ArgumentTypeError(
+            f"expected a backend available here ({', '.join(backends.names())}) or 'all', got {text!r}")
     return [text]
+
+
+def _validated(parse: Any) -> Any:
+    """An argparse ``type`` that checks the text with ``parse`` and keeps the text."""
+    def check(text: str) -> str:
+        parse(text)
+        return text
+
+    return check
+
+
+def _int_at_least(low: int) -> Any:
+    """An argparse ``type``: an integer >= ``low``."""
+    def parse(text: str) -> int:
+        try:
+            value: int | None = int(text)
+        except ValueError:
+            value = None
+        if value is None or value < low:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {low}, got {text!r}")
+        return value
+
+    return parse
+
+
+def _widths(text: str) -> list[int]:
+    """Hidden widths ``64,32`` (empty: no hidden layer), each an integer >= 1."""
+    try:
+        widths: list[int] | None = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        widths = None
+    if widths is None or min(widths, default=1) < 1:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers >= 1 (e.g. 64,32), got {text!r}")
+    return widths
+
+
+def _device(text: str) -> str:
+    """A device name such as ``cpu``, ``cuda`` or ``cuda:1``."""
+    if not DEVICE.fullmatch(text):
+        raise argparse.ArgumentTypeError(f"expected a device like cpu, cuda or cuda:0, got {text!r}")
+    return text
+
+
+def _out_folder_problem(path: str) -> str | None:
+    """Create the folder ``path`` and try writing a file there; what is wrong, or None."""
+    if os.path.exists(path) and not os.path.isdir(path):
+        return f"expected a folder, got {path!r}, which is a file"
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as err:
+        return f"expected a folder that can be created, got {path!r} ({err.strerror or err})"
+    try:
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as err:
+        return f"expected a writable folder, got {path!r}: not writable ({err.strerror or err})"
+    return None
+
+
+def _check_against_data(args: argparse.Namespace, split: Split) -> None:
+    """Checks that need the data and the file system; argparse-style errors (exit status 2)."""
+    n = split.x_train.shape[0]
+    if args.batch_size > n:
+        args.error(f"argument --batch-size: expected at most {n} (the digits training samples), "
+                   f"got {str(args.batch_size)!r}")
+    problem = _out_folder_problem(args.out)
+    if problem:
+        args.error(f"argument --out: {problem}")
 
 
 def _step_function(opt: Any, model: Any, loss: Any, backend: str):
@@ -123,6 +204,9 @@ def train_one(method: str, backend: str, args: argparse.Namespace, split: Split,
                 raise FloatingPointError(f"training loss became {tl}")
     except (ValueError, FloatingPointError, np.linalg.LinAlgError) as err:
         return {"method": method, "backend": backend, "error": f"{type(err).__name__}: {err}", "history": history}
+    except KeyboardInterrupt as err:
+        err.history = history  # type: ignore[attr-defined]  # the epochs finished before Ctrl-C, for the report
+        raise
     # the first step may include compilation (jax.jit); the median is robust to it
     return {
         "method": method, "backend": backend, "settings": repr(opt), "history": history,
@@ -139,7 +223,8 @@ def _table(runs: Sequence[dict]) -> str:
              "|---|---|---|---|---|---|---|"]
     for r in runs:
         if "error" in r:
-            lines.append(f"| {r['method']} | {r['backend']} | failed: {r['error'][:60]} | | | | |")
+            status = "interrupted (Ctrl-C)" if r.get("interrupted") else f"failed: {r['error'][:60]}"
+            lines.append(f"| {r['method']} | {r['backend']} | {status} | | | | |")
             continue
         ratio = f"{r['step_ms'] / sgd[r['backend']]:.2f}" if r["backend"] in sgd else "n/a"
         lines.append(f"| {r['method']} | {r['backend']} | {r['train_loss']:.4f} | {r['test_acc']:.3f} | "
@@ -186,35 +271,62 @@ def _plot(runs: Sequence[dict], path: str, title: str) -> None:
     plt.close(fig)
 
 
-def compare(args: argparse.Namespace) -> list[dict]:
-    """Run ``curvcore compare``: train, print the table, write JSON and PNG into ``args.out``."""
+def _interrupted(method: str, backend: str, err: KeyboardInterrupt) -> dict:
+    """The run of ``method`` cut short by Ctrl-C, with the epochs it finished (if any)."""
+    run = {"method": method, "backend": backend, "interrupted": True, "error": "interrupted (Ctrl-C)"}
+    history = getattr(err, "history", None)
+    return run if history is None else {**run, "history": history}
+
+
+def _json_safe(obj: Any) -> Any:
+    """``obj`` with every non-finite float (NaN, +-Inf) replaced by None: standard JSON has no NaN."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: _json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_json_safe(v) for v in obj]
+    return obj
+
+
+def compare(args: argparse.Namespace, split: Split | None = None) -> list[dict]:
+    """Run ``curvcore compare``: train, print the table, write JSON and PNG into ``args.out``.
+
+    Ctrl-C stops the training; the table, JSON and plot then hold the runs
+    finished so far and the interrupted one (``"interrupted": true``).
+    """
     from tqdm.auto import tqdm
 
     methods = _parse_methods(args.methods)
     backend_names = _parse_backends(args.backend)
-    split = digits(seed=0)
+    split = digits(seed=0) if split is None else split
+    os.makedirs(args.out, exist_ok=True)
     steps = args.epochs * (split.x_train.shape[0] // args.batch_size)
     runs = []
     with tqdm(total=steps * len(methods) * len(backend_names), disable=args.quiet, unit="step",
               file=sys.stderr, mininterval=0.5) as bar:
-        for method in methods:
-            for backend in backend_names:
-                bar.set_description(f"{method} on {backend}")
+        for method, backend in itertools.product(methods, backend_names):
+            bar.set_description(f"{method} on {backend}")
+            try:
                 runs.append(train_one(method, backend, args, split, bar))
+            except KeyboardInterrupt as err:
+                runs.append(_interrupted(method, backend, err))
+                print(f"\ninterrupted during {method} on {backend}; reporting the runs finished so far",
+                      file=sys.stderr)
+                break
     print(_table(runs))
     diffs = _backend_differences(runs) if len(backend_names) > 1 else {}
     if diffs:
         print("\nLargest parameter difference between backends after training:")
         for m, d in diffs.items():
             print(f"  {m}: {d:.3e}")
-    os.makedirs(args.out, exist_ok=True)
     title = (f"digits, MLP {[64, *args.hidden, 10]} {args.activation}, {args.loss}, batch {args.batch_size}, "
              f"{args.dtype}")
     _plot(runs, os.path.join(args.out, "compare.png"), title)
     with open(os.path.join(args.out, "results.json"), "w") as fh:
-        json.dump({"args": {k: v for k, v in vars(args).items() if k != "func"},
-                   "runs": [{k: v for k, v in r.items() if k != "params"} for r in runs],
-                   "max_param_difference_between_backends": diffs}, fh, indent=1)
+        json.dump(_json_safe({"args": {k: v for k, v in vars(args).items() if not callable(v)},
+                              "runs": [{k: v for k, v in r.items() if k != "params"} for r in runs],
+                              "max_param_difference_between_backends": diffs}), fh, indent=1, allow_nan=False)
     print(f"\nwrote {os.path.join(args.out, 'compare.png')} and {os.path.join(args.out, 'results.json')}")
     return runs
 
@@ -231,22 +343,26 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="curvcore", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("compare", help="train an MLP on digits with every registered method")
-    p.add_argument("--backend", default="numpy", help=f"one of {', '.join(backends.ALL)}, or 'all'")
-    p.add_argument("--methods", default="all", help="comma-separated method names (default: all registered)")
-    p.add_argument("--epochs", type=int, default=5)
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--hidden", type=lambda s: [int(v) for v in s.split(",") if v], default=[32],
-                   help="hidden widths, comma-separated (default 32)")
-    p.add_argument("--activation", default="tanh")
+    p.add_argument("--backend", default="numpy", type=_validated(_parse_backends),
+                   help=f"one of {', '.join(backends.ALL)}, or 'all'")
+    p.add_argument("--methods", default="all", type=_validated(_parse_methods),
+                   help="comma-separated method names (default: all registered)")
+    p.add_argument("--epochs", type=_int_at_least(1), default=5)
+    p.add_argument("--batch-size", type=_int_at_least(1), default=64,
+                   help="at most the number of training samples")
+    p.add_argument("--seed", type=_int_at_least(0), default=0)
+    p.add_argument("--hidden", type=_widths, default=[32], help="hidden widths, comma-separated (default 32)")
+    p.add_argument("--activation", default="tanh", choices=backends.ACTIVATIONS)
     p.add_argument("--loss", default="ce", choices=["ce", "mse"])
     p.add_argument("--dtype", default="float64", choices=["float64", "float32"])
-    p.add_argument("--device", default=None, help="e.g. cuda for torch/jax/cupy")
-    p.add_argument("--out", default="compare_out", help="folder for compare.png and results.json")
-    p.add_argument("--threads", type=int, default=1,
+    p.add_argument("--device", default=None, type=_device, help="e.g. cuda for torch/jax/cupy")
+    p.add_argument("--out", default="compare_out",
+                   help="folder for compare.png and results.json (created and checked before training)")
+    p.add_argument("--threads", type=_int_at_least(1), default=1,
                    help="BLAS/torch threads (default 1: the digits nets are too small to gain from more)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--list", action="store_true", help="list the registered methods and exit")
+    p.set_defaults(error=p.error)  # usage errors found after parsing (data size, output folder)
     return parser
 
 
@@ -256,8 +372,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.list:
         _list(args)
         return 0
-    if args.epochs < 1 or args.batch_size < 1:
-        raise SystemExit("--epochs and --batch-size must be >= 1")
+    split = digits(seed=0)
+    _check_against_data(args, split)
     if args.backend in ("jax", "all") and args.dtype == "float64":
         backends.enable_jax_x64()  # float64 on JAX for this command-line run only
     import scipy.linalg  # noqa: F401  (load its BLAS now: threadpoolctl limits only loaded libraries)
@@ -265,7 +381,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     backends.set_torch_threads(args.threads)
     with threadpool_limits(limits=args.threads):
-        runs = compare(args)
+        runs = compare(args, split)
+    if any(r.get("interrupted") for r in runs):
+        return INTERRUPTED
     return 0 if all("error" not in r for r in runs) else 1
 
 

@@ -17,6 +17,16 @@ try:  # float64 in JAX must be switched on before any JAX array exists (tests on
 except ImportError:  # pragma: no cover - jax is in the test extra
     pass
 
+try:  # hypothesis profiles (tests/test_properties.py): `pytest --hypothesis-profile=thorough` for a long run
+    from hypothesis import settings
+
+    # CI: few examples, fixed (derandomized) draws so every run tests the same nets; no example database
+    settings.register_profile("default", max_examples=12, deadline=None, derandomize=True, database=None)
+    settings.register_profile("thorough", max_examples=200, deadline=None, print_blob=True)
+    settings.load_profile("default")
+except ImportError:  # pragma: no cover - hypothesis is in the test extra
+    pass
+
 import curvcore as cc  # noqa: E402
 from cases import make_problem  # noqa: E402
 
