@@ -401,10 +401,8 @@ def digits_images():
     return x, torch.tensor(split.y_train)
 
 
-@pytest.mark.parametrize("method", ["curveball", "pseudo_hessian", "sgd", "adam"])
-def test_defaults_lower_the_digits_cnn_training_loss_in_15_steps(method, digits_images):
+def _lowers_loss_in_15_steps(method, net, digits_images):
     x, y = digits_images
-    net = cnn()
     lossf = nn.CrossEntropyLoss()
     opt = ct.Optimizer(net, cc.get_method(method).cls(), lossf)  # constructor defaults
     with torch.no_grad():
@@ -416,6 +414,35 @@ def test_defaults_lower_the_digits_cnn_training_loss_in_15_steps(method, digits_
     with torch.no_grad():
         after = float(lossf(net(x), y))
     assert after < before, (before, after)
+
+
+@pytest.mark.parametrize("method", ["curveball", "pseudo_hessian", "sgd", "adam"])
+def test_defaults_lower_the_digits_cnn_training_loss_in_15_steps(method, digits_images):
+    _lowers_loss_in_15_steps(method, cnn(), digits_images)
+
+
+@pytest.mark.parametrize("net_name", ["cnn", "resnet_bn"])
+@pytest.mark.parametrize("method", ["kfac", "acp", "centered_sgd", "esn", "mk"])
+def test_layerwise_defaults_lower_the_training_loss_in_15_steps(method, net_name, digits_images):
+    net = NETS[net_name]()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the parameters outside preconditioned layers are listed once
+        _lowers_loss_in_15_steps(method, net, digits_images)
+
+
+def test_layerwise_methods_report_and_warn_about_what_they_precondition():
+    x, y = images(16)
+    net = resnet_bn()
+    model = ct.TorchModel(net)
+    n_bn = sum(1 for n, _ in net.named_parameters() if ".b" in n or n.split(".")[0] == "1")
+    for name, expected in (("kfac", 2 * 4), ("acp", 2), ("esn", 2)):  # 3 convs + head | head | head
+        opt = cc.get_method(name).make_test()
+        with pytest.warns(UserWarning, match="take a plain gradient step"):
+            _, _, info = opt.step(model, "ce", model.params(), opt.init(model.params(), model), x, y)
+        assert int(info["n_preconditioned"]) == expected, name
+    assert n_bn > 0
+    with pytest.raises(ValueError, match=r"KFAC\(strict=True\): .*1.weight"):
+        cc.KFAC(strict=True).init(model.params(), model)
 
 
 @pytest.mark.parametrize("net_name", ["cnn", "resnet_bn", "dropout"])

@@ -15,8 +15,10 @@ from array_api_compat import array_namespace, device
 
 from .._checks import check_choice, check_int, check_nonnegative, check_positive, check_shapes
 from .._linalg import inv_psd
+from .. import tree
 from ..layers import records
-from ..protocol import Array
+from ..losses import get as get_loss
+from ..protocol import Array, flat_model
 from ..random import host_generator
 from . import _kronecker as kr
 from ._base import (LayerwiseMethod, check_flag, check_grads_finite, method_errors, n_preconditioned, step_info,
@@ -139,16 +141,13 @@ class KFAC(LayerwiseMethod):
 
         def refresh(*_: Any) -> tuple[list, list, Array]:
             A_inv, G_inv = list(state.A_inv), list(state.G_inv)
-            gs = self._output_vectors(model, loss, params, x, y, rec, state.count)
             root = math.sqrt(self.damping)
-            for k, (spec, r) in enumerate(zip(rec.specs, rec.layers)):
-                A = kr.damped(kr.input_second_moment(r.a), root)
-                G = kr.damped(kr.output_factor([g[k] for g in gs.vectors], gs.scale), root)
+            for spec, A, G in self._factors(model, loss, params, x, y, rec, state.count):
                 with method_errors("KFAC"):
-                    A_inv[slot[spec.weight]] = inv_psd(A, f"the damped input factor A + sqrt(damping) I of "
-                                                          f"{spec.describe()}")
-                    G_inv[slot[spec.weight]] = inv_psd(G, f"the damped output factor G + sqrt(damping) I of "
-                                                          f"{spec.describe()}")
+                    A_inv[slot[spec.weight]] = inv_psd(kr.damped(A, root), f"the damped input factor A + sqrt(damping)"
+                                                                           f" I of {spec.describe()}")
+                    G_inv[slot[spec.weight]] = inv_psd(kr.damped(G, root), f"the damped output factor G + "
+                                                                           f"sqrt(damping) I of {spec.describe()}")
             return A_inv, G_inv, kr.flag(xp, 1.0, params[0])
 
         def keep(A_inv: list, G_inv: list) -> tuple[list, list, Array]:
@@ -165,6 +164,28 @@ class KFAC(LayerwiseMethod):
                          n_preconditioned=n_preconditioned(xp, rec, params[0]))
         return (self.assemble(params, rec.grads, deltas),
                 KFACState(count=state.count + 1, A_inv=A_inv, G_inv=G_inv), info)
+
+    def kronecker_factors(self, model: Any, loss: Any, params: Any, x: Array, y: Array,
+                          count: int = 0) -> list[tuple[Any, Array, Array]]:
+        """The undamped factors ``(layer spec, A, G)`` of every preconditioned layer at ``params`` on ``(x, y)``.
+
+        What a refresh computes before damping and inverting (``count`` seeds
+        the MC draws). For inspection and comparison with other libraries.
+        """
+        leaves, treedef = tree.flatten(params)
+        fmodel = flat_model(model, treedef) if model is not None else None
+        specs = self.layer_candidates(leaves, fmodel)
+        lossf = get_loss(loss)
+        rec = records(fmodel, leaves, x, lambda out: lossf.grad(out, y), specs)
+        xp = array_namespace(leaves[0])
+        return self._factors(fmodel, lossf, leaves, x, y, rec, xp.asarray(count))
+
+    def _factors(self, model: Any, loss: Any, params: Sequence[Array], x: Array, y: Array, rec: Any,
+                 count: Array) -> list[tuple[Any, Array, Array]]:
+        """``(spec, A, G)`` per recorded layer (undamped)."""
+        gs = self._output_vectors(model, loss, params, x, y, rec, count)
+        return [(spec, kr.input_second_moment(r.a), kr.output_factor([g[k] for g in gs.vectors], gs.scale))
+                for k, (spec, r) in enumerate(zip(rec.specs, rec.layers))]
 
     class _Vectors(NamedTuple):
         vectors: list  # per pass, the recorded g of each layer
