@@ -35,7 +35,8 @@ register_host_generator(np.random.default_rng)
 INITS = ("lecun", "he", "uniform")
 
 __all__ = [
-    "ALL", "ACTIVATIONS", "ArrayAPIMLP", "FunctionModel", "available", "asarray", "block_until_ready", "init_params", "mlp", "names",
+    "ALL", "ACTIVATIONS", "ArrayAPIMLP", "FunctionModel", "available", "asarray", "backend_of", "block_until_ready",
+    "init_params", "mlp", "names",
     "namespace", "to_numpy",
 ]
 
@@ -102,6 +103,18 @@ def namespace(name: str) -> Any:
 def _library_of(array: Any) -> str:
     mod = type(array).__module__.split(".")[0]
     return {"jaxlib": "jax"}.get(mod, mod)
+
+
+def backend_of(array: Any) -> str:
+    """The backend name of an array: ``"numpy"``, ``"torch"``, ``"jax"``, ``"cupy"`` or ``"array_api_strict"``.
+
+    Raises:
+        TypeError: an array of another library.
+    """
+    lib = _library_of(array)
+    if lib not in ALL:
+        raise TypeError(f"arrays of {lib!r} belong to no curvcore backend ({', '.join(ALL)})")
+    return lib
 
 
 def to_numpy(array: Any) -> np.ndarray:

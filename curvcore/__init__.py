@@ -18,6 +18,7 @@ from .methods.sgd import SGD
 from .protocol import LayerRecord, Model
 
 from . import backends  # noqa: E402  (backends import the core; keep last)
+from .checkpoint import load, save  # noqa: E402
 
 __version__ = "0.1.0"
 
@@ -29,5 +30,5 @@ def __getattr__(name: str):
 
 __all__ = [
     "Adam", "SGD", "LayerRecord", "LayerSpec", "LayerwiseMethod", "Linearization", "Method", "Model", "REGISTRY",
-    "Records", "backends", "get_method", "ggn_vp", "linearization", "losses", "method_names", "tree",
+    "Records", "backends", "get_method", "ggn_vp", "linearization", "load", "losses", "method_names", "save", "tree",
 ]

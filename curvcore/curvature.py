@@ -65,7 +65,8 @@ def ggn_vp(model: Any, loss: Any, params: Any, x: Array, y: Array, v: Any,
         model: a protocol model (any backend).
         loss: a curvcore loss or its name (``"ce"``, ``"mse"``).
         params: the point (any pytree of arrays).
-        x, y: the batch.
+        x: the batch's inputs.
+        y: the batch's targets.
         v: the vector, like ``params``.
         linearization: an existing :class:`Linearization` at ``params`` on
             ``x`` (from :func:`linearization`) to reuse its forward pass; its
