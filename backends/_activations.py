@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from array_api_compat import array_namespace
+from curvcore._namespace import array_namespace
 
 Array = Any
 

@@ -144,13 +144,15 @@ class Optimizer(torch.optim.Optimizer):
                 cov_batch = self.cov_source()
             if cov_batch is not None:
                 kwargs["cov_batch"] = cov_batch
-        new, self.state, self.info = method.step(self.model, lossf, self.model.params(), self.state, x, y, **kwargs)
+        params = [p.detach() for p in self.model.parameters()]  # views: a step never writes into its inputs
+        new, self.state, self.info = method.step(self.model, lossf, params, self.state, x, y, **kwargs)
         with torch.no_grad():
             for p, value in zip(self.model.parameters(), new):
                 p.copy_(value)
-            buffers = dict(self.module.named_buffers())
-            for name, value in self.info.get("buffers", {}).items():
-                buffers[name].copy_(value)
+            if "buffers" in self.info:
+                buffers = dict(self.module.named_buffers())
+                for name, value in self.info["buffers"].items():
+                    buffers[name].copy_(value)
         return self.info
 
     def state_dict(self) -> dict[str, Any]:

@@ -25,7 +25,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from array_api_compat import array_namespace
+from curvcore._namespace import array_namespace
 
 from curvcore._checks import check_same_structure
 

@@ -48,7 +48,7 @@ import torch
 from torch import nn
 
 from curvcore import tree as cc_tree
-from curvcore._checks import check_params_and_x, check_same_structure, in_step, value_checks_on
+from curvcore._checks import check_params_and_x, check_same_structure, in_step, register_all_finite, value_checks_on
 from curvcore.layers import LayerSpec, Records, check_cotangent_shape, output_cotangent
 from curvcore.protocol import Cotangent, LayerRecord, linearize_by_composition
 
@@ -61,6 +61,14 @@ Array = Any
 __all__ = ["Optimizer", "TorchModel", "build_mlp", "from_numpy", "from_torch_loss", "synchronize", "to_numpy"]
 
 cc_tree.register_detach(lambda a: isinstance(a, torch.Tensor) and a.requires_grad, lambda a: a.detach())
+
+
+def _all_finite(tensors: Sequence[Array]) -> Array:
+    """One fused check for a list of tensors: ``max |t|`` of each (NaN and Inf propagate, no overflow)."""
+    return torch.isfinite(torch.stack(torch._foreach_max(torch._foreach_abs(list(tensors))))).all()
+
+
+register_all_finite(lambda a: isinstance(a, torch.Tensor) and a.numel() > 0, _all_finite)
 
 _ACTIVATIONS: dict[str, Callable[[], nn.Module]] = {
     "tanh": nn.Tanh,
@@ -131,6 +139,7 @@ class TorchModel:
         self.validate = validate
         self.class_axis = class_axis
         self.names = [n for n, p in module.named_parameters() if p.requires_grad]
+        self._parameters = [p for p in module.parameters() if p.requires_grad]
         if not self.names:
             raise ValueError("the module has no trainable parameters")
         self.seed = int(torch.initial_seed() if seed is None else seed) % (2**63)
@@ -143,9 +152,8 @@ class TorchModel:
 
     # -- parameters and buffers ----------------------------------------------
     def parameters(self) -> list[nn.Parameter]:
-        """The module's trainable parameters, in the order of the params list."""
-        named = dict(self.module.named_parameters())
-        return [named[n] for n in self.names]
+        """The module's trainable parameters, in the order of the params list (as when the model was built)."""
+        return list(self._parameters)
 
     def params(self) -> list[Array]:
         """A copy of the module's current parameters as plain tensors ``[W1, b1, ...]``."""
@@ -234,6 +242,9 @@ class TorchModel:
     def forward(self, params: Sequence[Array], x: Array) -> Array:
         """The output ``f(params, x)`` (no autograd graph)."""
         self._check(params, x)
+        mlp = self._plain_mlp(x)
+        if mlp is not None:
+            return mlp.forward([p.detach() for p in params], x)
         with torch.no_grad():
             return self._run([p.detach() for p in params], x)[0]
 
@@ -245,8 +256,14 @@ class TorchModel:
         return _forward_ad(lambda: torch.func.jvp(lambda q: self._pure(q, x), (p,), (t,)))
 
     def vjp(self, params: Sequence[Array], x: Array) -> tuple[Array, Callable[[Array], list[Array]]]:
-        """``(f, pullback)`` by ``torch.autograd`` (one forward; each pullback one backward); ``J^T u`` a list."""
+        """``(f, pullback)`` by ``torch.autograd`` (one forward; each pullback one backward); ``J^T u`` a list.
+
+        A plain MLP uses the hand-written sweep instead (no autograd graph, no module dispatch).
+        """
         self._check(params, x)
+        mlp = self._plain_mlp(x)
+        if mlp is not None:
+            return mlp.vjp([p.detach() for p in params], x)
         leaves = [p.detach().requires_grad_(True) for p in params]
         with torch.enable_grad():
             out = self._run(leaves, x)[0]

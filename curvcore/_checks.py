@@ -13,23 +13,30 @@ from __future__ import annotations
 
 import contextvars
 import math
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
-from array_api_compat import array_namespace
+from ._namespace import array_namespace
 from array_api_compat import device as _device
 
 Array = Any
 
 SUPPORTED_DTYPES = ("float32", "float64")
-_STEP: contextvars.ContextVar[bool | None] = contextvars.ContextVar("curvcore_step_validate", default=None)
+class _Step:
+    """The running method step: its ``validate`` and the arrays whose values it already checked."""
+
+    def __init__(self, validate: bool):
+        self.validate, self.checked = bool(validate), set()
+
+
+_STEP: contextvars.ContextVar[_Step | None] = contextvars.ContextVar("curvcore_step", default=None)
 
 
 @contextmanager
 def step_scope(validate: bool) -> Iterator[None]:
     """Mark the code inside as one method step whose inputs are validated (``validate``: value checks on)."""
-    token = _STEP.set(bool(validate))
+    token = _STEP.set(_Step(validate))
     try:
         yield
     finally:
@@ -43,8 +50,19 @@ def in_step() -> bool:
 
 def value_checks_on(own: bool = True) -> bool:
     """Whether value checks run now: the running step's ``validate``, else ``own``."""
-    flag = _STEP.get()
-    return own if flag is None else flag
+    step = _STEP.get()
+    return own if step is None else step.validate
+
+
+def first_check(array: Array) -> bool:
+    """True unless the running step already checked this array's values (always True outside a step)."""
+    step = _STEP.get()
+    if step is None:
+        return True
+    if id(array) in step.checked:
+        return False
+    step.checked.add(id(array))
+    return True
 
 
 class NonFiniteError(FloatingPointError, ValueError):
@@ -84,17 +102,29 @@ def check_finite(name: str, *arrays: Array) -> None:
         check_tree_finite(name, [a], indexed=False)
 
 
+_ALL_FINITE: list[tuple[Callable[[Array], bool], Callable[[Sequence[Array]], Array]]] = []
+
+
+def register_all_finite(applies: Callable[[Array], bool], fn: Callable[[Sequence[Array]], Array]) -> None:
+    """Register a fused ``all finite`` for a list of arrays of one library (torch: two ``_foreach`` ops)."""
+    _ALL_FINITE.append((applies, fn))
+
+
 def all_finite(arrays: Sequence[Array]) -> Array | None:
     """A 0-d boolean array: every floating array is free of NaN/Inf (one fused expression, no sync).
 
     ``None`` when no array is floating.
     """
+    floats = [a for a in arrays if array_namespace(a).isdtype(a.dtype, ("real floating", "complex floating"))]
+    if floats:
+        for applies, fn in _ALL_FINITE:
+            if all(applies(a) for a in floats):
+                return fn(floats)
     ok = None
-    for a in arrays:
+    for a in floats:
         xp = array_namespace(a)
-        if xp.isdtype(a.dtype, ("real floating", "complex floating")):
-            here = xp.all(xp.isfinite(a))
-            ok = here if ok is None else ok & here
+        here = xp.all(xp.isfinite(a))
+        ok = here if ok is None else ok & here
     return ok
 
 

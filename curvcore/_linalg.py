@@ -14,7 +14,7 @@ import sys
 from typing import Any
 
 import array_api_compat
-from array_api_compat import array_namespace
+from ._namespace import array_namespace
 
 from ._checks import concrete_bool
 

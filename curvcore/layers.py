@@ -22,7 +22,7 @@ import math
 from collections.abc import Sequence
 from typing import Any, NamedTuple
 
-from array_api_compat import array_namespace
+from ._namespace import array_namespace
 
 from .protocol import Array, Cotangent, resolve_cotangent
 

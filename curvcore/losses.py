@@ -24,10 +24,10 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from array_api_compat import array_namespace
+from ._namespace import array_namespace
 from array_api_compat import device as _device
 
-from ._checks import check_choice, concrete_bool, namespace, value_checks_on
+from ._checks import check_choice, concrete_bool, first_check, namespace, value_checks_on
 from ._reduce import batch_size, batch_sum_all, global_count
 
 Array = Any
@@ -168,7 +168,7 @@ class CrossEntropy(Loss):
         in_range = (y >= 0) & (y < C)
         bad = ~in_range if labelled is None else labelled & ~in_range
         any_bad = xp.any(bad)
-        if value_checks_on() and concrete_bool(any_bad):
+        if value_checks_on() and first_check(y) and concrete_bool(any_bad):
             wrong = xp.where(bad, y, xp.zeros_like(y))
             raise ValueError(
                 f"CrossEntropy: labels must lie in [0, {C})" + (f" or equal ignore_index={self.ignore_index}"

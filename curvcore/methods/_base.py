@@ -28,7 +28,9 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, nullcontext
 from typing import Any
 
-from array_api_compat import array_namespace, device
+from array_api_compat import device
+
+from .._namespace import array_namespace
 
 from .. import tree
 from .._checks import (

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from array_api_compat import array_namespace
+from .._namespace import array_namespace
 from array_api_compat import device as _device
 
 from .._checks import concrete_bool

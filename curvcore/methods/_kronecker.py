@@ -26,7 +26,9 @@ import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from array_api_compat import array_namespace, device
+from array_api_compat import device
+
+from .._namespace import array_namespace
 
 from .._control import cond
 from .._linalg import eigh

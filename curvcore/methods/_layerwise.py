@@ -20,7 +20,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any, NamedTuple
 
-from array_api_compat import array_namespace
+from .._namespace import array_namespace
 from array_api_compat import device as _dev
 
 from .._checks import check_nonnegative, concrete_bool

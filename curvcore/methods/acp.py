@@ -10,7 +10,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any, NamedTuple
 
-from array_api_compat import array_namespace, device
+from array_api_compat import device
+
+from .._namespace import array_namespace
 
 from .._checks import check_finite, check_int, check_nonnegative, check_positive, check_shapes, concrete_bool, namespace
 from ..layers import records

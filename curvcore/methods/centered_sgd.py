@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any, NamedTuple
 
-from array_api_compat import array_namespace
+from .._namespace import array_namespace
 
 from .._checks import check_positive
 from ..protocol import Array

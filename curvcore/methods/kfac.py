@@ -11,7 +11,9 @@ import math
 from collections.abc import Sequence
 from typing import Any, NamedTuple
 
-from array_api_compat import array_namespace, device
+from array_api_compat import device
+
+from .._namespace import array_namespace
 
 from .._checks import check_choice, check_int, check_nonnegative, check_positive, check_shapes
 from .._linalg import inv_psd

@@ -19,7 +19,7 @@ from __future__ import annotations
 from collections.abc import Hashable, Sequence
 from typing import Any, NamedTuple
 
-from array_api_compat import array_namespace
+from .._namespace import array_namespace
 from array_api_compat import device as _device
 
 from .._checks import (NonFiniteError, check_choice, check_int, check_interval, check_nonnegative,  # noqa: F401
