@@ -59,15 +59,15 @@ class ArrayAPIMLP:
 
     # -- checks ------------------------------------------------------------
     def _check(self, params: Sequence[Array], x: Array) -> Any:
-        if in_step():  # the method step checked its inputs once
-            return array_namespace(x)
         expected = self.param_shapes()
         if len(params) != len(expected):
             raise ValueError(f"params must hold {len(expected)} arrays [W1, b1, ...], got {len(params)}")
         for i, (p, s) in enumerate(zip(params, expected)):
             if tuple(p.shape) != s:
                 raise ValueError(f"Shape mismatch in params[{i}]: expected {s}, got {tuple(p.shape)}.")
-        xp = check_batch(params, x, validate=self.validate)
+        xp = array_namespace(x) if in_step() else check_batch(params, x, validate=self.validate)
+        if x.ndim != 2:
+            raise ValueError(f"x must be a batch (B, {self.sizes[0]}) for this MLP, got shape {tuple(x.shape)}")
         if x.shape[1] != self.sizes[0]:
             raise ValueError(f"x has {x.shape[1]} features but the model expects {self.sizes[0]}")
         return xp
