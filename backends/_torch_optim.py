@@ -9,9 +9,14 @@ from typing import Any
 import torch
 from torch import nn
 
+from curvcore._checks import check_batch
+from curvcore._reduce import reducing
 from curvcore.losses import CrossEntropy, Loss, MSE
 from curvcore.losses import get as get_loss
 from curvcore.methods import init_state
+from curvcore.tree import leaves_of
+
+from ._torch_dist import TorchReducer, digest
 
 Array = Any
 
@@ -82,16 +87,29 @@ class Optimizer(torch.optim.Optimizer):
             ``nn.MSELoss`` (see :func:`from_torch_loss`), or give it to each ``step``.
         cov_source: optional ``() -> inputs`` for methods with ``needs_refresh``.
         seed: seed of the model's dropout masks (default ``torch.initial_seed()``).
+        process_group: a ``torch.distributed`` process group (``dist.group.WORLD``
+            for the default one) for data-parallel training: every rank passes
+            its own shard of the batch (equal sizes), every batch reduction of
+            the method becomes an all-reduce, and all ranks take the same step
+            (BatchNorm statistics stay per rank, as in DDP). See the
+            distributed training page of the docs.
 
     Raises:
         TypeError: not a module, a module whose forward needs two inputs, a
-            loss that can't be mapped.
+            loss that can't be mapped, a ``DistributedDataParallel`` module.
+        ValueError: with ``process_group``, module weights or method states
+            that differ across ranks (checked once here).
     """
 
     def __init__(self, module: nn.Module, method: Any, loss: Any = None,
-                 cov_source: Callable[[], Array] | None = None, seed: int | None = None):
+                 cov_source: Callable[[], Array] | None = None, seed: int | None = None,
+                 process_group: Any = None):
         from .torch import TorchModel
 
+        if isinstance(module, nn.parallel.DistributedDataParallel):
+            raise TypeError("Optimizer got a DistributedDataParallel module: pass the plain module "
+                            "(ddp.module) and process_group=... instead; curvcore all-reduces what each method "
+                            "needs itself")
         self.loss, class_axis = from_torch_loss(loss)
         self.module, self.method, self.cov_source = module, method, cov_source
         self.model = TorchModel(module, seed=seed, class_axis=class_axis)
@@ -100,6 +118,10 @@ class Optimizer(torch.optim.Optimizer):
         super().__init__(self.model.parameters(), {"lr": method.lr})
         self.state = init_state(method, self.model.params(), self.model)  # the method state (not per-parameter dicts)
         self.info: dict[str, Any] = {}
+        self.reducer = None if process_group is None else TorchReducer(process_group)
+        if self.reducer is not None:
+            leaves = [*self.model.params(), *[t for t in leaves_of(self.state) if isinstance(t, torch.Tensor)]]
+            self.reducer.same_everywhere(digest(leaves), "the module weights or method states")
 
     def __repr__(self) -> str:
         return f"Optimizer({self.method!r}, loss={self.loss!r}, lr={self.param_groups[0]['lr']!r})"
@@ -145,7 +167,10 @@ class Optimizer(torch.optim.Optimizer):
             if cov_batch is not None:
                 kwargs["cov_batch"] = cov_batch
         params = [p.detach() for p in self.model.parameters()]  # views: a step never writes into its inputs
-        new, self.state, self.info = method.step(self.model, lossf, params, self.state, x, y, **kwargs)
+        if self.reducer is None:
+            new, self.state, self.info = method.step(self.model, lossf, params, self.state, x, y, **kwargs)
+        else:
+            new, self.state, self.info = self._distributed_step(method, lossf, params, x, y, kwargs)
         with torch.no_grad():
             for p, value in zip(self.model.parameters(), new):
                 p.copy_(value)
@@ -154,6 +179,26 @@ class Optimizer(torch.optim.Optimizer):
                 for name, value in self.info["buffers"].items():
                     buffers[name].copy_(value)
         return self.info
+
+    def _distributed_step(self, method: Any, lossf: Any, params: list, x: Array, y: Array, kwargs: dict) -> tuple:
+        """One step with every batch reduction all-reduced; errors are raised on every rank, never on one."""
+        r = self.reducer
+        r.same_everywhere(float(x.shape[0]), "batch sizes")
+        problem = None
+        if method.validate:
+            try:
+                check_batch(params, x, y, validate=True)
+            except (TypeError, ValueError) as err:
+                problem = f"{type(method).__name__}: {err}"
+        r.agree(problem, "input validation")
+        quiet = copy.copy(method)
+        quiet.validate = False  # every check inside runs on reduced values or not at all: no rank raises alone
+        with reducing(r):
+            new, state, info = quiet.step(self.model, lossf, params, self.state, x, y, **kwargs)
+        if method.validate and not bool(info["finite"]):  # the same on every rank
+            raise FloatingPointError(f"{type(method).__name__}: the step is not finite on the whole batch "
+                                     f"(loss before the step = {float(info['loss'])!r}); the parameters are unchanged")
+        return new, state, info
 
     def state_dict(self) -> dict[str, Any]:
         """The method state (tensor copies) and the param group's hyperparameters (``torch.save``-able)."""

@@ -24,6 +24,7 @@ from typing import Any, NamedTuple
 
 from ._namespace import array_namespace
 
+from ._reduce import batch_gram, batch_sum
 from .protocol import Array, Cotangent, resolve_cotangent
 
 __all__ = ["LayerSpec", "Records", "layer_specs", "mlp_specs", "records", "rows", "weight_matrix",
@@ -125,8 +126,7 @@ def records(model: Any, params: Sequence[Array], x: Array, cotangent: Cotangent,
     all_specs = mlp_specs(params)
     grads: list[Array] = []
     for rec in recs:
-        xp = array_namespace(rec.g)
-        grads += [xp.matmul(xp.matrix_transpose(rec.g), rec.a), xp.sum(rec.g, axis=0)]
+        grads += [batch_gram(rec.g, rec.a), batch_sum(rec.g)]
     if specs is None:
         return Records(recs[-1].h, grads, all_specs, list(recs))
     wanted = {s.weight for s in specs}

@@ -28,7 +28,7 @@ from ._namespace import array_namespace
 from array_api_compat import device as _device
 
 from ._checks import check_choice, concrete_bool, first_check, namespace, value_checks_on
-from ._reduce import batch_size, batch_sum_all, global_count
+from ._reduce import batch_any, batch_size, batch_sum_all, global_count
 
 Array = Any
 
@@ -93,7 +93,7 @@ class MSE(Loss):
         if self.reduction == "sum":
             return 1.0
         if self.reduction == "batch":
-            return 0.5 / global_count(batch_size(f))
+            return 0.5 / batch_size(f)
         return 1.0 / global_count(math.prod(int(d) for d in f.shape))
 
     def value(self, f: Array, y: Array) -> Array:
@@ -167,7 +167,7 @@ class CrossEntropy(Loss):
         labelled = None if self.ignore_index is None else y != self.ignore_index
         in_range = (y >= 0) & (y < C)
         bad = ~in_range if labelled is None else labelled & ~in_range
-        any_bad = xp.any(bad)
+        any_bad = batch_any(bad)
         if value_checks_on() and first_check(y) and concrete_bool(any_bad):
             wrong = xp.where(bad, y, xp.zeros_like(y))
             raise ValueError(
@@ -181,7 +181,7 @@ class CrossEntropy(Loss):
         elif mask is None:
             n = xp.asarray(global_count(math.prod(int(d) for d in y.shape)), dtype=f.dtype, device=_device(f))
         else:
-            n = global_count(batch_sum_all(mask))
+            n = batch_sum_all(mask)
         nan = xp.asarray(math.nan, dtype=f.dtype, device=_device(f))
         return mask, xp.where(any_bad, nan, n)
 

@@ -213,3 +213,44 @@ class _FlatModel:
 def flat_model(model: Any, treedef: Any) -> Any:
     """``model`` itself when its params are a plain list, else a view whose primitives take flat lists."""
     return model if treedef.kind == "list" else _FlatModel(model, treedef)
+
+
+# ---------------------------------------------------------------------------
+# data-parallel view: parameter-space results of pullbacks summed over processes
+# ---------------------------------------------------------------------------
+
+
+class _ReducedModel:
+    """A model whose pullbacks (``J^T u`` over the local shard of the batch) are summed over processes."""
+
+    def __init__(self, model: Any):
+        from . import _reduce
+
+        self.model, self.xp, self._sums = model, getattr(model, "xp", None), _reduce.param_sums
+
+    def __repr__(self) -> str:
+        return f"reduced_model({self.model!r})"
+
+    def __getattr__(self, name: str) -> Any:
+        if name in ("vjp", "linearize", "records") and callable(getattr(self.model, name, None)):
+            return getattr(self, f"_{name}")
+        return getattr(self.model, name)
+
+    def _vjp(self, params: Params, x: Array) -> tuple[Array, Callable[[Array], list]]:
+        out, pull = self.model.vjp(params, x)
+        return out, lambda u: self._sums(pull(u))
+
+    def _linearize(self, params: Params, x: Array) -> tuple[Array, Callable, Callable]:
+        out, jvp_fn, pull = linearize(self.model, params, x)
+        return out, jvp_fn, lambda u: self._sums(pull(u))
+
+    def _records(self, params: Params, x: Array, cotangent: Cotangent, specs: Any = None, chain: bool = False) -> Any:
+        rec = self.model.records(params, x, cotangent, specs, chain)
+        return rec._replace(grads=self._sums(rec.grads))
+
+
+def reduced_model(model: Any) -> Any:
+    """``model`` itself in one process; under a data-parallel reducer, a view whose pullbacks are all-reduced."""
+    from ._reduce import current
+
+    return _ReducedModel(model) if current().distributed else model

@@ -38,7 +38,7 @@ from .._checks import (
 )
 from ..layers import LayerSpec, Records, layer_specs, records
 from ..losses import get as get_loss
-from ..protocol import Array, flat_model
+from ..protocol import Array, flat_model, reduced_model
 from ..tree import tree_norm
 
 
@@ -126,7 +126,7 @@ class Method:
             leaves, treedef = tree.flatten(params)
             leaves = tree.detached(leaves)
             flat_state = self._flat_state(state, leaves, treedef)
-            fmodel = flat_model(model, treedef)
+            fmodel = reduced_model(flat_model(model, treedef))
             for need in self.needs:
                 if not callable(getattr(fmodel, need, None)) and not (need == "layers" and callable(
                         getattr(fmodel, "records", None))):

@@ -32,7 +32,7 @@ from .._namespace import array_namespace
 
 from .._control import cond
 from .._linalg import eigh
-from .._reduce import batch_gram, batch_mean, batch_size, batch_sum
+from .._reduce import batch_gram, batch_max, batch_mean, batch_size, batch_sum, current, global_count
 from ..layers import LayerSpec, bias_vector, matrix_to_weight, positions, rows
 from ..protocol import Array, LayerRecord
 
@@ -52,6 +52,31 @@ def concrete_count(method: str, count: Array, why: str) -> int:
         return int(count)
     except Exception:
         raise TypeError(f"{method}: {why} needs a concrete step count and cannot run inside jax.jit") from None
+
+
+def owned(fn: Callable[..., Array], tasks: Sequence[tuple[Array, str]],
+          out_shape: Callable[[Array], tuple[int, ...]] = lambda M: tuple(M.shape)) -> list[Array]:
+    """``fn(matrix, what)`` (same shape out) for each task; in data-parallel training each task runs on
+    one owner process (greedy by cost, ``n^3``) and is broadcast, so no process inverts every factor.
+
+    On an owner a failed task (not positive definite) gives NaN, so every process sees the same
+    non-finite step instead of one process raising alone.
+    """
+    r = current()
+    if not r.distributed:
+        return [fn(M, what) for M, what in tasks]
+    owners = r.owners([float(M.shape[0]) ** 3 for M, _ in tasks])
+    out = []
+    for (M, what), owner in zip(tasks, owners):
+        xp = array_namespace(M)
+        value = xp.zeros(out_shape(M), dtype=M.dtype, device=device(M))
+        if owner == r.rank:
+            try:
+                value = fn(M, what)
+            except ValueError:
+                value = value * float("nan")
+        out.append(r.broadcast(value, owner))
+    return out
 
 
 def refresh_every(count: Array, every: int, refresh: Callable[..., Any], keep: Callable[..., Any],
@@ -112,7 +137,7 @@ def input_second_moment(a: Array) -> Array:
     xp = array_namespace(a)
     a = rows(a)
     a1 = xp.concat([a, xp.ones((a.shape[0], 1), dtype=a.dtype, device=device(a))], axis=1)
-    return batch_gram(a1, a1) / a1.shape[0]
+    return batch_gram(a1, a1) / global_count(a1.shape[0])
 
 
 def output_factor(gs: Sequence[Array], scale: float) -> Array:
@@ -137,14 +162,26 @@ def kron_solve(L_inv: Array, grad: Array, R_inv: Array) -> Array:
     return xp.matmul(xp.matmul(L_inv, grad), R_inv)
 
 
-def input_covariance_eig(a: Array) -> tuple[Array, Array, Array]:
-    """``(s, U, mu)``: ``C = (a - mu)^T (a - mu) / N = U diag(s) U^T`` over rows (biased), ``s`` clipped at 0."""
-    xp = array_namespace(a)
+def input_covariance(a: Array) -> tuple[Array, Array]:
+    """``(C, mu)``: the biased covariance ``(a - mu)^T (a - mu) / N`` over rows and the mean ``mu``."""
     a = rows(a)
     mu = batch_mean(a)
     ac = a - mu
-    s, U = eigh(batch_gram(ac, ac) / ac.shape[0])
-    return xp.maximum(s, xp.zeros_like(s)), canonical_signs(U), mu
+    return batch_gram(ac, ac) / global_count(ac.shape[0]), mu
+
+
+def covariance_eig(C: Array) -> Array:
+    """``[U; s]`` stacked ``(n + 1, n)``: ``C = U diag(s) U^T``, ``s`` clipped at 0, canonical signs."""
+    xp = array_namespace(C)
+    s, U = eigh(C)
+    return xp.concat([canonical_signs(U), xp.maximum(s, xp.zeros_like(s))[None, :]], axis=0)
+
+
+def input_covariance_eig(a: Array) -> tuple[Array, Array, Array]:
+    """``(s, U, mu)``: ``C = (a - mu)^T (a - mu) / N = U diag(s) U^T`` over rows (biased), ``s`` clipped at 0."""
+    C, mu = input_covariance(a)
+    Us = covariance_eig(C)
+    return Us[-1, :], Us[:-1, :], mu
 
 
 def canonical_signs(U: Array) -> Array:
@@ -166,8 +203,7 @@ def per_example_alpha(rec: LayerRecord) -> Array:
 
     A max over the batch: a data-parallel version must all-reduce it with ``max``.
     """
-    xp = array_namespace(rec.g)
-    return xp.max((examples(rec) * rec.g) ** 2)
+    return batch_max((examples(rec) * rec.g) ** 2)
 
 
 def centered_step(lr: float, G_hat: Array, g_hat: Array, a_bar: Array, inv_alpha: Any,

@@ -25,7 +25,7 @@ from array_api_compat import device as _dev
 
 from .._checks import check_nonnegative, concrete_bool
 from .._linalg import eigh
-from .._reduce import batch_gram, batch_mean, batch_sum
+from .._reduce import batch_any, batch_gram, batch_mean, batch_size, batch_sum
 from ..layers import LayerSpec, Records, matrix_to_weight, weight_matrix
 from ..losses import MSE, CrossEntropy
 from ..protocol import Array, LayerRecord
@@ -90,7 +90,7 @@ def check_linear_output(recs: Sequence[LayerRecord]) -> None:
 
 def sample_grads(recs: Sequence[LayerRecord]) -> list[Array]:
     """``ĝ_k = B * g_k``: per-sample gradients (the records hold the batch-MEAN gradient)."""
-    return [r.g * r.g.shape[0] for r in recs]
+    return [r.g * batch_size(r.g) for r in recs]
 
 
 def sq_norm(u: Array) -> Array:
@@ -228,7 +228,7 @@ def check_loss(loss: Any) -> None:
 
 def weight_mean(ghat: Array, coef: Array, a: Array) -> Array:
     """``(1/B) Σ_p coef_p ĝ_p a_pᵀ``: one matmul, shape like ``W``."""
-    return batch_gram(ghat * coef[:, None], a) / ghat.shape[0]
+    return batch_gram(ghat * coef[:, None], a) / batch_size(ghat)
 
 
 def closed_form(terms: Terms, variant: str, mu: float, eps: float) -> tuple[list[Array], list[Array]]:
@@ -270,7 +270,7 @@ def first_zero_gradient(terms: Terms, eps: float) -> tuple[int, int] | None:
     xp = array_namespace(terms.ghat[0])
     for k in range(1, len(terms.ghat)):
         bad = sq_norm(terms.ghat[k]) <= eps
-        if concrete_bool(xp.any(bad)):
+        if concrete_bool(batch_any(bad)):
             return k + 1, int(xp.argmax(xp.astype(bad, xp.int32)))
     return None
 
@@ -311,7 +311,7 @@ class Moments(NamedTuple):
 
 def batch_moments(ghat: Array, a: Array, rho: Array, second_moment: bool) -> Moments:
     """Batch-mean estimates of one layer's :class:`Moments` (B = 1: the rank-one spot estimate)."""
-    B = ghat.shape[0]
+    B = batch_size(ghat)
     P = batch_gram(a, a) / B if second_moment else None
     return Moments(batch_gram(ghat, ghat) / B, batch_gram(ghat * rho[:, None], a) / B, batch_mean(a), P)
 

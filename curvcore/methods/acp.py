@@ -178,9 +178,13 @@ class ACP(LayerwiseMethod):
             src = rec if cov_batch is None else records(model, params, cov_batch,
                                                         lambda out: array_namespace(out).zeros_like(out), rec.specs)
             s, U, mu = list(state.s), list(state.U), list(state.mu)
-            for sp, r in zip(src.specs, src.layers):
+            covs = [kr.input_covariance(r.a) for r in src.layers]
+            eigs = kr.owned(lambda C, what: kr.covariance_eig(C), [(C, sp.describe()) for (C, _), sp in
+                                                                     zip(covs, src.specs)],
+                            lambda C: (C.shape[0] + 1, C.shape[1]))
+            for sp, (_, m), Us in zip(src.specs, covs, eigs):
                 i = slot[sp.weight]
-                s[i], U[i], mu[i] = kr.input_covariance_eig(r.a)
+                s[i], U[i], mu[i] = Us[-1, :], Us[:-1, :], m
             return s, U, mu, one
 
         def keep(s: list, U: list, mu: list) -> tuple[list, list, list, Array]:

@@ -17,6 +17,7 @@ from .._namespace import array_namespace
 
 from .._checks import check_choice, check_int, check_nonnegative, check_positive, check_shapes
 from .._linalg import inv_psd
+from .._reduce import batch_size, current
 from .. import tree
 from ..layers import records
 from ..losses import get as get_loss
@@ -144,12 +145,13 @@ class KFAC(LayerwiseMethod):
         def refresh(*_: Any) -> tuple[list, list, Array]:
             A_inv, G_inv = list(state.A_inv), list(state.G_inv)
             root = math.sqrt(self.damping)
-            for spec, A, G in self._factors(model, loss, params, x, y, rec, state.count):
-                with method_errors("KFAC"):
-                    A_inv[slot[spec.weight]] = inv_psd(kr.damped(A, root), f"the damped input factor A + sqrt(damping)"
-                                                                           f" I of {spec.describe()}")
-                    G_inv[slot[spec.weight]] = inv_psd(kr.damped(G, root), f"the damped output factor G + "
-                                                                           f"sqrt(damping) I of {spec.describe()}")
+            factors = self._factors(model, loss, params, x, y, rec, state.count)
+            tasks = [(kr.damped(F, root), f"the damped {which} factor {name} + sqrt(damping) I of {spec.describe()}")
+                     for spec, A, G in factors for F, which, name in ((A, "input", "A"), (G, "output", "G"))]
+            with method_errors("KFAC"):
+                inverses = kr.owned(lambda M, what: inv_psd(M, what), tasks)
+            for k, (spec, _, _) in enumerate(factors):
+                A_inv[slot[spec.weight]], G_inv[slot[spec.weight]] = inverses[2 * k], inverses[2 * k + 1]
             return A_inv, G_inv, kr.flag(xp, 1.0, params[0])
 
         def keep(A_inv: list, G_inv: list) -> tuple[list, list, Array]:
@@ -222,13 +224,15 @@ class KFAC(LayerwiseMethod):
                              f"and outputs {tuple(out.shape)}")
         xp = array_namespace(out)
         B, C = out.shape
+        shard = slice(current().rank * B, (current().rank + 1) * B)  # each rank's rows of the whole batch's draws
         cots = []
         for _ in range(self.mc_samples):
             if name == "mse":
-                noise = xp.asarray(rng.standard_normal((B, C)), dtype=out.dtype, device=device(out))
+                noise = xp.asarray(rng.standard_normal((batch_size(out), C))[shard], dtype=out.dtype,
+                                   device=device(out))
                 cots.append(loss.grad(out, out + noise))
                 continue
-            u = xp.asarray(rng.random((B, 1)), dtype=out.dtype, device=device(out))
+            u = xp.asarray(rng.random((batch_size(out), 1))[shard], dtype=out.dtype, device=device(out))
             below = xp.astype(xp.cumulative_sum(loss.softmax(out), axis=1) < u, xp.int64)
             labels = xp.minimum(xp.sum(below, axis=1), xp.asarray(C - 1, dtype=xp.int64, device=device(out)))
             cots.append(loss.grad(out, labels))
