@@ -15,7 +15,6 @@ from typing import Any
 from curvcore._namespace import array_namespace
 
 from curvcore._checks import check_batch, check_same_structure, in_step
-from curvcore._reduce import batch_gram, batch_sum
 from curvcore.protocol import Cotangent, LayerRecord, resolve_cotangent
 
 from ._activations import check_activation, derivatives
@@ -192,5 +191,6 @@ def _grads_from_records(recs: list[LayerRecord]) -> list[Array]:
     """``[g^T a, sum_batch g]`` per layer: the parameter gradient from the records."""
     grads: list[Array] = []
     for r in recs:
-        grads += [batch_gram(r.g, r.a), batch_sum(r.g)]
+        xp = array_namespace(r.g)  # over this process's batch: data-parallel sums happen in the core
+        grads += [xp.matmul(xp.matrix_transpose(r.g), r.a), xp.sum(r.g, axis=0)]
     return grads

@@ -24,7 +24,6 @@ from typing import Any, NamedTuple
 
 from ._namespace import array_namespace
 
-from ._reduce import batch_gram, batch_sum
 from .protocol import Array, Cotangent, resolve_cotangent
 
 __all__ = ["LayerSpec", "Records", "layer_specs", "mlp_specs", "records", "rows", "weight_matrix",
@@ -67,7 +66,9 @@ class Records(NamedTuple):
 
     Attributes:
         out: the model output.
-        grads: ``J^T cotangent`` for every params entry (a flat list like params).
+        grads: ``J^T cotangent`` for every params entry (a flat list like params), summed over
+            this process's batch only (in data-parallel training the method all-reduces the
+            entries it uses).
         specs: the layers recorded (a subset of those asked for: a layer
             called more or less than once per pass is left out; with
             ``chain=True`` only the output chain, in call order).
@@ -126,7 +127,8 @@ def records(model: Any, params: Sequence[Array], x: Array, cotangent: Cotangent,
     all_specs = mlp_specs(params)
     grads: list[Array] = []
     for rec in recs:
-        grads += [batch_gram(rec.g, rec.a), batch_sum(rec.g)]
+        xp = array_namespace(rec.g)
+        grads += [xp.matmul(xp.matrix_transpose(rec.g), rec.a), xp.sum(rec.g, axis=0)]
     if specs is None:
         return Records(recs[-1].h, grads, all_specs, list(recs))
     wanted = {s.weight for s in specs}

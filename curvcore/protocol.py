@@ -221,7 +221,11 @@ def flat_model(model: Any, treedef: Any) -> Any:
 
 
 class _ReducedModel:
-    """A model whose pullbacks (``J^T u`` over the local shard of the batch) are summed over processes."""
+    """A model whose pullbacks (``J^T u`` over the local shard of the batch) are summed over processes.
+
+    ``records`` is left as it is: its ``grads`` stay this process's partial sums, and a layer-wise
+    method all-reduces only the ones it uses (the parameters it does not precondition).
+    """
 
     def __init__(self, model: Any):
         from . import _reduce
@@ -232,7 +236,7 @@ class _ReducedModel:
         return f"reduced_model({self.model!r})"
 
     def __getattr__(self, name: str) -> Any:
-        if name in ("vjp", "linearize", "records") and callable(getattr(self.model, name, None)):
+        if name in ("vjp", "linearize") and callable(getattr(self.model, name, None)):
             return getattr(self, f"_{name}")
         return getattr(self.model, name)
 
@@ -243,10 +247,6 @@ class _ReducedModel:
     def _linearize(self, params: Params, x: Array) -> tuple[Array, Callable, Callable]:
         out, jvp_fn, pull = linearize(self.model, params, x)
         return out, jvp_fn, lambda u: self._sums(pull(u))
-
-    def _records(self, params: Params, x: Array, cotangent: Cotangent, specs: Any = None, chain: bool = False) -> Any:
-        rec = self.model.records(params, x, cotangent, specs, chain)
-        return rec._replace(grads=self._sums(rec.grads))
 
 
 def reduced_model(model: Any) -> Any:

@@ -7,7 +7,7 @@ import warnings
 
 import numpy as np
 
-NETS = ("mlp", "cnn")
+NETS = ("mlp", "plain_mlp", "cnn")
 STEPS = 5
 BATCH = 32
 
@@ -18,8 +18,10 @@ def build(net: str, seed: int = 0):
     from torch import nn
 
     torch.manual_seed(seed)
-    if net == "mlp":
+    if net == "mlp":  # a module that takes the generic path (Flatten first)
         return nn.Sequential(nn.Flatten(), nn.Linear(64, 32), nn.Tanh(), nn.Linear(32, 10)).double()
+    if net == "plain_mlp":  # Sequential(Linear, act, Linear): the hand-written sweeps, on (B, 64) inputs
+        return nn.Sequential(nn.Linear(64, 32), nn.Tanh(), nn.Linear(32, 10)).double()
     return nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(),
                          nn.Linear(64, 10)).double()
 
@@ -39,6 +41,11 @@ def batches(n_steps: int = STEPS, seed: int = 0):
     return out
 
 
+def inputs(net: str, x):
+    """The images as (B, 64) rows for the plain MLP."""
+    return x.reshape(x.shape[0], -1) if net == "plain_mlp" else x
+
+
 def run(method: str, net: str, shard: tuple[int, int] | None, process_group=None) -> dict[int, list[np.ndarray]]:
     """Params after steps 1 and ``STEPS`` of ``method`` on ``net``; ``shard = (rank, size)`` takes that part."""
     import curvcore as cc
@@ -48,6 +55,7 @@ def run(method: str, net: str, shard: tuple[int, int] | None, process_group=None
     opt = Optimizer(module, cc.get_method(method).make_test(), "ce", process_group=process_group)
     out = {}
     for t, (x, y) in enumerate(batches(), start=1):
+        x = inputs(net, x)
         if shard is not None:
             rank, size = shard
             part = slice(rank * BATCH // size, (rank + 1) * BATCH // size)

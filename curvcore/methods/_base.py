@@ -36,6 +36,7 @@ from .. import tree
 from .._checks import (
     all_finite, check_batch, check_params, check_same_structure, check_tree_finite, concrete_bool, step_scope,
 )
+from .._reduce import current, param_sums
 from ..layers import LayerSpec, Records, layer_specs, records
 from ..losses import get as get_loss
 from ..protocol import Array, flat_model, reduced_model
@@ -313,6 +314,11 @@ class LayerwiseMethod(Method):
                specs: Sequence[LayerSpec]) -> tuple[Array, Records]:
         """One recorded pass with the loss gradient as cotangent: ``(L, records)``; checks coverage."""
         rec = records(model, params, x, lambda out: loss.grad(out, y), specs, chain=self.chain)
+        if current().distributed:  # only the gradients of the parameters taking a plain step are needed
+            owned = {i for s in rec.specs for i in s.tensors()}
+            rest = [i for i in range(len(params)) if i not in owned]
+            summed = dict(zip(rest, param_sums([rec.grads[i] for i in rest]))) if rest else {}
+            rec = rec._replace(grads=[summed.get(i, g) for i, g in enumerate(rec.grads)])
         if self.strict:
             self._check_strict(params, model, rec.specs, "is not preconditioned in this pass")
         elif not getattr(self, "_warned", False):

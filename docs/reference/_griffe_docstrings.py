@@ -23,7 +23,7 @@ def markdown_docstring(text: str) -> str:
     """``text`` with Sphinx roles as code spans and doctest runs as fenced ``pycon`` blocks."""
     text = _ROLE.sub(r"`\1`", text)
     out: list[str] = []
-    in_block = False
+    in_block, indent = False, ""
     for line in text.splitlines():
         match = _PROMPT.match(line)
         if match and not in_block:
