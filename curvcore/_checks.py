@@ -219,12 +219,15 @@ def check_batch(params: Sequence[Array], x: Array, y: Array | None = None, valid
 
     Checks: same array library and device, ``x`` of shape ``(B, ...)`` with
     ``B >= 1`` (a floating ``x`` must have the params' dtype), ``y`` with ``B``
-    rows, and (when ``validate``) no NaN/Inf in ``x``, ``y`` or params.
+    rows, and (when ``validate``) no NaN/Inf in ``x``, ``y`` or params. Inside a
+    method step the step's ``validate`` decides (:func:`value_checks_on`), so
+    a model called by a ``validate=False`` step does not raise on values.
 
     Raises:
         TypeError: libraries or dtypes differ.
         ValueError: shapes or devices differ, an empty batch, or values are not finite.
     """
+    validate = value_checks_on(validate)
     if y is not None:
         namespace(*params, x, y, what="params and data")
     if x.ndim < 1:
