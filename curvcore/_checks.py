@@ -24,16 +24,23 @@ Array = Any
 
 SUPPORTED_DTYPES = ("float32", "float64")
 _STEP: contextvars.ContextVar[bool | None] = contextvars.ContextVar("curvcore_step_validate", default=None)
+_METHOD: contextvars.ContextVar[str | None] = contextvars.ContextVar("curvcore_step_method", default=None)
 
 
 @contextmanager
-def step_scope(validate: bool) -> Iterator[None]:
-    """Mark the code inside as one method step whose inputs are validated (``validate``: value checks on)."""
-    token = _STEP.set(bool(validate))
+def step_scope(validate: bool, method: str | None = None) -> Iterator[None]:
+    """Mark the code inside as one step of ``method`` whose inputs are validated (``validate``: value checks on)."""
+    token, name = _STEP.set(bool(validate)), _METHOD.set(method)
     try:
         yield
     finally:
         _STEP.reset(token)
+        _METHOD.reset(name)
+
+
+def step_method() -> str | None:
+    """The name of the method whose step is running (for error messages), or ``None``."""
+    return _METHOD.get()
 
 
 def in_step() -> bool:
@@ -195,12 +202,18 @@ def check_params_and_x(params: Sequence[Array], x: Array, validate: bool = True)
     """Checks every adapter shares: one library, dtype and device for params (float32/float64), a
     floating ``x`` in that dtype on that device, and (when ``validate``) no NaN/Inf. Returns the namespace.
 
+    ``x`` must be a batch ``(B, ...)`` with ``B >= 1``.
+
     Raises:
         TypeError: libraries or dtypes differ, or an unsupported dtype.
-        ValueError: devices differ or values are not finite.
+        ValueError: not a batch or an empty one, devices differ or values are not finite.
     """
     check_params(params)
     xp = namespace(*params, x, what="params and data")
+    if x.ndim < 1:
+        raise ValueError(f"x must be a batch (B, ...) with the samples on axis 0, got shape {tuple(x.shape)}")
+    if x.shape[0] == 0:
+        raise ValueError(f"empty batch: x has shape {tuple(x.shape)} (B = 0); a batch needs at least one sample")
     if xp.isdtype(x.dtype, "real floating") and x.dtype != params[0].dtype:
         raise TypeError(
             f"dtype mismatch: params are {params[0].dtype} but x is {x.dtype}; cast the data to the params' dtype"
@@ -230,10 +243,6 @@ def check_batch(params: Sequence[Array], x: Array, y: Array | None = None, valid
     validate = value_checks_on(validate)
     if y is not None:
         namespace(*params, x, y, what="params and data")
-    if x.ndim < 1:
-        raise ValueError(f"x must be a batch (B, ...) with the samples on axis 0, got shape {tuple(x.shape)}")
-    if x.shape[0] == 0:
-        raise ValueError(f"empty batch: x has shape {tuple(x.shape)} (B = 0); every step needs at least one sample")
     xp = check_params_and_x(params, x, validate)
     if y is not None and (y.ndim == 0 or y.shape[0] != x.shape[0]):
         raise ValueError(f"y must have one row per sample: x has {x.shape[0]}, y has shape {tuple(y.shape)}")

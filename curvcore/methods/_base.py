@@ -32,7 +32,8 @@ from array_api_compat import array_namespace, device
 
 from .. import tree
 from .._checks import (
-    all_finite, check_batch, check_params, check_same_structure, check_tree_finite, concrete_bool, step_scope,
+    all_finite, check_batch, check_params, check_same_structure, check_tree_finite, concrete_bool, step_method,
+    step_scope,
 )
 from ..layers import LayerSpec, Records, layer_specs, records
 from ..losses import get as get_loss
@@ -132,7 +133,7 @@ class Method:
                                     f"{type(model).__name__} does not provide it")
             xp = check_batch(leaves, x, y, validate=self.validate)
         scope_fn = getattr(fmodel, "step_scope", None)
-        with step_scope(self.validate), (scope_fn() if scope_fn is not None else nullcontext()) as scope:
+        with step_scope(self.validate, type(self).__name__), (scope_fn() if scope_fn is not None else nullcontext()) as scope:
             new, new_state, info = self.flat_step(fmodel, loss, leaves, flat_state, x, y, **kwargs)
         new, new_state, info = self._keep_finite(xp, leaves, flat_state, new, new_state, dict(info), fmodel)
         buffers = getattr(scope, "buffers", None)
@@ -259,13 +260,16 @@ def loss_and_records(model: Any, loss: Any, params: Sequence[Array], x: Array, y
     return loss.value(recs[-1].h, y), recs
 
 
-def check_grads_finite(grads: Sequence[Array], validate: bool) -> None:
-    """Raise ``FloatingPointError`` if the gradient overflowed."""
-    if validate:
-        try:
-            check_tree_finite("gradient", grads)
-        except ValueError as err:
-            raise FloatingPointError(f"{err} (the loss or the model overflowed)") from None
+def check_grads_finite(grads: Sequence[Array], validate: bool, what: str | Sequence[str] = "gradient") -> None:
+    """Raise ``FloatingPointError`` naming the running method and the first non-finite array if the
+    gradient overflowed (``what``: a name for the list, or one name per array)."""
+    if not validate or concrete_bool(all_finite(grads)) is not False:  # one device sync when all is well
+        return
+    names = [f"{what}[{i}]" for i in range(len(grads))] if isinstance(what, str) else list(what)
+    bad = next(n for n, g in zip(names, grads) if concrete_bool(all_finite([g])) is False)
+    method = step_method()
+    raise FloatingPointError(f"{method + ': ' if method else ''}{bad} contains NaN or Inf (the loss or the model "
+                             "overflowed)")
 
 
 def step_info(loss_value: Array, delta: Sequence[Array], **extra: Array) -> dict[str, Array]:

@@ -246,7 +246,8 @@ def compute_terms(rec: Records, loss: Any, y: Array, weights: Sequence[Array], l
     ghat = sample_grads(recs)
     if validate:
         check_linear_output(recs)
-        check_grads_finite([out, *ghat], validate)
+        check_grads_finite([out, *ghat], validate, ["the model output", *(f"the per-sample gradient of layer {k}"
+                                                                             for k in range(len(ghat)))])
     rho = rho_auto(ghat, [r.dact for r in recs]) if lam == "auto" else rho_fixed(lam, len(recs), out)
     if lam_out == "auto":
         rho = scale_rho(rho, output_scale_auto(ghat[-1]))
