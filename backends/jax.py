@@ -499,13 +499,15 @@ def synchronize(tree: Any = None) -> Any:
 
 def build_mlp(sizes: Sequence[int], activation: str, params_np: Sequence[np.ndarray],
               device: Any = None) -> tuple[JaxModel, list[Array]]:
-    """The MLP as ``JaxModel(mlp_apply(activation))`` with ``params_np`` as JAX arrays.
+    """The MLP as ``JaxModel(mlp_apply(activation))`` with ``params_np`` as JAX arrays; the model knows
+    their shapes (``param_shapes``), so params of another net are refused, also inside steps and jit.
 
     Raises:
         TypeError: float64 params while ``jax_enable_x64`` is off.
     """
     params = [from_numpy(p, device=device) for p in params_np]
-    return JaxModel(mlp_apply(activation), n_layers=len(sizes) - 1, param_shapes=[p.shape for p in params_np]), params
+    model = JaxModel(mlp_apply(activation), n_layers=len(sizes) - 1, param_shapes=[p.shape for p in params_np])
+    return model, params
 
 
 # ---------------------------------------------------------------------------

@@ -210,7 +210,8 @@ def _check_linearize(chk: _Checker, model: Any, params: Sequence[Array], x: Arra
     chk.close("linearize jvp_fn(u) == jvp", to_numpy(jvp_fn(u)), Ju)
     pulled = [to_numpy(t) for t in pullback(v)]
     if [t.shape for t in pulled] != [t.shape for t in JTv]:
-        chk.failures.append(f"linearize: pullback shapes {[t.shape for t in pulled]}, expected {[t.shape for t in JTv]}")
+        chk.failures.append(f"linearize: pullback shapes {[t.shape for t in pulled]}, "
+                            f"expected {[t.shape for t in JTv]}")
         return
     total = math.sqrt(sum(_norm(b) ** 2 for b in JTv))  # each tensor to the scale of the whole J^T v
     for i, (a, b) in enumerate(zip(pulled, JTv)):

@@ -133,7 +133,8 @@ class Method:
                                     f"{type(model).__name__} does not provide it")
             xp = check_batch(leaves, x, y, validate=self.validate)
         scope_fn = getattr(fmodel, "step_scope", None)
-        with step_scope(self.validate, type(self).__name__), (scope_fn() if scope_fn is not None else nullcontext()) as scope:
+        model_scope = scope_fn() if scope_fn is not None else nullcontext()
+        with step_scope(self.validate, type(self).__name__), model_scope as scope:
             new, new_state, info = self.flat_step(fmodel, loss, leaves, flat_state, x, y, **kwargs)
         new, new_state, info = self._keep_finite(xp, leaves, flat_state, new, new_state, dict(info), fmodel)
         buffers = getattr(scope, "buffers", None)

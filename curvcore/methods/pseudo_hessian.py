@@ -176,11 +176,12 @@ class PseudoHessian(Method):
         delta, finite = _clip(combine(u, index, eta * self.lr), self.max_step_norm)
         eta = xp.where(finite, eta, xp.zeros_like(eta))
         status = xp.where(finite, status, xp.full_like(status, _cubic.SKIP))
-        # the line step is the fallback when the step fails its Armijo ladder (not when it already is the line step)
-        eta_line = xp.where(status == _cubic.LINE, xp.zeros_like(eta_line), eta_line)
-        line, line_finite = _clip(combine(u, index, eta_line * self.lr), self.max_step_norm)
+        # the line step is the fallback when the step fails its Armijo ladder (unless it is the line step already)
+        same = (status == _cubic.LINE) | (eta.shape[0] == 1)
+        eta_line = xp.where(same, xp.zeros_like(eta_line), eta_line)
+        line = _clip(combine(u, index, eta_line * self.lr), self.max_step_norm)[0]
         step_t, status, fallback = self._backtrack(model, loss, params, x, y, value, g, delta, line, status)
-        eta = xp.where(fallback & line_finite, eta_line, eta)
+        eta = xp.where(fallback, eta_line, eta)
         delta = [step_t * xp.where(fallback, b, a) for a, b in zip(delta, line)]
         info = step_info(value, delta, r=r, hbar_min_eig=min_eig, eta_min=xp.min(eta), eta_max=xp.max(eta),
                          t=step_t, n_groups=xp.sum(xp.astype(active, eta.dtype)),
@@ -251,7 +252,7 @@ class PseudoHessian(Method):
             trial = loss.value(model.forward([p - tk * xp.where(main, a, b) for p, a, b in zip(params, delta, line)],
                                              x), y)
             ok = xp.isfinite(trial) & (trial <= value - ARMIJO_C * tk * slope)
-            done = ~ok & (k >= self.max_backtracks)  # this ladder is exhausted: the line step's, or the end
+            done = ~ok & (k >= self.max_backtracks)  # this ladder is used up: on to the line step's, or stop
             after = xp.where(main & (slopes[1] > 0), xp.ones_like(phase), two)
             return (xp.where(done, xp.zeros_like(k), k + 1), xp.where(ok, tk, xp.where(done, one, tk / 2)), ok,
                     xp.where(done, after, phase))
