@@ -14,6 +14,7 @@ MLP of :mod:`curvcore.backends._mlp`), ``torch`` (``nn.Sequential`` wrapped by
 from __future__ import annotations
 
 import importlib
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -36,13 +37,20 @@ INITS = ("lecun", "he", "uniform")
 
 __all__ = [
     "ALL", "ACTIVATIONS", "ArrayAPIMLP", "FunctionModel", "available", "asarray", "backend_of", "block_until_ready",
-    "init_params", "mlp", "names",
-    "namespace", "to_numpy",
+    "init_params", "mlp", "names", "namespace", "to_numpy", "unavailable_reason",
 ]
 
 
 def _probe(name: str) -> bool:
-    """Whether backend ``name`` imports and can allocate an array here."""
+    """Whether backend ``name`` imports and can allocate an array here.
+
+    ``False`` quietly when its framework is not installed (a
+    ``ModuleNotFoundError`` for the framework itself) or, for CuPy, when
+    there is no usable CUDA device. Any other exception (a bug in an adapter,
+    a broken install) also gives ``False`` but is never silent: a
+    ``RuntimeWarning`` names it, and so does the ``ImportError`` of any later
+    use (:func:`unavailable_reason`).
+    """
     try:
         if name == "numpy":
             return True
@@ -51,15 +59,27 @@ def _probe(name: str) -> bool:
             return True
         if name == "cupy":
             cp = importlib.import_module("cupy")
-            cp.empty(3)  # raises without a CUDA device
+            try:
+                cp.empty(3)
+            except Exception as err:  # no usable CUDA device: not available, not broken
+                _ERRORS[name] = f"no usable CUDA device ({type(err).__name__}: {err})"
+                return False
             return True
         importlib.import_module(f"{__name__}.{name}")  # the adapter imports its framework
         return True
-    except Exception:
+    except Exception as err:  # reported below, never swallowed
+        _ERRORS[name] = f"{type(err).__name__}: {err}"
+        missing = isinstance(err, ModuleNotFoundError) and (err.name or "").split(".")[0] in _FRAMEWORK[name]
+        if not missing:
+            warnings.warn(f"curvcore backend {name!r} is installed but failed to load ({_ERRORS[name]}); "
+                          "it is reported as unavailable", RuntimeWarning, stacklevel=3)
         return False
 
 
+_FRAMEWORK = {"array_api_strict": ("array_api_strict",), "torch": ("torch",), "jax": ("jax", "jaxlib"),
+              "cupy": ("cupy", "cupy_backends")}
 _AVAILABLE: dict[str, bool] = {}
+_ERRORS: dict[str, str] = {}
 
 
 def available(name: str) -> bool:
@@ -76,12 +96,17 @@ def names() -> list[str]:
     return [n for n in ALL if available(n)]
 
 
+def unavailable_reason(name: str) -> str | None:
+    """Why backend ``name`` is not available here (the probe's error), or ``None`` when it is."""
+    return None if available(name) else _ERRORS.get(name, "unknown")
+
+
 def _require(name: str) -> None:
     if not available(name):
         hint = {"cupy": "pip install 'curvcore[cupy]' on a machine with an NVIDIA GPU"}.get(
             name, f"pip install 'curvcore[{name}]'" if name in ("torch", "jax") else f"pip install {name}"
         )
-        raise ImportError(f"backend {name!r} is not available here ({hint})")
+        raise ImportError(f"backend {name!r} is not available here: {unavailable_reason(name)} ({hint})")
 
 
 def namespace(name: str) -> Any:

@@ -139,16 +139,26 @@ class JaxModel:
             is called directly. Value checks are skipped inside ``jax.jit``.
         jit: compile the primitives (set False for an ``apply_fn`` that
             cannot be traced by ``jax.jit``).
+        param_shapes: the shapes of the leaves of params, when known
+            (:func:`build_mlp` sets them): every primitive, also inside a
+            method step, then checks the params' count and shapes.
+
+    Raises:
+        ValueError (from the primitives): params that do not have
+            ``param_shapes``; an exception raised by ``apply_fn`` (a wrong
+            feature count, a params list that does not fit), re-raised as a
+            ``ValueError`` naming the shape of ``x`` (the original as ``__cause__``).
     """
 
     xp = jnp
 
     def __init__(self, apply_fn: Callable[..., Array], n_layers: int | None = None, validate: bool = True,
-                 jit: bool = True):
+                 jit: bool = True, param_shapes: Sequence[Sequence[int]] | None = None):
         if not callable(apply_fn):
             raise TypeError(f"apply_fn must be callable, got {type(apply_fn).__name__}")
         self.apply_fn = apply_fn
         self.n_layers = n_layers
+        self.param_shapes = None if param_shapes is None else [tuple(int(n) for n in s) for s in param_shapes]
         self.validate = validate
         self.takes_tap = _takes_tap(apply_fn)
         self._forward, self._jvp, self._jet, self._taps = _programs(apply_fn, jit)
@@ -157,8 +167,17 @@ class JaxModel:
         return f"JaxModel({getattr(self.apply_fn, '__name__', self.apply_fn)!r}, n_layers={self.n_layers})"
 
     def _check(self, params: Any, x: Array) -> None:
+        leaves = jax.tree_util.tree_leaves(params)
+        if self.param_shapes is not None:  # static shapes: checked inside a step and under jit too
+            expected = self.param_shapes
+            if len(leaves) != len(expected):
+                raise ValueError(f"params must hold {len(expected)} arrays of shapes {expected} for this model, "
+                                 f"got {len(leaves)}")
+            for i, (p, s) in enumerate(zip(leaves, expected)):
+                if tuple(p.shape) != s:
+                    raise ValueError(f"Shape mismatch in params[{i}]: expected {s}, got {tuple(p.shape)}.")
         if not in_step():
-            check_params_and_x(jax.tree_util.tree_leaves(params), x, value_checks_on(self.validate))
+            check_params_and_x(leaves, x, value_checks_on(self.validate))
 
     def cache_size(self) -> int:
         """Compiled programs held by this model's primitives (each an LRU of at most :data:`CACHE_SIZE`)."""
@@ -273,6 +292,23 @@ def _pullback(out: Array, pull: Callable[[Array], tuple]) -> Callable[[Array], A
     return pullback
 
 
+class _TapError(TypeError):
+    """The ``tap`` contract broken (raised through ``apply_fn``, not re-raised as a forward error)."""
+
+
+def _call(apply_fn: Callable[..., Array], params: Any, x: Array, **kwargs: Any) -> Array:
+    """``apply_fn(params, x, **kwargs)``; an exception it raises becomes a ``ValueError`` naming ``x``'s shape."""
+    try:
+        return apply_fn(params, x, **kwargs)
+    except _TapError:
+        raise
+    except Exception as err:
+        raise ValueError(
+            f"apply_fn {getattr(apply_fn, '__name__', apply_fn)!r} failed on x of shape {tuple(x.shape)} "
+            f"({x.dtype}); check that x has the shape the model expects and that params fit the model. "
+            f"{type(err).__name__}: {err}") from err
+
+
 def _tapped(apply_fn: Callable[..., Array], p: list, x: Array, e: list, n: int) -> tuple[Array, list]:
     """``apply_fn`` with ``z_k + e_k`` at every dense layer; aux: ``(a, z, act'(z), act(z))`` per layer."""
     store: list[tuple[Array, Array, Array, Array]] = []
@@ -280,7 +316,7 @@ def _tapped(apply_fn: Callable[..., Array], p: list, x: Array, e: list, n: int) 
     def tap(a: Array, z: Array, act: Callable[[Array], Array] | None = None) -> Array:
         k = len(store)
         if k >= n:
-            raise TypeError(f"apply_fn called tap more than n_layers={n} times")
+            raise _TapError(f"apply_fn called tap more than n_layers={n} times")
         z = z + e[k]
         if act is None:
             h, dact = z, jnp.ones_like(z)
@@ -290,7 +326,7 @@ def _tapped(apply_fn: Callable[..., Array], p: list, x: Array, e: list, n: int) 
         store.append((a, z, dact, h))
         return h
 
-    out = apply_fn(p, x, tap=tap)
+    out = _call(apply_fn, p, x, tap=tap)
     if len(store) != n:
         raise TypeError(f"apply_fn called tap {len(store)} times but the model has {n} dense layers")
     return out, store
@@ -366,10 +402,11 @@ def _programs(apply_fn: Callable[..., Array], jit: bool) -> tuple[Any, ...]:
     if cached is not None:
         return cached
     wrap = BoundedJit if jit else (lambda f: f)
+    call = functools.partial(_call, apply_fn)
     progs = (
-        wrap(lambda p, x: apply_fn(p, x)),
-        wrap(lambda p, x, u: jax.jvp(lambda q: apply_fn(q, x), (p,), (u,))),
-        {order: wrap(functools.partial(lambda p, x, u, k: _nested_jet(lambda q: apply_fn(q, x), p, u, k), k=order))
+        wrap(lambda p, x: call(p, x)),
+        wrap(lambda p, x, u: jax.jvp(lambda q: call(q, x), (p,), (u,))),
+        {order: wrap(functools.partial(lambda p, x, u, k: _nested_jet(lambda q: call(q, x), p, u, k), k=order))
          for order in (1, 2, 3)},
         _LazyPrograms(lambda n: wrap(functools.partial(lambda p, x, e, n: _tapped(apply_fn, p, x, e, n), n=n))),
     )
@@ -462,13 +499,15 @@ def synchronize(tree: Any = None) -> Any:
 
 def build_mlp(sizes: Sequence[int], activation: str, params_np: Sequence[np.ndarray],
               device: Any = None) -> tuple[JaxModel, list[Array]]:
-    """The MLP as ``JaxModel(mlp_apply(activation))`` with ``params_np`` as JAX arrays.
+    """The MLP as ``JaxModel(mlp_apply(activation))`` with ``params_np`` as JAX arrays; the model knows
+    their shapes (``param_shapes``), so params of another net are refused, also inside steps and jit.
 
     Raises:
         TypeError: float64 params while ``jax_enable_x64`` is off.
     """
     params = [from_numpy(p, device=device) for p in params_np]
-    return JaxModel(mlp_apply(activation), n_layers=len(sizes) - 1), params
+    model = JaxModel(mlp_apply(activation), n_layers=len(sizes) - 1, param_shapes=[p.shape for p in params_np])
+    return model, params
 
 
 # ---------------------------------------------------------------------------

@@ -188,14 +188,30 @@ class TorchModel:
 
     def _run(self, params: Sequence[Array], x: Array, layers: dict | None = None, capture: bool = True
              ) -> tuple[Array, tp.Pass]:
-        """The module on ``x`` with ``params``: ``(output, the pass)`` (buffers cloned, never written back)."""
+        """The module on ``x`` with ``params``: ``(output, the pass)`` (buffers cloned, never written back).
+
+        Raises:
+            ValueError: params that are not the module's (count, shapes); an
+                exception of the module (e.g. a wrong feature count) re-raised
+                naming the shape of ``x``, the original as ``__cause__``.
+        """
+        self._check_shapes(params)
         values = {n: b.clone() for n, b in self.module.named_buffers()}
         frozen = {n: p.detach() for n, p in self.module.named_parameters() if not p.requires_grad}
         values.update(frozen)
         values.update(zip(self.names, params))
         mode = tp.Pass(self._generator(x.device), layers)
         with mode:
-            out = torch.func.functional_call(self._skeleton(), values, (x,))
+            try:
+                out = torch.func.functional_call(self._skeleton(), values, (x,))
+            except NotImplementedError:
+                raise
+            except Exception as err:
+                if _MISSING_FORWARD_RULE.search(str(err)):  # _forward_ad names the missing rule
+                    raise
+                raise ValueError(f"{type(self.module).__name__} failed on x of shape {tuple(x.shape)} ({x.dtype}); "
+                                 f"check that x has the shape the module expects. {type(err).__name__}: {err}"
+                                 ) from err
         if not isinstance(out, torch.Tensor):
             raise TypeError(f"TorchModel needs a module that returns one tensor; {type(self.module).__name__} "
                             f"returned a {type(out).__name__}")
@@ -227,7 +243,14 @@ class TorchModel:
     def _check(self, params: Sequence[Array], x: Array) -> None:
         if in_step():
             return
-        expected = self.param_shapes()
+        self._check_shapes(params)
+        check_params_and_x(params, x, value_checks_on(self.validate))
+
+    def _check_shapes(self, params: Sequence[Array]) -> None:
+        """``ValueError`` unless ``params`` has the module's count and shapes of trainable tensors (read once)."""
+        expected = getattr(self, "_shapes", None)
+        if expected is None:
+            expected = self._shapes = self.param_shapes()
         if len(params) != len(expected):
             raise ValueError(
                 f"params must hold the module's {len(expected)} trainable tensors ({', '.join(self.names)}), "
@@ -236,7 +259,6 @@ class TorchModel:
         for i, (p, s) in enumerate(zip(params, expected)):
             if tuple(p.shape) != s:
                 raise ValueError(f"Shape mismatch in params[{i}] ({self.names[i]}): expected {s}, got {tuple(p.shape)}.")
-        check_params_and_x(params, x, value_checks_on(self.validate))
 
     # -- primitives ------------------------------------------------------------
     def forward(self, params: Sequence[Array], x: Array) -> Array:
@@ -489,13 +511,16 @@ def _grads(out: Array, inputs: list, u: Array, retain: bool = True) -> list[Arra
     return [torch.zeros_like(t) if g is None else g for g, t in zip(gs, inputs)]
 
 
+_MISSING_FORWARD_RULE = re.compile(r"forward AD with (\S+)")
+
+
 def _forward_ad(fn: Callable[[], Any]) -> Any:
     """Run a ``torch.func.jvp`` computation holding the process-wide forward-AD lock; name missing rules."""
     with tp.FORWARD_AD:
         try:
             out = fn()
         except (RuntimeError, NotImplementedError) as err:
-            found = re.search(r"forward AD with (\S+)", str(err))
+            found = _MISSING_FORWARD_RULE.search(str(err))
             if found is None:
                 raise
             raise NotImplementedError(

@@ -23,24 +23,32 @@ from array_api_compat import device as _device
 Array = Any
 
 SUPPORTED_DTYPES = ("float32", "float64")
-class _Step:
-    """The running method step: its ``validate`` and the arrays whose values it already checked."""
 
-    def __init__(self, validate: bool):
-        self.validate, self.checked = bool(validate), set()
+
+class _Step:
+    """The running method step: its name, its ``validate`` and the arrays whose values it already checked."""
+
+    def __init__(self, validate: bool, method: str | None):
+        self.validate, self.method, self.checked = bool(validate), method, set()
 
 
 _STEP: contextvars.ContextVar[_Step | None] = contextvars.ContextVar("curvcore_step", default=None)
 
 
 @contextmanager
-def step_scope(validate: bool) -> Iterator[None]:
-    """Mark the code inside as one method step whose inputs are validated (``validate``: value checks on)."""
-    token = _STEP.set(_Step(validate))
+def step_scope(validate: bool, method: str | None = None) -> Iterator[None]:
+    """Mark the code inside as one step of ``method`` whose inputs are validated (``validate``: value checks on)."""
+    token = _STEP.set(_Step(validate, method))
     try:
         yield
     finally:
         _STEP.reset(token)
+
+
+def step_method() -> str | None:
+    """The name of the method whose step is running (for error messages), or ``None``."""
+    step = _STEP.get()
+    return None if step is None else step.method
 
 
 def in_step() -> bool:
@@ -225,12 +233,18 @@ def check_params_and_x(params: Sequence[Array], x: Array, validate: bool = True)
     """Checks every adapter shares: one library, dtype and device for params (float32/float64), a
     floating ``x`` in that dtype on that device, and (when ``validate``) no NaN/Inf. Returns the namespace.
 
+    ``x`` must be a batch ``(B, ...)`` with ``B >= 1``.
+
     Raises:
         TypeError: libraries or dtypes differ, or an unsupported dtype.
-        ValueError: devices differ or values are not finite.
+        ValueError: not a batch or an empty one, devices differ or values are not finite.
     """
     check_params(params)
     xp = namespace(*params, x, what="params and data")
+    if x.ndim < 1:
+        raise ValueError(f"x must be a batch (B, ...) with the samples on axis 0, got shape {tuple(x.shape)}")
+    if x.shape[0] == 0:
+        raise ValueError(f"empty batch: x has shape {tuple(x.shape)} (B = 0); a batch needs at least one sample")
     if xp.isdtype(x.dtype, "real floating") and x.dtype != params[0].dtype:
         raise TypeError(
             f"dtype mismatch: params are {params[0].dtype} but x is {x.dtype}; cast the data to the params' dtype"
@@ -249,18 +263,17 @@ def check_batch(params: Sequence[Array], x: Array, y: Array | None = None, valid
 
     Checks: same array library and device, ``x`` of shape ``(B, ...)`` with
     ``B >= 1`` (a floating ``x`` must have the params' dtype), ``y`` with ``B``
-    rows, and (when ``validate``) no NaN/Inf in ``x``, ``y`` or params.
+    rows, and (when ``validate``) no NaN/Inf in ``x``, ``y`` or params. Inside a
+    method step the step's ``validate`` decides (:func:`value_checks_on`), so
+    a model called by a ``validate=False`` step does not raise on values.
 
     Raises:
         TypeError: libraries or dtypes differ.
         ValueError: shapes or devices differ, an empty batch, or values are not finite.
     """
+    validate = value_checks_on(validate)
     if y is not None:
         namespace(*params, x, y, what="params and data")
-    if x.ndim < 1:
-        raise ValueError(f"x must be a batch (B, ...) with the samples on axis 0, got shape {tuple(x.shape)}")
-    if x.shape[0] == 0:
-        raise ValueError(f"empty batch: x has shape {tuple(x.shape)} (B = 0); every step needs at least one sample")
     xp = check_params_and_x(params, x, validate)
     if y is not None and (y.ndim == 0 or y.shape[0] != x.shape[0]):
         raise ValueError(f"y must have one row per sample: x has {x.shape[0]}, y has shape {tuple(y.shape)}")

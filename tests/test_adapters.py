@@ -61,7 +61,9 @@ def _all_backends(slow=()):
 @pytest.mark.parametrize("backend", _all_backends(slow=("jax",)))  # eager JAX compiles every program per dtype
 def test_check_model_float32(backend):
     model, params, x, y, lossf = make_problem(backend, SIZES, "tanh", "ce", batch=BATCH, seed=3, dtype="float32")
-    check_model(model, params, x, y, lossf)  # default float32 rtol 1e-3 (finite differences in float32)
+    # default float32 rtol 2e-3 (was 1e-3): the smallest passing rtol is 3.7e-4 on every backend here (jet(3)
+    # against differences of jet(2), where float32 round-off dominates), so 1e-3 had a 2.7x margin, 2e-3 has 5.4x
+    check_model(model, params, x, y, lossf)
 
 
 def test_check_model_catches_a_wrong_adapter():

@@ -14,13 +14,24 @@ Tolerances:
 * float64: ``rtol = 1e-10`` relative to each leaf's largest entry (the
   backends differ only in summation order and library kernels, ~1e-16 per
   operation; the spec asks for 1e-10 after ten steps).
-* float32: ``rtol = 1e-3`` relative to each leaf's largest entry. One
-  float32 operation rounds at 6e-8; a step chains a few hundred of them
-  through solves and eigen-decompositions of damped curvature blocks
-  whose condition numbers here reach ~1e2-1e3 (damping 1e-2 on
-  covariances of O(1)), so backends may legitimately drift apart by
-  ``~cond * n_ops * 6e-8`` per step, compounded over ten steps; the
-  observed worst case on this suite is recorded in ``docs/adapters.md``.
+* float32: ``rtol`` relative to each leaf's largest entry, set from the
+  measured worst difference with at least a 3x margin. One float32
+  operation rounds at 6e-8; a step chains a few hundred of them through
+  solves and eigen-decompositions of damped curvature blocks, so backends
+  drift apart by ``~cond * n_ops * 6e-8`` per step, compounded over ten steps.
+
+  - every method but the pseudo-Hessian: ``1e-4`` (was 1e-3). Measured worst
+    3.6e-6 (ACP's eigenvectors ``state.U`` on torch after 10 steps; K-FAC and
+    CurveBall <= 1.3e-6, the rest <= 4.5e-7): a 28x margin, and an error of
+    a wrong term (>= 1e-3) no longer passes.
+  - the pseudo-Hessian: ``3e-3`` (was 1e-3, which sat 14% above a measured
+    8.6e-4 and 9% above 9.1e-4 reported on another machine: a correction).
+    Its ``Hbar`` comes from float32 jets by polarisation, and the S x S solve
+    amplifies their rounding by the condition number of ``Hbar``: measured
+    8.6e-4 on ``info["hbar_min_eig"]`` (torch, MSE), 7.3e-4 on ``eta_min``,
+    4.8e-4 on ``params[0]``; 3e-3 is a 3.3x margin over the worst.
+
+  The measured values are recorded in ``docs/adapters.md``.
 """
 
 from __future__ import annotations
@@ -36,7 +47,8 @@ BATCH = 16
 COV_BATCH = 12
 STEPS = 10
 CHECKED = (1, STEPS)
-RTOL = {"float64": 1e-10, "float32": 1e-3}
+RTOL = {"float64": 1e-10, "float32": 1e-4}
+RTOL_FLOAT32 = {"pseudo_hessian": 3e-3}  # per method, where the measured float32 error needs more (see above)
 
 OTHERS = [b for b in cc.backends.ALL if b != "numpy"]
 METHODS = list(cc.REGISTRY)
@@ -108,7 +120,8 @@ def test_backend_matches_numpy(method, loss, dtype, backend):
         if "skip" in run:
             pytest.skip(run["skip"])
     for steps in CHECKED:
-        assert_allclose_across({backend: dict(got[steps]), "numpy": dict(ref[steps])}, rtol=RTOL[dtype],
+        rtol = RTOL_FLOAT32.get(method, RTOL[dtype]) if dtype == "float32" else RTOL[dtype]
+        assert_allclose_across({backend: dict(got[steps]), "numpy": dict(ref[steps])}, rtol=rtol,
                                reference="numpy", what=f"{method} ({loss}, {dtype}) after {steps} step(s)")
     # the comparison is not vacuous: the params moved
     moved = [np.max(np.abs(a - b)) for (p, a), (_, b) in zip(ref[STEPS], ref[1]) if p.startswith("['params']")]

@@ -34,7 +34,8 @@ from .._namespace import array_namespace
 
 from .. import tree
 from .._checks import (
-    all_finite, check_batch, check_params, check_same_structure, check_tree_finite, concrete_bool, step_scope,
+    all_finite, check_batch, check_params, check_same_structure, check_tree_finite, concrete_bool, step_method,
+    step_scope,
 )
 from .._reduce import current, param_sums
 from ..layers import LayerSpec, Records, layer_specs, records
@@ -135,9 +136,10 @@ class Method:
                                     f"{type(model).__name__} does not provide it")
             xp = check_batch(leaves, x, y, validate=self.validate)
         scope_fn = getattr(fmodel, "step_scope", None)
-        with step_scope(self.validate), (scope_fn() if scope_fn is not None else nullcontext()) as scope:
+        model_scope = scope_fn() if scope_fn is not None else nullcontext()
+        with step_scope(self.validate, type(self).__name__), model_scope as scope:
             new, new_state, info = self.flat_step(fmodel, loss, leaves, flat_state, x, y, **kwargs)
-        new, new_state, info = self._keep_finite(xp, leaves, flat_state, new, new_state, dict(info))
+        new, new_state, info = self._keep_finite(xp, leaves, flat_state, new, new_state, dict(info), fmodel)
         buffers = getattr(scope, "buffers", None)
         if buffers is not None:
             info["buffers"] = buffers
@@ -178,7 +180,7 @@ class Method:
 
     # -- the non-finite guard ------------------------------------------------
     def _keep_finite(self, xp: Any, old: list[Array], old_state: Any, new: list[Array], new_state: Any,
-                     info: dict) -> tuple[list[Array], Any, dict]:
+                     info: dict, model: Any = None) -> tuple[list[Array], Any, dict]:
         """Raise (eager, ``validate``) or select the old params and state when the step is not finite."""
         finite = all_finite([*new, info["loss"]])
         info["finite"] = finite
@@ -186,16 +188,43 @@ class Method:
         if known is True:
             return new, new_state, info
         if known is False:
-            bad = [i for i, p in enumerate(new) if concrete_bool(all_finite([p])) is False]
-            raise FloatingPointError(
-                f"{type(self).__name__}: the step is not finite (loss before the step = {float(info['loss'])!r}; "
-                f"non-finite update of params {bad}); the params are left unchanged. Check the data and targets "
-                "for overflow, and the method's damping")
+            raise FloatingPointError(self._not_finite_message(new, info["loss"], model))
 
         def select(n: Any, o: Any) -> Any:
             return xp.where(finite, n, o) if hasattr(n, "shape") and hasattr(o, "shape") else n
 
         return [select(n, o) for n, o in zip(new, old)], tree.map_leaves(select, new_state, old_state), info
+
+    def _not_finite_message(self, new: list[Array], loss_value: Array, model: Any) -> str:
+        """Which quantity of a non-finite step is bad (the loss, the update of which parameter tensors)."""
+        names = _param_names(model, new)
+        bad = [names[i] for i, p in enumerate(new) if concrete_bool(all_finite([p])) is False]
+        parts = []
+        if concrete_bool(all_finite([loss_value])) is False:
+            parts.append(f"the loss before the step is {float(loss_value)!r} (the model output or the loss "
+                         "overflowed: check the data and the targets' scale)")
+        if bad:
+            parts.append(f"the update of {', '.join(bad)} is NaN or Inf (the direction overflowed or a solve "
+                         "was singular: check the damping)")
+        return f"{type(self).__name__}: the step is not finite: {'; '.join(parts)}; the params are left unchanged"
+
+
+def _param_names(model: Any, params: Sequence[Array]) -> list[str]:
+    """Readable names of the parameter tensors for messages: the model's ``names``, else
+    ``params[i] (<layer> weight|bias)`` from its layer structure where it has one."""
+    names = getattr(model, "names", None)
+    if names is not None and len(names) == len(params):
+        return list(names)
+    labels = [f"params[{i}]" for i in range(len(params))]
+    try:
+        specs = layer_specs(model, params)
+    except Exception:  # no layer structure (only a message is being built): indices only
+        return labels
+    for s in specs:
+        labels[s.weight] += f" ({s.name or s.kind} weight)"
+        if s.bias is not None:
+            labels[s.bias] += f" ({s.name or s.kind} bias)"
+    return labels
 
 
 def init_state(method: Any, params: Any, model: Any = None) -> Any:
@@ -235,13 +264,16 @@ def loss_and_records(model: Any, loss: Any, params: Sequence[Array], x: Array, y
     return loss.value(recs[-1].h, y), recs
 
 
-def check_grads_finite(grads: Sequence[Array], validate: bool) -> None:
-    """Raise ``FloatingPointError`` if the gradient overflowed."""
-    if validate:
-        try:
-            check_tree_finite("gradient", grads)
-        except ValueError as err:
-            raise FloatingPointError(f"{err} (the loss or the model overflowed)") from None
+def check_grads_finite(grads: Sequence[Array], validate: bool, what: str | Sequence[str] = "gradient") -> None:
+    """Raise ``FloatingPointError`` naming the running method and the first non-finite array if the
+    gradient overflowed (``what``: a name for the list, or one name per array)."""
+    if not validate or concrete_bool(all_finite(grads)) is not False:  # one device sync when all is well
+        return
+    names = [f"{what}[{i}]" for i in range(len(grads))] if isinstance(what, str) else list(what)
+    bad = next(n for n, g in zip(names, grads) if concrete_bool(all_finite([g])) is False)
+    method = step_method()
+    raise FloatingPointError(f"{method + ': ' if method else ''}{bad} contains NaN or Inf (the loss or the model "
+                             "overflowed)")
 
 
 def step_info(loss_value: Array, delta: Sequence[Array], **extra: Array) -> dict[str, Array]:

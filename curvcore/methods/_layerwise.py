@@ -42,6 +42,7 @@ class Terms(NamedTuple):
         rho: penalty weights ``ρ_k`` (B,).
         q: granular term ``A⁺ ĝ_n`` (B, C).
         gq: ``ĝ_nᵀ q`` (B,).
+        gq_rel: ``ĝ_nᵀ q / ||ĝ_n||²`` (B,), formed without the square (0 where ``ĝ_n = 0``).
     """
 
     a: list
@@ -49,6 +50,7 @@ class Terms(NamedTuple):
     rho: list
     q: Array
     gq: Array
+    gq_rel: Array
 
 
 
@@ -98,11 +100,43 @@ def sq_norm(u: Array) -> Array:
     return array_namespace(u).sum(u * u, axis=1)
 
 
+def norm(u: Array) -> Array:
+    """Per-sample Euclidean norm over features, (B, n) -> (B,), scale-safe: ``t ||u/t||`` with
+    ``t = max|u_i|``, finite whenever the entries are (``sqrt(sq_norm(u))`` overflows above ~1.3e154)."""
+    xp = array_namespace(u)
+    t = xp.max(xp.abs(u), axis=1)
+    return t * xp.sqrt(sq_norm(u / xp.where(t > 0, t, xp.ones_like(t))[:, None]))
+
+
 def safe_ratio(num: Array, den: Array, eps: float) -> tuple[Array, Array]:
     """``(num/den where den > eps else 0, den <= eps)``; never divides by a small number."""
     xp = array_namespace(num, den)
     bad = den <= eps
     return xp.where(bad, xp.zeros_like(num), num / xp.where(bad, xp.ones_like(den), den)), bad
+
+
+def per_gamma(x: Array, n: Array) -> Array:
+    """``x / n²`` as ``(x/n)/n`` (no square of ``n`` is formed); 0 where ``n = 0``."""
+    xp = array_namespace(x, n)
+    pos = n > 0
+    safe = xp.where(pos, n, xp.ones_like(n))
+    return xp.where(pos, (x / safe) / safe, xp.zeros_like(x))
+
+
+def damped_ratio(r: Array, den: Array, mu: float, eps: float) -> tuple[Array, Array]:
+    """``x/(μx + γ)`` from ``r = x/γ`` as ``r/(μr + 1)``, and the mask ``den = μx + γ <= eps`` (ratio 0 there).
+
+    Scale-safe: ``x`` and ``γ`` may each overflow (per-sample gradients
+    beyond ~1e154 square to inf) while ``r`` does not, so no ``inf/inf``. For
+    ``μ > 0``, ``r`` is capped at ``2^60/μ``, where the ratio equals ``1/μ``
+    to working precision.
+    """
+    xp = array_namespace(r, den)
+    bad = den <= eps
+    if mu > 0:
+        r = xp.minimum(r, xp.full_like(r, 2.0**60 / mu))
+    r = xp.where(bad, xp.zeros_like(r), r)
+    return r / (mu * r + 1), bad
 
 
 def rho_fixed(lam: float | Sequence[float], n: int, like: Array) -> list[Array]:
@@ -125,16 +159,16 @@ def rho_auto(ghat: Sequence[Array], dacts: Sequence[Array]) -> list[Array]:
     ``ĝ`` must be the NON-regularised gradients (MK §5.2).
     """
     xp = array_namespace(ghat[0])
-    rho = [xp.sqrt(sq_norm(ghat[0]))]
+    rho = [norm(ghat[0])]
     for k in range(1, len(ghat)):
         m_prev = xp.max(xp.abs(dacts[k - 1]), axis=1)
-        rho.append(safe_ratio(xp.sqrt(sq_norm(ghat[k])), m_prev, 0.0)[0])
+        rho.append(safe_ratio(norm(ghat[k]), m_prev, 0.0)[0])
     return rho
 
 
 def output_scale_auto(ghat_n: Array) -> Array:
     """MK eq 68: ``λ_n = ||∂ℓ/∂out|| / m_n`` per sample; ``= ||ĝ_n||`` for the required linear output."""
-    return array_namespace(ghat_n).sqrt(sq_norm(ghat_n))
+    return norm(ghat_n)
 
 
 def scale_rho(rho: Sequence[Array], lam_out: Array | float) -> list[Array]:
@@ -184,6 +218,15 @@ def granular_term(loss: Any, out: Array, y: Array, ghat_n: Array) -> tuple[Array
     raise AssertionError("unreachable")  # pragma: no cover
 
 
+def granular_share(loss: Any, gq: Array, ghat_n: Array) -> Array:
+    """``ĝ_nᵀq / ||ĝ_n||²`` without the square: exactly 1 for MSE (``q = ĝ_n``), ``(gq/n)/n`` otherwise."""
+    n = norm(ghat_n)
+    if isinstance(loss, MSE):
+        xp = array_namespace(n)
+        return xp.where(n > 0, xp.ones_like(n), xp.zeros_like(n))
+    return per_gamma(gq, n)
+
+
 def compute_terms(rec: Records, loss: Any, y: Array, weights: Sequence[Array], lam: Any, reg_grad: bool,
                   lam_out: Any = 1.0, validate: bool = True) -> Terms:
     """Spec §5 steps 2-4 from the records of ONE pass (one forward, one backward) of the output chain.
@@ -203,7 +246,8 @@ def compute_terms(rec: Records, loss: Any, y: Array, weights: Sequence[Array], l
     ghat = sample_grads(recs)
     if validate:
         check_linear_output(recs)
-        check_grads_finite([out, *ghat], validate)
+        check_grads_finite([out, *ghat], validate, ["the model output", *(f"the per-sample gradient of layer {k}"
+                                                                             for k in range(len(ghat)))])
     rho = rho_auto(ghat, [r.dact for r in recs]) if lam == "auto" else rho_fixed(lam, len(recs), out)
     if lam_out == "auto":
         rho = scale_rho(rho, output_scale_auto(ghat[-1]))
@@ -212,7 +256,7 @@ def compute_terms(rec: Records, loss: Any, y: Array, weights: Sequence[Array], l
     if reg_grad:
         ghat = regularized_backward(ghat, recs, weights, rho)
     q, gq = granular_term(loss, out, y, ghat[-1])
-    return Terms([r.a for r in recs], ghat, rho, q, gq)
+    return Terms([r.a for r in recs], ghat, rho, q, gq, granular_share(loss, gq, ghat[-1]))
 
 
 def check_loss(loss: Any) -> None:
@@ -238,18 +282,22 @@ def closed_form(terms: Terms, variant: str, mu: float, eps: float) -> tuple[list
     ``saddle_free``: the same with ``+(ρ s/γ) ĝ`` (ICLR eq 21);
     ``mk``: ``N_k = ρ ĝ aᵀ/(μρ + γ)``, ``η_k = c ĝ/(μc + γ)``, ``c = ρ s + [k=n] ĝ_nᵀq`` (MK eq 42).
     A sample whose denominator is ``<= eps`` contributes 0 to that layer (mask True).
+    The ratios are formed from ``ρ/γ`` and ``c/γ`` (:func:`damped_ratio`), so
+    per-sample gradients whose squared norms overflow still give a finite direction.
     """
     n = len(terms.ghat)
     direction: list[Array] = []
     masks: list[Array] = []
     for k in range(n):
         ghat, a, rho = terms.ghat[k], terms.a[k], terms.rho[k]
-        gamma, s = sq_norm(ghat), sq_norm(a)
+        g_norm, s = norm(ghat), sq_norm(a)
+        gamma = g_norm * g_norm  # for the masks only (an overflow to inf is still > eps)
         last = k == n - 1
-        w_coef, w_bad = safe_ratio(rho, mu * rho + gamma, eps)
+        rho_rel = per_gamma(rho, g_norm)
+        w_coef, w_bad = damped_ratio(rho_rel, mu * rho + gamma, mu, eps)
         if variant == "mk":
             c = rho * s + (terms.gq if last else 0.0)
-            b_coef, b_bad = safe_ratio(c, mu * c + gamma, eps)
+            b_coef, b_bad = damped_ratio(rho_rel * s + (terms.gq_rel if last else 0.0), mu * c + gamma, mu, eps)
             eta = batch_mean(ghat * b_coef[:, None])
             bad = w_bad | b_bad
         else:
@@ -337,11 +385,21 @@ def _shifted(C: Array, damping: float) -> Array:
     return C + damping * xp.eye(C.shape[0], dtype=C.dtype, device=_dev(C))
 
 
-def _check_nonsingular(den_min: Array, den_max: Array, eps: float, layer: int, what: str) -> None:
-    if concrete_bool(den_min <= eps * den_max):
+def _singular(den_min: Array, den_max: Array, eps: float, layer: int, what: str) -> Array:
+    """``ValueError`` naming the layer when the system is singular (``den_min <= eps den_max``); else the
+    0-d mask, abstract inside ``jax.jit``, where :func:`_nan_where` turns the solution into NaN instead."""
+    singular = den_min <= eps * den_max
+    if concrete_bool(singular):
         raise ValueError(
             f"ESN randomized: the system of layer {layer} ({what}) is singular; use damping > 0"
         )
+    return singular
+
+
+def _nan_where(singular: Array, N: Array) -> Array:
+    """NaN where the system was singular, so the step's guard keeps the old params (``info["finite"]`` False)."""
+    xp = array_namespace(N)
+    return xp.where(singular, xp.full_like(N, float("nan")), N)
 
 
 def solve_identity(C: Array, R: Array, damping: float, eps: float, layer: int) -> Array:
@@ -349,15 +407,15 @@ def solve_identity(C: Array, R: Array, damping: float, eps: float, layer: int) -
 
     With ``δ > 0`` a plain solve; with ``δ = 0`` an eigendecomposition that
     raises ``ValueError`` naming the layer when ``C`` is singular
-    (``σ_min <= eps σ_max``).
+    (``σ_min <= eps σ_max``; NaN inside ``jax.jit``).
     """
     xp = array_namespace(C, R)
     if damping > 0:
         return xp.linalg.solve(_shifted(C, damping), R)
     sigma, U = eigh(C)
-    _check_nonsingular(xp.min(sigma), xp.max(xp.abs(sigma)), eps, layer, "E[ĝĝᵀ]")
+    singular = _singular(xp.min(sigma), xp.max(xp.abs(sigma)), eps, layer, "E[ĝĝᵀ]")
     coef = xp.matmul(xp.matrix_transpose(U), R) / sigma[:, None]
-    return xp.matmul(U, coef)
+    return _nan_where(singular, xp.matmul(U, coef))
 
 
 def solve_sylvester(C: Array, V: Array, R: Array, damping: float, eps: float, layer: int) -> Array:
@@ -365,16 +423,16 @@ def solve_sylvester(C: Array, V: Array, R: Array, damping: float, eps: float, la
 
     ``δI + C = UΣUᵀ``, ``V = QΘQᵀ``: ``N = U [(UᵀRQ)_ij / (Σ_i + Θ_j)] Qᵀ``
     (denominators >= δ since ``V`` is PSD). With ``δ = 0`` a singular system
-    raises ``ValueError`` naming the layer.
+    raises ``ValueError`` naming the layer (NaN inside ``jax.jit``).
     """
     xp = array_namespace(C, V, R)
     sigma, U = eigh(_shifted(C, damping))
     theta, Q = eigh(V)
     den = sigma[:, None] + theta[None, :]
-    if damping <= 0:
-        _check_nonsingular(xp.min(den), xp.max(xp.abs(den)), eps, layer, "Sylvester operator")
+    singular = None if damping > 0 else _singular(xp.min(den), xp.max(xp.abs(den)), eps, layer, "Sylvester operator")
     rot = xp.matmul(xp.matmul(xp.matrix_transpose(U), R), Q)
-    return xp.matmul(xp.matmul(U, rot / den), xp.matrix_transpose(Q))
+    N = xp.matmul(xp.matmul(U, rot / den), xp.matrix_transpose(Q))
+    return N if singular is None else _nan_where(singular, N)
 
 
 class ChainMethod(LayerwiseMethod):

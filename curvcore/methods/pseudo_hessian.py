@@ -172,28 +172,36 @@ class PseudoHessian(Method):
         index = group_index(self.groups, params)
         gbar, Hbar, T, active = _summary(model, loss, params, x, y, out, gl, g, u, index,
                                          3 if self.reg == "cubic" else 2)
-        eta, r, status, min_eig = self._solve(gbar, Hbar, T, active)
-        delta = combine(u, index, eta * self.lr)
-        delta, finite = _clip(delta, self.max_step_norm)
+        eta, r, status, min_eig, eta_line = self._solve(gbar, Hbar, T, active)
+        delta, finite = _clip(combine(u, index, eta * self.lr), self.max_step_norm)
         eta = xp.where(finite, eta, xp.zeros_like(eta))
         status = xp.where(finite, status, xp.full_like(status, _cubic.SKIP))
-        step_t, status = self._backtrack(model, loss, params, x, y, value, g, delta, status)
-        delta = [step_t * d for d in delta]
+        # the line step is the fallback when the step fails its Armijo ladder (unless it is the line step already)
+        same = (status == _cubic.LINE) | (eta.shape[0] == 1)
+        eta_line = xp.where(same, xp.zeros_like(eta_line), eta_line)
+        line = _clip(combine(u, index, eta_line * self.lr), self.max_step_norm)[0]
+        step_t, status, fallback = self._backtrack(model, loss, params, x, y, value, g, delta, line, status)
+        eta = xp.where(fallback, eta_line, eta)
+        delta = [step_t * xp.where(fallback, b, a) for a, b in zip(delta, line)]
         info = step_info(value, delta, r=r, hbar_min_eig=min_eig, eta_min=xp.min(eta), eta_max=xp.max(eta),
                          t=step_t, n_groups=xp.sum(xp.astype(active, eta.dtype)),
                          status=xp.astype(status, eta.dtype))
         new_params = [p - d for p, d in zip(params, delta)]
         return new_params, PseudoHessianState(m=m, v=v, t=t), info
 
-    def _solve(self, gbar: Array, Hbar: Array, T: Array, active: Array) -> tuple[Array, Array, Array, Array]:
-        """``(eta, r, status, hbar_min_eig)`` in float64 (spec Sec. 4), ``eta`` cast back."""
+    def _solve(self, gbar: Array, Hbar: Array, T: Array, active: Array) -> tuple[Array, ...]:
+        """``(eta, r, status, hbar_min_eig, eta_line)`` in float64 (spec Sec. 4), cast back; ``eta_line``:
+        the line step (the fallback). Non-finite ``gbar``, ``Hbar`` or ``T`` raise (``validate``), else
+        give a skip (status 2, zero step): the eigensolvers never see them."""
         xp = array_namespace(Hbar)
         dtype = gbar.dtype
         if self.validate:
             for name, a in (("gbar", gbar), ("Hbar", Hbar), ("T", T)):
                 if concrete_bool(xp.all(xp.isfinite(a))) is False:
                     raise NonFiniteError(f"PseudoHessian: {name} contains NaN or Inf (the loss or model overflowed)")
-        g64, H64, T64 = (xp.astype(a, xp.float64) for a in (gbar, Hbar, T))
+        finite = xp.all(xp.isfinite(gbar)) & xp.all(xp.isfinite(Hbar)) & xp.all(xp.isfinite(T))
+        active = active & finite
+        g64, H64, T64 = (xp.astype(xp.where(finite, a, xp.zeros_like(a)), xp.float64) for a in (gbar, Hbar, T))
         H64 = (H64 + xp.matrix_transpose(H64)) / 2
         diag = xp.linalg.diagonal(H64)
         Hr = H64 + self.ridge * xp.eye(H64.shape[0], dtype=H64.dtype, device=_device(H64)) * xp.abs(diag)[:, None]
@@ -204,42 +212,57 @@ class PseudoHessian(Method):
         else:
             d = xp.abs(T64) ** (1 / 3)
             eta, r, status = _cubic.cubic_solve(g64, Hr, d, self.lam, active)
-        return xp.astype(eta, dtype), xp.astype(r, dtype), status, xp.astype(min_eig, dtype)
+        eta_line = _cubic.line_step(g64, Hr, d if self.reg == "cubic" else xp.zeros_like(g64),
+                                    self.lam if self.reg == "cubic" else 0.0, active)[0]
+        return (xp.astype(eta, dtype), xp.astype(r, dtype), status, xp.astype(min_eig, dtype),
+                xp.astype(eta_line, dtype))
 
     def _backtrack(self, model: Any, loss: Any, params: Sequence[Array], x: Array, y: Array, value: Array,
-                   g: list, delta: list, status: Array) -> tuple[Array, Array]:
+                   g: list, delta: list, line: list, status: Array) -> tuple[Array, Array, Array]:
         """Armijo: the first ``t = 2^-k``, ``k <= max_backtracks``, with ``L(theta - t delta)`` finite
-        and ``<= L - 1e-4 t <g, delta>`` (same batch).
+        and ``<= L - 1e-4 t <g, delta>`` (same batch); if none, the same ladder on the line step ``line``.
 
+        Returns ``(t, status, fallback)``: ``fallback`` (and status 1) when the line step was taken.
         One forward per tried candidate, stopping at the first success: a plain
-        loop when values are concrete, ``jax.lax.while_loop`` inside
+        loop when values are concrete, one ``jax.lax.while_loop`` inside
         ``jax.jit`` (through :func:`curvcore._control.while_loop`). The
         candidate ``t`` is carried and halved (exact in binary floating point),
-        so it equals ``2.0**-k``. No success or ``<g, delta> <= 0``: ``t = 0``
-        and status 2 (skip).
+        so it equals ``2.0**-k``. A ladder is skipped when its ``<g, delta> <= 0``;
+        no success: ``t = 0`` and status 2 (skip). The fallback keeps the method
+        going where the cubic model is far off (a saddle of tiny groups: inputs
+        scaled by 1e-8 gave steps of 1e23 that no ``2^-30`` rescues); it is
+        tried only after the step failed, so successful steps keep their
+        per-group scale invariance.
         """
         xp = array_namespace(value)
         one = xp.ones_like(value)
         if not self.backtrack:
-            return one, status
-        slope = tree_dot(g, delta)
-        positive = slope > 0
+            return one, status, xp.zeros_like(value) != 0
+        slopes = (tree_dot(g, delta), tree_dot(g, line))
+        two = xp.full_like(status, 2)
+        first = xp.where(slopes[0] > 0, xp.zeros_like(status), xp.where(slopes[1] > 0, xp.ones_like(status), two))
 
-        def more(carry: tuple[Array, Array, Array]) -> Array:
-            k, _, found = carry
-            return positive & ~found & (k <= self.max_backtracks)
+        def more(carry: tuple[Array, ...]) -> Array:
+            return (carry[3] < 2) & ~carry[2]
 
-        def rung(carry: tuple[Array, Array, Array]) -> tuple[Array, Array, Array]:
-            k, tk, _ = carry
-            trial = loss.value(model.forward([p - tk * d for p, d in zip(params, delta)], x), y)
+        def rung(carry: tuple[Array, ...]) -> tuple[Array, ...]:
+            k, tk, _, phase = carry
+            main = phase == 0
+            slope = xp.where(main, slopes[0], slopes[1])
+            trial = loss.value(model.forward([p - tk * xp.where(main, a, b) for p, a, b in zip(params, delta, line)],
+                                             x), y)
             ok = xp.isfinite(trial) & (trial <= value - ARMIJO_C * tk * slope)
-            return k + 1, xp.where(ok, tk, tk / 2), ok
+            done = ~ok & (k >= self.max_backtracks)  # this ladder is used up: on to the line step's, or stop
+            after = xp.where(main & (slopes[1] > 0), xp.ones_like(phase), two)
+            return (xp.where(done, xp.zeros_like(k), k + 1), xp.where(ok, tk, xp.where(done, one, tk / 2)), ok,
+                    xp.where(done, after, phase))
 
-        init = (xp.zeros_like(value, dtype=xp.int32), one, xp.zeros_like(value) != 0)
-        _, tk, found = while_loop(more, rung, init)
+        init = (xp.zeros_like(value, dtype=xp.int32), one, xp.zeros_like(value) != 0, first)
+        _, tk, found, phase = while_loop(more, rung, init)
         step_t = xp.where(found, tk, xp.zeros_like(value))
-        skip = xp.full_like(status, _cubic.SKIP)
-        return step_t, xp.where(found, status, skip)
+        fallback = found & (phase == 1)
+        codes = xp.where(fallback, xp.full_like(status, _cubic.LINE), status)
+        return step_t, xp.where(found, codes, xp.full_like(status, _cubic.SKIP)), fallback
 
 
 # ---------------------------------------------------------------------------
