@@ -27,11 +27,30 @@ def sym(A: Array) -> Array:
     return (A + xp.matrix_transpose(A)) / 2
 
 
-def eigh(A: Array) -> tuple[Array, Array]:
-    """Eigenvalues (ascending) and eigenvectors of the symmetric part of ``A``."""
+def _finite_or_zero(A: Array) -> tuple[Array, Array]:
+    """``(A with non-finite entries zeroed, whether A was finite)``, device-side (no host sync).
+
+    LAPACK-backed routines (NumPy, torch) raise on NaN input; factorising the
+    zeroed matrix and poisoning the result with NaN propagates the NaN instead,
+    so a method's non-finite guard sees it, inside ``jax.jit`` and out.
+    """
     xp = array_namespace(A)
-    res = xp.linalg.eigh(sym(A))
-    return res.eigenvalues, res.eigenvectors
+    finite = xp.isfinite(A)
+    return xp.where(finite, A, xp.zeros_like(A)), xp.all(finite)
+
+
+def _poison(x: Array, finite: Array) -> Array:
+    """``x`` where ``finite``, else NaN."""
+    xp = array_namespace(x)
+    return xp.where(finite, x, xp.full_like(x, float("nan")))
+
+
+def eigh(A: Array) -> tuple[Array, Array]:
+    """Eigenvalues (ascending) and eigenvectors of the symmetric part of ``A`` (NaN for non-finite ``A``)."""
+    xp = array_namespace(A)
+    clean, finite = _finite_or_zero(sym(A))
+    res = xp.linalg.eigh(clean)
+    return _poison(res.eigenvalues, finite), _poison(res.eigenvectors, finite)
 
 
 def solve(A: Array, b: Array) -> Array:
@@ -43,8 +62,9 @@ def solve(A: Array, b: Array) -> Array:
 
 
 def pinv(A: Array, rtol: float) -> Array:
-    """Moore-Penrose pseudo-inverse with relative cutoff ``rtol``."""
-    return array_namespace(A).linalg.pinv(A, rtol=rtol)
+    """Moore-Penrose pseudo-inverse with relative cutoff ``rtol`` (NaN for non-finite ``A``)."""
+    clean, finite = _finite_or_zero(A)
+    return _poison(array_namespace(A).linalg.pinv(clean, rtol=rtol), finite)
 
 
 # ---------------------------------------------------------------------------

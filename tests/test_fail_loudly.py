@@ -102,9 +102,6 @@ def _bad_batches(mode: str, x, y) -> dict:
 # K-FAC's Cholesky solve raises its own ValueError naming the layer when the damped factors are not
 # positive definite (NaN/Inf reach them): a specific, named error, which the issue keeps.
 SPECIFIC = {"kfac": r"KFAC: the damped (input|output) factor .* of dense layer .* is not positive definite"}
-# NumPy's and torch's eigh/svd raise LinAlgError on NaN before the guard sees the step (ACP's eigh, CurveBall's
-# pinv in curvcore/_linalg.py, outside this change); JAX returns NaN and the guard works.
-LINALG_RAISES = {("acp", "numpy"), ("acp", "torch"), ("curveball", "numpy"), ("curveball", "torch")}
 
 
 def _case_params():
@@ -114,12 +111,7 @@ def _case_params():
             name = mode if isinstance(mode, str) else mode.values[0]
             marks = [] if isinstance(mode, str) else list(mode.marks)
             for case in ("nan_input", "overflowing_targets"):
-                m = list(marks)
-                if case == "nan_input" and (method, name) in LINALG_RAISES:
-                    m.append(pytest.mark.xfail(raises=Exception, strict=True, reason="the library's eigh/svd raise "
-                                               "on NaN input before the guard (a NaN-propagating curvcore._linalg "
-                                               "is the fix)"))
-                out.append(pytest.param(method, name, case, marks=m, id=f"{method}-{name}-{case}"))
+                out.append(pytest.param(method, name, case, marks=list(marks), id=f"{method}-{name}-{case}"))
     return out
 
 
