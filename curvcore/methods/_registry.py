@@ -6,6 +6,7 @@ cross-backend equivalence suite and the benchmarks.
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -21,6 +22,8 @@ class MethodSpec:
         test: constructor kwargs for the equivalence suite (small nets, a few steps).
         losses: losses the method supports (``"mse"``, ``"ce"``).
         description: one line for ``curvcore compare --list``.
+        tune: the grid ``curvcore compare --tune`` searches, ``{hyperparameter: [values]}``
+            (at most 12 points in all); the compare settings fill the rest.
     """
 
     name: str
@@ -29,6 +32,12 @@ class MethodSpec:
     test: dict[str, Any] = field(default_factory=dict)
     losses: tuple[str, ...] = ("mse", "ce")
     description: str = ""
+    tune: dict[str, list] = field(default_factory=dict)
+
+    def grid(self) -> list[dict[str, Any]]:
+        """Every point of the tuning grid, as constructor overrides (``[{}]`` without a grid)."""
+        keys = list(self.tune)
+        return [dict(zip(keys, values)) for values in itertools.product(*(self.tune[k] for k in keys))]
 
     def make(self, **overrides: Any) -> Any:
         """An instance with the compare settings, updated by ``overrides``."""
@@ -42,12 +51,23 @@ class MethodSpec:
 REGISTRY: dict[str, MethodSpec] = {}
 
 
+MAX_GRID = 12
+
+
 def register(name: str, cls: type, *, compare: dict | None = None, test: dict | None = None,
-             losses: tuple[str, ...] = ("mse", "ce"), description: str = "") -> MethodSpec:
-    """Add a method to the registry (idempotent for the same class)."""
+             losses: tuple[str, ...] = ("mse", "ce"), description: str = "",
+             tune: dict[str, list] | None = None) -> MethodSpec:
+    """Add a method to the registry (idempotent for the same class).
+
+    Raises:
+        ValueError: the name is taken by another class, or the tuning grid has more than 12 points.
+    """
     if name in REGISTRY and REGISTRY[name].cls is not cls:
         raise ValueError(f"method name {name!r} is already registered for {REGISTRY[name].cls.__name__}")
-    spec = MethodSpec(name, cls, dict(compare or {}), dict(test or {}), tuple(losses), description)
+    spec = MethodSpec(name, cls, dict(compare or {}), dict(test or {}), tuple(losses), description,
+                      {k: list(v) for k, v in (tune or {}).items()})
+    if len(spec.grid()) > MAX_GRID:
+        raise ValueError(f"the tuning grid of {name!r} has {len(spec.grid())} points; at most {MAX_GRID}")
     REGISTRY[name] = spec
     return spec
 

@@ -248,4 +248,5 @@ register(
     compare={"lr": 1.0, "eps": 1e-1, "alpha": 1.0, "refresh_every": 20},  # standardised digits, tanh [64,32,10]
     test={"lr": 0.1, "eps": 1e-2, "alpha": 1.0, "refresh_every": 3},
     description="amortized covariance preconditioner (George 2017, ch. 6): centered, input-whitened steps",
+    tune={"lr": [0.1, 0.3, 1.0], "eps": [1e-2, 1e-1, 1.0]},
 )

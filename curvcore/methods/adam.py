@@ -64,4 +64,5 @@ class Adam(Method):
         return tree_sub(params, delta), AdamState(m=m, v=v, count=count), step_info(value, delta)
 
 
-register("adam", Adam, compare={"lr": 1e-2}, test={"lr": 1e-2}, description="Adam (baseline)")
+register("adam", Adam, compare={"lr": 1e-2}, test={"lr": 1e-2}, description="Adam (baseline)",
+         tune={"lr": [1e-3, 3e-3, 1e-2, 3e-2]})

@@ -86,4 +86,5 @@ register(
     compare={"lr": 1.0},
     test={"lr": 0.1},
     description="centered gradient descent (George 2017, Alg 3): the centering part of ACP",
+    tune={"lr": [0.03, 0.1, 0.3, 1.0, 3.0]},
 )

@@ -287,4 +287,5 @@ register(
     compare={"lam": 0.1},
     test={"lam": 1.0, "lam_interval": 2},
     description="CurveBall: heavy-ball with curvature, auto rho/beta (1 forward + 2 JVP + 1 backward per step)",
+    tune={"lr": [0.5, 1.0], "lam": [0.01, 0.1, 1.0, 10.0]},
 )

@@ -217,4 +217,5 @@ class ESN(lw.ChainMethod):
 
 register("esn", ESN, compare={"lr": 0.3}, test={"lr": 0.01},
          losses=("mse", "ce"),
-         description="Exact Stochastic Newton, randomized eq 26 (per-layer (I+E[gg^T])^-1 E[rho g a^T])")
+         description="Exact Stochastic Newton, randomized eq 26 (per-layer (I+E[gg^T])^-1 E[rho g a^T])",
+         tune={"lr": [0.03, 0.1, 0.3, 1.0, 3.0, 10.0], "damping": [0.1, 1.0]})

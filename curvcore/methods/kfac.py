@@ -244,4 +244,5 @@ register(
     compare={"lr": 0.3, "damping": 1e-2, "refresh_every": 1},
     test={"lr": 0.1, "damping": 1e-2, "refresh_every": 2},
     description="K-FAC, block-diagonal, two Kronecker factors per dense/conv layer (Martens & Grosse 2015)",
+    tune={"lr": [0.03, 0.1, 0.3, 1.0], "damping": [1e-3, 1e-2, 1e-1]},
 )

@@ -104,4 +104,5 @@ class MK(lw.ChainMethod):
 
 
 register("mk", MK, compare={"lr": 0.5}, test={"lr": 0.01}, losses=("mse", "ce"),
-         description="Mehouachi-Kasmi damped saddle-free exact stochastic step (per-sample normalised gradient)")
+         description="Mehouachi-Kasmi damped saddle-free exact stochastic step (per-sample normalised gradient)",
+         tune={"lr": [0.03, 0.1, 0.3, 1.0, 3.0], "mu": [0.1, 1.0]})

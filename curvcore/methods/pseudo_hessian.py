@@ -453,4 +453,5 @@ register(
     compare={"lr": 1.0, "groups": "tensor", "reg": "cubic", "lam": 1.0},
     test={},
     description="partition pseudo-Hessian, S x S Newton step over parameter groups, cubic-regularised (Wolinski 2023)",
+    tune={"lr": [0.5, 1.0], "lam": [0.1, 1.0, 10.0]},
 )

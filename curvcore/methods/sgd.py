@@ -61,4 +61,5 @@ class SGD(Method):
 
 
 register("sgd", SGD, compare={"lr": 0.1, "momentum": 0.9}, test={"lr": 0.1, "momentum": 0.9},
-         description="SGD with momentum (baseline)")
+         description="SGD with momentum (baseline)",
+         tune={"lr": [0.01, 0.03, 0.1, 0.3], "momentum": [0.0, 0.9]})
