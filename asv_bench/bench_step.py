@@ -7,6 +7,7 @@ registers itself is benchmarked without editing this file.
 from __future__ import annotations
 
 from . import common as C
+from . import memory
 
 
 class Step(C.Benchmark):
@@ -116,3 +117,27 @@ class PseudoHessianBudget(C.Benchmark):
 
     track_step_over_grad_plus_s_hvp.unit = "ratio"  # type: ignore[attr-defined]
 
+
+class PeakMemoryRatio(C.Benchmark):
+    """Peak memory of one step over SGD's: torch CPU, float32, a fresh process per method and point.
+
+    The peak resident-set rise of the first step, as ``asv_bench/memory.py``
+    measures it (``VmHWM - VmRSS`` around a repeated step, in a new Python
+    process). At ``torch:cpu|<method>|medium|512`` this is the definition of
+    the pseudo-Hessian's memory goal (<= 2x SGD). float32 whatever
+    ``CURVCORE_BENCH_DTYPE`` says. SGD is measured once per point, in ``setup_cache``.
+    """
+
+    params = C.grid("memory", C.method_names(), ["torch:cpu"])
+
+    def setup_cache(self) -> dict[str, float]:
+        sgd = {}
+        for k in self.params:  # memory.fresh caches: SGD runs once per point
+            backend, _, net, batch = k.split("|")
+            sgd[k] = memory.at_key(C.key(backend, "sgd", net, batch))
+        return sgd
+
+    def track_peak_memory_over_sgd(self, sgd: dict[str, float], key: str) -> float:
+        return memory.at_key(key) / sgd[key]
+
+    track_peak_memory_over_sgd.unit = "ratio"  # type: ignore[attr-defined]

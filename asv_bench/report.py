@@ -44,6 +44,7 @@ RATIO_BENCHMARKS = {
     "curvcore_over_peer": "bench_products.Peers.track_curvcore_over_peer",
     "core_time": "bench_products.CoreProduct.time_core",
     "step_time": "bench_step.Step.time_step",
+    "memory_over_sgd": "bench_step.PeakMemoryRatio.track_peak_memory_over_sgd",
 }
 CORE_SHARE = "core_over_step"  # computed: same process with --measure, time_core / time_step from asv
 
@@ -231,6 +232,8 @@ def tables(results: dict, meta: dict) -> str:
     step = _method_table("Step time / SGD step time (amortized over the method's schedule; same process)",
                          get("step_over_sgd"), times, _target)
     lines += step + (["", "In parentheses: the absolute time of one (plain) step, `Step.time_step`."] if step else [])
+    lines += _method_table("Peak memory of one step / SGD's (torch CPU, float32, fresh process per method)",
+                           get("memory_over_sgd"), target=lambda m: "<= 2" if m == "pseudo_hessian" else "")
     lines += _rows("Pseudo-Hessian step / (1 gradient + S Hessian-vector products), native torch.func / JAX "
                    "(target <= 1)", ["backend", "method", "net", "batch", "ratio"], get("ph_budget"))
     lines += _rows(f"curvcore GGN-vector product / hand-written native one (core overhead, target <= "

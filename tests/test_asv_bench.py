@@ -21,11 +21,11 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 import curvcore as cc  # noqa: E402
-from asv_bench import bench_products, bench_step, common, core_products, report  # noqa: E402
+from asv_bench import bench_products, bench_step, common, core_products, memory, report  # noqa: E402
 
 
 BENCHMARKS = [bench_step.Step, bench_step.PeakMem, bench_step.GPUMemory, bench_step.StepRatio,
-              bench_step.PseudoHessianBudget, bench_products.GGNOverhead,
+              bench_step.PseudoHessianBudget, bench_step.PeakMemoryRatio, bench_products.GGNOverhead,
               bench_products.Peers, bench_products.CoreProduct]
 
 
@@ -64,6 +64,8 @@ def test_quick_grid_lists_nothing_that_skips():
         key = min(keys, key=lambda k: (not k.startswith("numpy"), "|sgd|" not in k), default=None)
         if cls is bench_step.StepRatio:  # setup_cache measures every key: measure one
             assert isinstance(common.step_ratios([key], (0.0, 1))[key], float)
+        elif cls is bench_step.PeakMemoryRatio:  # a fresh process per key: see test_memory_in_a_fresh_process
+            assert not keys
         elif key:
             cls().setup(key)
 
@@ -221,3 +223,10 @@ def test_report_measures_the_nets_asked_for(monkeypatch, capsys):
     assert "numpy small (B=64)" in out.out and "numpy medium (B=512)" in out.out
     assert "skip" not in out.err and "FAIL" not in out.err
 
+
+def test_memory_in_a_fresh_process():
+    sgd = memory.fresh("numpy", "sgd", (784, 512, 256, 10), 512)
+    assert sgd > 2**20  # a float32 medium step allocates megabytes (gradients, activations, new params)
+    if not cc.backends.available("cupy"):
+        with pytest.raises(NotImplementedError, match="cupy"):
+            memory.fresh("cupy", "sgd", (4, 3, 2), 5)
