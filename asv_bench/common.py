@@ -400,10 +400,11 @@ def step_ratios(keys: Sequence[str], budget: tuple[float, int] | None = None,
 
     One problem and one SGD stepper per backend, net and batch; each method
     is timed interleaved with that SGD step (:func:`interleaved_min` with
-    ``budget = (budget_s, min_repeats)``, default :data:`RATIO_BUDGET`) and amortized over its schedule
-    (:func:`amortized_call`). A key that cannot run maps to
-    ``"NotImplementedError: why"``, one that fails to ``"<Error>: message"``
-    (see :func:`value`). ``log(key, value, seconds)`` after each key.
+    ``budget = (budget_s, min_repeats)``, default :data:`RATIO_BUDGET`) and
+    amortized over its schedule (:func:`amortized_call`). A key that cannot
+    run maps to ``"NotImplementedError: why"``, one that fails to
+    ``"<Error>: message"`` (see :func:`value`). ``log(key, value, seconds)``
+    after each key.
     """
     groups: dict[tuple[str, str, str], list[tuple[str, str]]] = {}
     for k in keys:
