@@ -231,7 +231,9 @@ def tables(results: dict, meta: dict) -> str:
     times = get("step_time")
     step = _method_table("Step time / SGD step time (amortized over the method's schedule; same process)",
                          get("step_over_sgd"), times, _target)
-    lines += step + (["", "In parentheses: the absolute time of one (plain) step, `Step.time_step`."] if step else [])
+    if any(k in times for k in get("step_over_sgd")):
+        step += ["", "In parentheses: the absolute time of one (plain) step, `Step.time_step`."]
+    lines += step
     lines += _method_table("Peak memory of one step / SGD's (torch CPU, float32, fresh process per method)",
                            get("memory_over_sgd"), target=lambda m: "<= 2" if m == "pseudo_hessian" else "")
     lines += _rows("Pseudo-Hessian step / (1 gradient + S Hessian-vector products), native torch.func / JAX "
