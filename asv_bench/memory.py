@@ -43,6 +43,7 @@ if __package__ in (None, ""):
 
 import asv_bench  # noqa: E402,F401  (first: CURVCORE_BENCH_THREADS must act before any BLAS loads)
 
+
 def _kib(field: str) -> int:
     """A ``/proc/self/status`` field in KiB (``VmRSS``, ``VmHWM``)."""
     with open("/proc/self/status") as fh:
