@@ -1,10 +1,15 @@
 """What the curvcore benchmarks share: the grid, problems, steps, synchronisation, timing.
 
 Modelled on scipy ``benchmarks/benchmarks/common.py::XPBenchmark``: a backend
-string names a library and a device (``"torch:cuda"``); a combination that
-cannot run here raises ``NotImplementedError`` in ``setup`` (asv's skip);
-every timed call ends in a device synchronisation; jit compilation happens in
-``setup``, never inside a timing.
+string names a library and a device (``"torch:cuda"``); every timed call ends
+in a device synchronisation; jit compilation happens in ``setup``, never
+inside a timing. asv spawns a process per parameter value, so each benchmark
+has one parameter, a grid key such as ``"torch:cpu|curveball|medium|512"``,
+and lists only the keys that run here (:func:`grid`, like scipy's
+``LimitedParamBenchmark``): nothing is spawned only to be skipped. What
+:func:`grid` cannot see without importing a framework (an adapter that fails
+to import, a CUDA driver without a device) still raises
+``NotImplementedError`` in ``setup`` (asv's skip).
 
 This module is imported by asv's benchmark discovery (asv imports every module
 under ``asv_bench/``), so it imports only NumPy and curvcore at the top; torch,
@@ -12,16 +17,19 @@ jax and cupy are imported inside the functions that need them. It defines no
 ``time_*``/``track_*``/``peakmem_*`` names, so asv finds no benchmark in it.
 
 Environment variables:
-    CURVCORE_BENCH_GRID: how much of the size x batch grid runs on CPU
-        (LimitedParamBenchmark-style; GPU devices always run all of it):
-        ``quick`` (default) runs ``small``/B=64 (memory: ``medium``/B=512)
-        and leaves out the JAX pseudo-Hessian, whose
-        ``jax.jit`` compilation alone takes 30 s or more on 2 cores, and
-        measures memory on NumPy only; ``cpu`` adds ``medium``/B=512, the JAX
-        pseudo-Hessian and memory on torch and JAX; ``full`` runs every
-        size and batch (the ``large`` net costs seconds per step on 2 cores).
+    CURVCORE_BENCH_GRID: which points run on CPU (:data:`GRIDS`; CUDA devices
+        run every point): ``quick`` (default) times steps on ``small``/B=64 for
+        SGD and CurveBall, and step/SGD ratios on ``medium``/B=512 for
+        every method, nothing else; ``cpu`` runs ``small``/B=64 and
+        ``medium``/B=512 for every benchmark, and memory at ``medium``/B=512;
+        ``full`` runs every net and batch (``large`` costs seconds per step on
+        2 cores).
     CURVCORE_BENCH_DTYPE=float32: benchmark in float32 (default float64, the
         dtype of the test suite).
+    CURVCORE_BENCH_JAX_CACHE: JAX's persistent compilation cache (default
+        ``.asv/jax_cache`` in the checkout; empty: none). Compilations of a
+        second or more (the pseudo-Hessian's, ACP's) are read back in later
+        runs; compilation happens in ``setup`` and is never timed.
     CURVCORE_BENCH_CPU_TIME=1: time CPU benchmarks in process CPU time
         (``time.process_time``) instead of wall time; for a shared, loaded
         machine, together with ``CURVCORE_BENCH_THREADS=1`` (see
@@ -32,6 +40,7 @@ from __future__ import annotations
 
 import gc
 import importlib
+import importlib.util
 import math
 import os
 import random
@@ -57,14 +66,24 @@ CPU_BACKENDS = ["numpy", "torch:cpu", "jax:cpu"]
 NATIVE_BACKENDS = ["torch:cpu", "jax:cpu", "torch:cuda", "jax:cuda"]  # where a hand-written autodiff reference exists
 NETS = {"small": [64, 64, 10], "medium": [784, 512, 256, 10], "large": [2048, 2048, 2048, 10]}
 BATCHES = [64, 512]
-GRIDS = {  # (net, batch) pairs timed on CPU at each CURVCORE_BENCH_GRID level; None = all
-    "quick": {("small", 64)},
-    "cpu": {("small", 64), ("medium", 512)},
-    "full": None,
-}
-MEM_GRIDS = {"quick": {("medium", 512)}, "cpu": {("medium", 512)}, "full": None}
-SLOW_COMPILE = {("jax", "pseudo_hessian")}  # left out of the quick grid on CPU
 DEFAULT_BATCH = {"small": 64, "medium": 512, "large": 512}
+PEERS = {"curvlinops": "torch", "backpack": "torch", "kfac_jax": "jax"}  # peer library -> curvcore backend compared
+SMALL, MEDIUM = ("small", 64), ("medium", 512)
+# The (net, batch) points of each kind of benchmark: "step" times steps, "ratio" divides step times,
+# "product" times curvature products, "memory" measures a step's memory.
+POINTS = {
+    "step": [(n, b) for n in NETS for b in BATCHES],
+    "ratio": list(DEFAULT_BATCH.items()),
+    "product": list(DEFAULT_BATCH.items()),
+    "memory": [(n, 512) for n in NETS],
+}
+# The points each kind runs on CPU at each CURVCORE_BENCH_GRID level (None: all); CUDA devices run all of them.
+GRIDS = {
+    "quick": {"step": {SMALL}, "ratio": {MEDIUM}, "product": set(), "memory": set()},
+    "cpu": {"step": {SMALL, MEDIUM}, "ratio": {SMALL, MEDIUM}, "product": {SMALL, MEDIUM}, "memory": {MEDIUM}},
+    "full": dict.fromkeys(POINTS),
+}
+QUICK_METHODS = {"step": {"sgd", "curveball"}}  # the methods of a kind on CPU in the quick grid (default: all)
 
 GRID = os.environ.get("CURVCORE_BENCH_GRID", "quick")
 if GRID not in GRIDS:
@@ -74,11 +93,16 @@ if CPU_TIME and os.environ.get("OMP_NUM_THREADS") != "1":
     raise ValueError("CURVCORE_BENCH_CPU_TIME=1 needs CURVCORE_BENCH_THREADS=1: process CPU time adds up every "
                      "thread, and idle BLAS/OpenMP threads spin")
 DTYPE = os.environ.get("CURVCORE_BENCH_DTYPE", "float64")
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the checkout
+JAX_CACHE = os.environ.get("CURVCORE_BENCH_JAX_CACHE", os.path.join(_ROOT, ".asv", "jax_cache"))
 SEED = 0
 
 # Targets of issue #9, reported next to the measured ratios, never asserted.
 TARGETS = {"curveball": 1.7, "esn": 1.3, "mk": 1.3, "acp": 1.5}
 CORE_OVERHEAD_TARGET = 1.1
+# interleaved_min's (budget_s, min_repeats) for a step ratio: brief in the quick grid (a pseudo-Hessian step
+# on medium takes seconds), the defaults otherwise
+RATIO_BUDGET = (0.3, 1) if GRID == "quick" else (1.5, 3)
 
 
 def method_names() -> list[str]:
@@ -132,23 +156,70 @@ def require(backend: str) -> tuple[str, str]:
         raise NotImplementedError(f"backend {lib} is not available here ({why})")
     if dev == "cuda" and not _cuda_ok(lib):
         raise NotImplementedError(f"{backend}: no CUDA device here")
-    if lib == "jax" and DTYPE == "float64":
+    if lib == "jax":  # settings of the benchmark process only; the library never flips them
         import jax
 
-        jax.config.update("jax_enable_x64", True)  # the benchmark process only; the library never flips it
+        jax.config.update("jax_enable_x64", DTYPE == "float64")
+        if JAX_CACHE:
+            jax.config.update("jax_compilation_cache_dir", JAX_CACHE)
     return lib, dev
 
 
-def in_grid(backend: str, net: str, batch: int, method: str = "", memory: bool = False) -> None:
-    """The limited grid on CPU: raise ``NotImplementedError`` outside it (see ``CURVCORE_BENCH_GRID``)."""
-    lib, dev = parse_backend(backend)
-    if dev != "cpu":
-        return
-    allowed = (MEM_GRIDS if memory else GRIDS)[GRID]
-    if allowed is not None and (net, int(batch)) not in allowed:
-        raise NotImplementedError(f"{net}/B={batch} on CPU is not in CURVCORE_BENCH_GRID={GRID}")
-    if GRID == "quick" and ((lib, method) in SLOW_COMPILE or (memory and lib != "numpy")):
-        raise NotImplementedError(f"{backend} {method or ''} is left out of CURVCORE_BENCH_GRID=quick")
+def installed(lib_or_backend: str) -> bool:
+    """Whether a backend (or peer library) can run here, judged without importing it.
+
+    The library must be findable (``importlib.util.find_spec``), and a CUDA
+    backend needs an NVIDIA driver (:func:`nvidia_present`). An adapter that
+    fails to import is still found by :func:`require` in ``setup``.
+    """
+    lib, dev = parse_backend(lib_or_backend)
+    return importlib.util.find_spec(lib) is not None and (dev == "cpu" or nvidia_present())
+
+
+def key(*parts: object) -> str:
+    """A grid key, a benchmark's one parameter: ``key("torch:cpu", "sgd", "small", 64) == "torch:cpu|sgd|small|64"``."""
+    return "|".join(str(p) for p in parts)
+
+
+def grid(kind: str, methods: Sequence[str] | None = None, backends: Sequence[str] = BACKENDS) -> list[str]:
+    """The keys ``"backend|method|net|batch"`` (``"backend|net|batch"`` without ``methods``) that run here.
+
+    Like scipy's ``LimitedParamBenchmark``, but asv never sees what would be
+    skipped (it spawns a process per parameter value): backends that are not
+    :func:`installed`, CPU points outside the ``CURVCORE_BENCH_GRID`` level of
+    this ``kind`` (see :data:`GRIDS`), methods outside :data:`QUICK_METHODS`.
+    """
+    keys = []
+    for backend in filter(installed, backends):
+        cpu = parse_backend(backend)[1] == "cpu"
+        points = GRIDS[GRID][kind] if cpu else None
+        chosen = QUICK_METHODS.get(kind) if cpu and GRID == "quick" else None
+        for net, batch in POINTS[kind]:
+            if points is not None and (net, batch) not in points:
+                continue
+            for m in [None] if methods is None else methods:
+                if chosen is None or m in chosen:
+                    keys.append(key(*[p for p in (backend, m, net, batch) if p is not None]))
+    return keys
+
+
+class Benchmark:
+    """Base of the benchmark classes: ``params`` is one axis of :func:`grid` keys, ``param_names`` their format.
+
+    A class with no key here (the CUDA ones on a machine without a GPU) has
+    its benchmark functions marked ``skip_benchmark``, so asv does not list them.
+    """
+
+    params: list[str] = []
+    param_names = ["backend|method|net|batch"]
+    timeout = 600
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if not cls.params:
+            for name, fn in vars(cls).items():
+                if name.startswith(("time_", "track_", "peakmem_")):
+                    fn.skip_benchmark = True
 
 
 _CURRENT_DEVICE = ["cpu"]  # the device of the problem this process benchmarks (set by make_problem)
@@ -230,6 +301,11 @@ def make_problem(backend: str, sizes: Sequence[int], batch: int, seed: int = SEE
     return prob
 
 
+def problem(backend: str, net: str, batch: str | int) -> Problem:
+    """:func:`make_problem` at a grid point: ``net`` a name of :data:`NETS`, ``batch`` as in a key."""
+    return make_problem(backend, NETS[net], int(batch))
+
+
 def loss_for(method: str) -> Any:
     """Cross-entropy where the method supports it, else MSE."""
     return cc.losses.CrossEntropy() if "ce" in cc.REGISTRY[method].losses else cc.losses.MSE()
@@ -292,23 +368,70 @@ def make_stepper(method: str, prob: Problem, whole_cycle: bool = False, max_posi
                  **overrides: Any) -> Stepper:
     """Build the method, compile it (JAX) and precompute the states it passes through.
 
-    ``states[0]`` is ``init``'s, ``states[i]`` the one after ``i`` steps; two
-    steps are taken, or a whole cycle (up to ``max_positions``) with
-    ``whole_cycle``. The first step runs the compilation and the schedule's
-    first branch (e.g. ACP's covariance refresh); timings happen later.
+    ``states[0]`` is ``init``'s, ``states[i]`` the one after ``i`` steps; one
+    step is taken (two on JAX), or a whole cycle (up to ``max_positions``)
+    with ``whole_cycle``. The first step runs the compilation and the
+    schedule's first branch (e.g. ACP's covariance refresh); on JAX the second
+    one compiles again if the step's own output differs in types from
+    ``init``'s state. Timings happen later.
     """
     opt = make_optimizer(method, **overrides)
     loss = loss_for(method)
     step = step_function(opt, prob, loss)
     params, states = [prob.params], [opt.init(prob.params)]
     cycle = cycle_length(opt)
-    n = max(2, cycle) if whole_cycle and cycle <= max_positions else 2
+    n = max(cycle if whole_cycle and cycle <= max_positions else 1, 2 if prob.lib == "jax" else 1)
     for _ in range(n):
         p, s, info = prob.sync(step(params[-1], states[-1]))
         params.append(p)
         states.append(s)
-    prob.sync(step(params[1], states[1]))  # a second call: any lazy initialisation is done
     return Stepper(method, opt, loss, step, prob, params, states, cycle)
+
+
+def stepper(key: str, **kwargs: Any) -> Stepper:
+    """:func:`make_stepper` for a ``"backend|method|net|batch"`` grid key."""
+    backend, method, net, batch = key.split("|")
+    return make_stepper(method, problem(backend, net, batch), **kwargs)
+
+
+def step_ratios(keys: Sequence[str], budget: tuple[float, int] | None = None,
+                log: Callable[[str, Any, float], None] = lambda *a: None) -> dict[str, Any]:
+    """``{key: amortized step time / SGD step time}`` for ``"backend|method|net|batch"`` keys, in this process.
+
+    One problem and one SGD stepper per backend, net and batch; each method
+    is timed interleaved with that SGD step (:func:`interleaved_min` with
+    ``budget = (budget_s, min_repeats)``, default :data:`RATIO_BUDGET`) and
+    amortized over its schedule (:func:`amortized_call`). A key that cannot
+    run maps to ``"NotImplementedError: why"``, one that fails to
+    ``"<Error>: message"`` (see :func:`value`). ``log(key, value, seconds)``
+    after each key.
+    """
+    groups: dict[tuple[str, str, str], list[tuple[str, str]]] = {}
+    for k in keys:
+        backend, method, net, batch = k.split("|")
+        groups.setdefault((backend, net, batch), []).append((method, k))
+    out: dict[str, Any] = {}
+    for (backend, net, batch), items in groups.items():
+        sgd = None
+        for method, k in items:
+            t0 = time.perf_counter()
+            try:
+                sgd = sgd or make_stepper("sgd", problem(backend, net, batch))
+                st = make_stepper(method, sgd.prob, whole_cycle=True)
+                fn, weight = amortized_call(st)
+                t = interleaved_min({"method": fn, "sgd": sgd.call(1)}, *(budget or RATIO_BUDGET))
+                out[k] = t["method"] * weight / t["sgd"]
+            except Exception as err:  # one key's failure must not lose the others'
+                out[k] = f"{type(err).__name__}: {err}"
+            log(k, out[k], time.perf_counter() - t0)
+    return out
+
+
+def value(v: Any) -> float:
+    """A :func:`step_ratios` entry as an asv result: the float, or the error raised again (asv: skipped / failed)."""
+    if isinstance(v, str):
+        raise (NotImplementedError if v.startswith("NotImplementedError") else RuntimeError)(v)
+    return v
 
 
 def amortized_call(st: Stepper, max_positions: int = 10) -> tuple[Callable[[], None], float]:

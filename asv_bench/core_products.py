@@ -110,15 +110,6 @@ CORE: dict[str, Callable[[C.Stepper], Callable[[], Any]]] = {
 
 
 # -- peers -------------------------------------------------------------------
-def peer_available(peer: str) -> None:
-    """``NotImplementedError`` (asv: skipped) unless the peer library imports."""
-    module = {"curvlinops": "curvlinops", "backpack": "backpack", "kfac_jax": "kfac_jax"}[peer]
-    try:
-        importlib.import_module(module)
-    except ImportError as err:
-        raise NotImplementedError(f"{peer} is not installed: {err}") from None
-
-
 def peer_ggn(peer: str, prob: C.Problem) -> Callable[[list[Any]], Any]:
     """``v -> G v`` with a peer library on the problem's network and batch (cross-entropy, mean)."""
     if peer in ("curvlinops", "backpack"):

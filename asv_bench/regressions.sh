@@ -18,7 +18,11 @@
 # `asv continuous`. Exit status 1 when a benchmark got slower by more than FACTOR.
 #
 # Environment: FACTOR (default 1.1), BENCH (asv -b regex of the subset),
-# ASV (the asv command, default: asv next to python3 or on PATH),
+# CURVCORE_BENCH_GRID (default cpu: the grid level that lists the subset),
+# MACHINE (the asv machine name, default: the host name; asv compare needs one
+# when results of several machines are stored),
+# PYTHON (default python3), ASV (the asv command, default: $PYTHON -m asv, so that
+# asv runs in that interpreter whatever the shebang of an `asv` script says),
 # ASV_ARGS (extra arguments to asv run, default: -a repeat=7 -a number=0).
 set -euo pipefail
 
@@ -27,12 +31,12 @@ HEAD=${2:-HEAD}
 FACTOR=${FACTOR:-1.1}
 # The fast subset: full steps on the small net (digits-sized batch) on NumPy and
 # torch, for SGD, Adam and CurveBall, plus the curvcore GGN-vector product.
-BENCH=${BENCH:-"^bench_step\.Step\.time_step\('(numpy|torch:cpu)', '(sgd|adam|curveball)', 'small', 64\)|^bench_products\.GGNOverhead\.time_ggn_curvcore\('torch:cpu', 'small'\)"}
+BENCH=${BENCH:-"^bench_step\.Step\.time_step\('(numpy|torch:cpu)\|(sgd|adam|curveball)\|small\|64'\)|^bench_products\.GGNOverhead\.time_ggn_curvcore\('torch:cpu\|small\|64'\)"}
 ASV_ARGS=${ASV_ARGS:-"-a repeat=7 -a number=0"}
+export CURVCORE_BENCH_GRID=${CURVCORE_BENCH_GRID:-cpu}  # the subset is not all in the quick grid
 PYTHON=${PYTHON:-python3}
-if [ -z "${ASV:-}" ]; then
-    if [ -x "$(dirname "$(command -v "$PYTHON")")/asv" ]; then ASV="$(dirname "$(command -v "$PYTHON")")/asv"; else ASV=asv; fi
-fi
+ASV=${ASV:-"$PYTHON -m asv"}
+MACHINE=${MACHINE:-$("$PYTHON" -c 'import platform; print(platform.node())')}
 
 ROOT=$(git rev-parse --show-toplevel)
 cd "$ROOT"
@@ -47,7 +51,7 @@ cleanup() {
 }
 trap cleanup EXIT
 
-"$ASV" machine --yes >/dev/null
+$ASV machine --yes --machine "$MACHINE" >/dev/null
 for h in "$base_hash" "$head_hash"; do
     [ -d "$tmp/$h" ] && continue
     git worktree add --detach --quiet "$tmp/$h" "$h"
@@ -55,11 +59,11 @@ for h in "$base_hash" "$head_hash"; do
     [ -e "$tmp/$h/curvcore/backends" ] || ln -s ../backends "$tmp/$h/curvcore/backends"
     echo "== benchmarking $(git log -1 --format='%h %s' "$h")"
     ASV_PYTHONPATH="$tmp/$h" CURVCORE_BENCH_SOURCE="$tmp/$h" \
-        "$ASV" run --python=same --set-commit-hash "$h" --bench "$BENCH" $ASV_ARGS --show-stderr
+        $ASV run --python=same --machine "$MACHINE" --set-commit-hash "$h" --bench "$BENCH" $ASV_ARGS --show-stderr
 done
 
 echo "== asv compare --factor $FACTOR --split --only-changed $BASE $HEAD"
-out=$("$ASV" compare --factor "$FACTOR" --split --only-changed "$base_hash" "$head_hash")
+out=$($ASV compare --machine "$MACHINE" --factor "$FACTOR" --split --only-changed "$base_hash" "$head_hash")
 echo "$out"
 if echo "$out" | grep -qE '^\| *\+ *\|'; then
     echo "SLOWDOWN: at least one benchmark is more than ${FACTOR}x slower on $HEAD than on $BASE."

@@ -36,7 +36,7 @@ if __package__ in (None, ""):  # run as a script: make ``asv_bench`` importable
 
 import asv_bench  # noqa: E402,F401  (first: CURVCORE_BENCH_THREADS must act before any BLAS loads)
 
-# (table title, benchmark key, column params) -- keys are "<module>.<Class>.<function>"
+# table -> benchmark, "<module>.<Class>.<function>"; results are keyed by the grid key split at "|"
 RATIO_BENCHMARKS = {
     "step_over_sgd": "bench_step.StepRatio.track_step_over_sgd",
     "ph_budget": "bench_step.PseudoHessianBudget.track_step_over_grad_plus_s_hvp",
@@ -44,6 +44,7 @@ RATIO_BENCHMARKS = {
     "curvcore_over_peer": "bench_products.Peers.track_curvcore_over_peer",
     "core_time": "bench_products.CoreProduct.time_core",
     "step_time": "bench_step.Step.time_step",
+    "memory_over_sgd": "bench_step.PeakMemoryRatio.track_peak_memory_over_sgd",
 }
 CORE_SHARE = "core_over_step"  # computed: same process with --measure, time_core / time_step from asv
 
@@ -71,8 +72,8 @@ def load_asv(results_dir: str, machine: str | None = None, commit: str | None = 
     """``({key: {param_tuple: value}}, meta)`` from the newest asv results file.
 
     ``key`` as in :data:`RATIO_BENCHMARKS`; ``param_tuple`` the benchmark's
-    parameter values (strings, quotes removed); ``value`` a float or ``nan``
-    (skipped) or ``None`` (failed).
+    grid key split at ``|`` (strings, quotes removed); ``value`` a float or
+    ``nan`` (skipped) or ``None`` (failed).
     """
     machines = [m for m in sorted(os.listdir(results_dir)) if os.path.isdir(os.path.join(results_dir, m))]
     if machine is None:
@@ -95,7 +96,8 @@ def load_asv(results_dir: str, machine: str | None = None, commit: str | None = 
         params = [[_unquote(p) for p in ps] for ps in rec.get("params") or []]
         values = rec["result"] if isinstance(rec["result"], list) else [rec["result"]]
         combos = list(itertools.product(*params)) if params else [()]
-        out[name] = {c: (float(v) if v is not None else None) for c, v in zip(combos, values)}
+        out[name] = {tuple(p for c in combo for p in c.split("|")): (float(v) if v is not None else None)
+                     for combo, v in zip(combos, values)}
     machine_info = {}
     mpath = os.path.join(results_dir, machine, "machine.json")
     if os.path.exists(mpath):
@@ -117,57 +119,72 @@ def _unquote(p: str) -> str:
 
 
 # -- same-process measurement ---------------------------------------------------
-def measure(backends: list[str], nets: list[str], methods: list[str] | None, peers: bool = True,
-            log: Any = sys.stderr) -> tuple[dict, dict]:
-    """Run the ``track_*`` code of the benchmark classes in this process; same layout as :func:`load_asv`."""
+def plan(backends: list[str], nets: list[str], methods: list[str], peers: bool = True) -> list[tuple]:
+    """What :func:`measure` runs besides the step ratios: ``(result key, benchmark class, function, grid key)``.
+
+    Every backend, net (at its default batch) and method asked for, whatever
+    ``CURVCORE_BENCH_GRID`` says (the grid level limits what asv runs, not this).
+    """
     from asv_bench import bench_products as P
     from asv_bench import bench_step as S
     from asv_bench import common as C
 
-    methods = methods or C.method_names()
-    out: dict[str, dict[tuple, Any]] = {k: {} for k in RATIO_BENCHMARKS.values()}
+    runs = []
+    for net in nets:
+        batch = C.DEFAULT_BATCH[net]
+        for backend in backends:
+            for m in methods:
+                runs.append((RATIO_BENCHMARKS["step_time"], S.Step, "time_step", C.key(backend, m, net, batch)))
+            if backend in C.NATIVE_BACKENDS:
+                runs.append((RATIO_BENCHMARKS["ggn_over_native"], P.GGNOverhead, "track_ggn_over_native",
+                             C.key(backend, net, batch)))
+                if "pseudo_hessian" in methods:
+                    runs.append((RATIO_BENCHMARKS["ph_budget"], S.PseudoHessianBudget,
+                                 "track_step_over_grad_plus_s_hvp", C.key(backend, "pseudo_hessian", net, batch)))
+            runs += [(CORE_SHARE, P.CoreProduct, "time_core", C.key(backend, m, net, batch))
+                     for m in P.core_products.CORE if m in methods]
+        if peers:
+            devices = sorted({C.parse_backend(b)[1] for b in backends})
+            runs += [(RATIO_BENCHMARKS["curvcore_over_peer"], P.Peers, "track_curvcore_over_peer",
+                      C.key(f"{lib}:{dev}", peer, net, batch)) for peer, lib in C.PEERS.items() for dev in devices]
+    return runs
 
-    out[CORE_SHARE] = {}
 
-    def run(key: str, cls: type, fn: str, params: tuple) -> None:
+def measure(backends: list[str], nets: list[str], methods: list[str] | None, peers: bool = True,
+            log: Any = None) -> tuple[dict, dict]:
+    """Run the benchmark classes' ``setup`` and ``track_*`` code in this process; the layout of :func:`load_asv`."""
+    from asv_bench import common as C
+
+    methods, log = methods or C.method_names(), log or sys.stderr
+    out: dict[str, dict[tuple, Any]] = {k: {} for k in [*RATIO_BENCHMARKS.values(), CORE_SHARE]}
+
+    def record(result: str, fn: str, key: str, value: Any, seconds: float) -> None:
+        if isinstance(value, str):  # an error message
+            value, msg = (float("nan"), f"skip ({value})") if value.startswith("NotImplementedError") else (
+                None, f"FAIL {value[:200]}")
+        else:
+            msg = _fmt(value, "s" if fn.startswith("time_") and result != CORE_SHARE else "")
+        out[result][tuple(key.split("|"))] = value
+        print(f"{fn} {key}: {msg} [{seconds:.1f}s]", file=log, flush=True)
+
+    ratio_keys = [C.key(b, m, n, C.DEFAULT_BATCH[n]) for n in nets for b in backends for m in methods]
+    C.step_ratios(ratio_keys, (1.5, 3),  # the full budget, whatever the grid level
+                  lambda k, v, t: record(RATIO_BENCHMARKS["step_over_sgd"], "track_step_over_sgd", k, v, t))
+    for result, cls, fn, key in plan(backends, nets, methods, peers):
         t0 = time.perf_counter()
         try:
             bench = cls()
-            bench.setup(*params)
-            if key == CORE_SHARE:
+            bench.setup(key)
+            if result == CORE_SHARE:
                 t = C.interleaved_min({"core": bench.fn, "step": bench.st.call(1)})
                 value = t["core"] / t["step"]
             elif fn.startswith("time_"):
                 value = C.interleaved_min({"f": bench.fn}, budget_s=1.0)["f"]
             else:
-                value = getattr(bench, fn)(*params)
-            out[key][tuple(str(p) for p in params)] = value
-            msg = _fmt(value, "s" if fn.startswith("time_") and key != CORE_SHARE else "")
-        except NotImplementedError as err:
-            out[key][tuple(str(p) for p in params)] = float("nan")
-            msg = f"skip ({err})"
-        except Exception as err:  # report, keep going: the table shows "fail"
-            out[key][tuple(str(p) for p in params)] = None
-            msg = f"FAIL {type(err).__name__}: {str(err)[:200]}"
-        print(f"{key.split('.')[-1]} {params}: {msg} [{time.perf_counter() - t0:.1f}s]", file=log, flush=True)
-
-    for net in nets:
-        for backend in backends:
-            for m in methods:
-                run(RATIO_BENCHMARKS["step_over_sgd"], S.StepRatio, "track_step_over_sgd", (backend, m, net))
-                run(RATIO_BENCHMARKS["step_time"], S.Step, "time_step", (backend, m, net, C.DEFAULT_BATCH[net]))
-            if backend in C.NATIVE_BACKENDS:
-                run(RATIO_BENCHMARKS["ggn_over_native"], P.GGNOverhead, "track_ggn_over_native", (backend, net))
-                if "pseudo_hessian" in methods:
-                    run(RATIO_BENCHMARKS["ph_budget"], S.PseudoHessianBudget, "track_step_over_grad_plus_s_hvp",
-                        (backend, net))
-            for m in P.core_products.CORE:
-                if m in methods:
-                    run(CORE_SHARE, P.CoreProduct, "time_core", (backend, m, net))
-        if peers:
-            devices = sorted({C.parse_backend(b)[1] for b in backends})
-            for peer, dev in itertools.product(P.Peers.params[0], devices):
-                run(RATIO_BENCHMARKS["curvcore_over_peer"], P.Peers, "track_curvcore_over_peer", (peer, dev, net))
+                value = getattr(bench, fn)(key)
+        except Exception as err:  # report, keep going: the table shows "skip" or "fail"
+            value = f"{type(err).__name__}: {err}"
+        record(result, fn, key, value, time.perf_counter() - t0)
     meta = {"source": "same-process measurement (asv_bench/report.py --measure)", "machine": platform.node(),
             "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
             "cpu": platform.processor() or platform.machine(), "num_cpu": os.cpu_count()}
@@ -175,64 +192,64 @@ def measure(backends: list[str], nets: list[str], methods: list[str] | None, pee
 
 
 # -- tables -----------------------------------------------------------------------
+def _method_table(title: str, ratio: dict, times: dict | None = None, target: Any = lambda m: "") -> list[str]:
+    """Markdown: ``ratio[(backend, method, net, batch)]``, a row per method, a column per backend, net and batch."""
+    from asv_bench import common as C
+
+    cols = [c for c in dict.fromkeys((b, n, bt) for (b, _, n, bt), v in ratio.items() if _ok(v))]
+    if not cols:
+        return []
+    cols.sort(key=lambda c: (_index(list(C.NETS), c[1]), int(c[2]), _index(C.BACKENDS, c[0])))
+    head = " | ".join(f"{b} {n} (B={bt})" for b, n, bt in cols)
+    lines = ["", f"### {title}", "", f"| method | target | {head} |", "|---|---|" + "---|" * len(cols)]
+    for m in dict.fromkeys(m for (_, m, _, _) in ratio):
+        cells = [_fmt(ratio.get(k)) + (f" ({_fmt(times[k], 's')})" if _ok((times or {}).get(k)) else "")
+                 for k in ((b, m, n, bt) for b, n, bt in cols)]
+        lines.append(f"| {m} | {target(m)} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def _rows(title: str, header: list[str], entries: dict, keep: Any = lambda v: v is None or not _isnan(v)) -> list[str]:
+    """Markdown: one row per entry, ``header`` naming the key's parts and the value."""
+    if not any(_ok(v) for v in entries.values()):
+        return []
+    return (["", f"### {title}", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+            + [f"| {' | '.join(k)} | {_fmt(v)} |" for k, v in entries.items() if keep(v)])
+
+
+def _index(seq: list[str], item: str) -> int:
+    return seq.index(item) if item in seq else len(seq)
+
+
 def tables(results: dict, meta: dict) -> str:
     """The markdown report."""
     from asv_bench import common as C
 
     lines = [f"Source: {meta['source']}; machine `{meta['machine']}` ({meta.get('cpu', '')}, "
              f"{meta.get('num_cpu', '')} CPUs); {meta['date']}" + (f"; commit {meta['commit']}" if meta.get("commit") else "")]
-
-    ratio = results.get(RATIO_BENCHMARKS["step_over_sgd"], {})
-    times = results.get(RATIO_BENCHMARKS["step_time"], {})
-    cols = sorted({(b, n) for (b, _, n) in ratio}, key=lambda bn: (list(C.NETS).index(bn[1]) if bn[1] in C.NETS else 9,
-                                                                   C.BACKENDS.index(bn[0]) if bn[0] in C.BACKENDS else 9))
-    cols = [c for c in cols if any(_ok(v) for (b, _, n), v in ratio.items() if (b, n) == c)]
-    if cols:
-        methods = list(dict.fromkeys(m for (_, m, _) in ratio))
-        lines += ["", "### Step time / SGD step time (amortized over the method's schedule; same process)", ""]
-        lines.append("| method | target | " + " | ".join(f"{b} {n} (B={C.DEFAULT_BATCH.get(n, '')})" for b, n in cols) + " |")
-        lines.append("|---|---|" + "---|" * len(cols))
-        for m in methods:
-            cells = []
-            for b, n in cols:
-                r = ratio.get((b, m, n))
-                t = times.get((b, m, n, str(C.DEFAULT_BATCH.get(n, ""))))
-                cells.append(_fmt(r) + (f" ({_fmt(t, 's')})" if _ok(t) else ""))
-            lines.append(f"| {m} | {_target(m)} | " + " | ".join(cells) + " |")
-        lines.append("")
-        lines.append("In parentheses: the absolute time of one (plain) step, `Step.time_step`.")
-
-    ph = results.get(RATIO_BENCHMARKS["ph_budget"], {})
-    if any(_ok(v) for v in ph.values()):
-        lines += ["", "### Pseudo-Hessian step / (1 gradient + S Hessian-vector products), native torch.func / JAX "
-                      "(target <= 1)", "", "| backend | net | ratio |", "|---|---|---|"]
-        lines += [f"| {b} | {n} | {_fmt(v)} |" for (b, n), v in ph.items() if v is None or not _isnan(v)]
-
-    ggn = results.get(RATIO_BENCHMARKS["ggn_over_native"], {})
-    if any(_ok(v) for v in ggn.values()):
-        lines += ["", f"### curvcore GGN-vector product / hand-written native one (core overhead, target <= "
-                      f"{C.CORE_OVERHEAD_TARGET})", "", "| backend | net | ratio |", "|---|---|---|"]
-        lines += [f"| {b} | {n} | {_fmt(v)} |" for (b, n), v in ggn.items() if v is None or not _isnan(v)]
-
-    peer = results.get(RATIO_BENCHMARKS["curvcore_over_peer"], {})
-    if peer:
-        lines += ["", "### curvcore GGN-vector product / peer's (< 1: curvcore faster)", "",
-                  "| peer | device | net | ratio |", "|---|---|---|---|"]
-        lines += [f"| {p} | {d} | {n} | {_fmt(v)} |" for (p, d, n), v in peer.items() if not _isnan(v)]
-        missing = sorted({p for (p, _, _), v in peer.items()} - {p for (p, _, _), v in peer.items() if not _isnan(v)})
-        if missing:
-            lines += ["", f"Skipped (not installed or not running here): {', '.join(missing)}."]
-
+    get = lambda name: results.get(RATIO_BENCHMARKS[name], {})  # noqa: E731
+    times = get("step_time")
+    step = _method_table("Step time / SGD step time (amortized over the method's schedule; same process)",
+                         get("step_over_sgd"), times, _target)
+    if any(k in times for k in get("step_over_sgd")):
+        step += ["", "In parentheses: the absolute time of one (plain) step, `Step.time_step`."]
+    lines += step
+    lines += _method_table("Peak memory of one step / SGD's (torch CPU, float32, fresh process per method)",
+                           get("memory_over_sgd"), target=lambda m: "<= 2" if m == "pseudo_hessian" else "")
+    lines += _rows("Pseudo-Hessian step / (1 gradient + S Hessian-vector products), native torch.func / JAX "
+                   "(target <= 1)", ["backend", "method", "net", "batch", "ratio"], get("ph_budget"))
+    lines += _rows(f"curvcore GGN-vector product / hand-written native one (core overhead, target <= "
+                   f"{C.CORE_OVERHEAD_TARGET})", ["backend", "net", "batch", "ratio"], get("ggn_over_native"))
+    peer = get("curvcore_over_peer")
+    lines += _rows("curvcore GGN-vector product / peer's (< 1: curvcore faster)",
+                   ["backend", "peer", "net", "batch", "ratio"], peer)
+    missing = sorted({k[1] for k in peer} - {k[1] for k, v in peer.items() if not _isnan(v)})
+    if missing:
+        lines += ["", f"Skipped (not installed or not running here): {', '.join(missing)}."]
     core = results.get(CORE_SHARE)
-    if core is None:  # asv results: time_core / time_step of the same backend, method, net and batch
-        core = {}
-        for (b, m, n), tc in results.get(RATIO_BENCHMARKS["core_time"], {}).items():
-            ts = times.get((b, m, n, str(C.DEFAULT_BATCH.get(n, ""))))
-            core[(b, m, n)] = tc / ts if _ok(tc) and _ok(ts) else tc
-    if any(_ok(v) for v in core.values()):
-        lines += ["", "### Core product / full step (share of the step)", "", "| backend | method | net | ratio |",
-                  "|---|---|---|---|"]
-        lines += [f"| {b} | {m} | {n} | {_fmt(v)} |" for (b, m, n), v in core.items() if v is None or not _isnan(v)]
+    if core is None:  # asv results: time_core / time_step at the same grid key
+        core = {k: tc / times[k] if _ok(tc) and _ok(times.get(k)) else tc for k, tc in get("core_time").items()}
+    lines += _rows("Core product / full step (share of the step)", ["backend", "method", "net", "batch", "ratio"], core)
     return "\n".join(lines)
 
 
