@@ -544,10 +544,8 @@ def random_tangent(prob: Problem, seed: int = 7) -> list[Any]:
 
 
 def curvcore_ggn(model: Any, loss: Any, params: list[Any], x: Any, y: Any, v: list[Any]) -> list[Any]:
-    """curvcore's GGN-vector product ``J^T H_L J v`` through the protocol (adapter jvp/vjp + closed-form loss)."""
-    out, jv = model.jvp(params, x, v)
-    _, pullback = model.vjp(params, x)
-    return pullback(loss.hvp(out, y, jv))
+    """curvcore's GGN-vector product ``J^T H_L J v``: ``cc.ggn_vp`` (one linearisation, 1 JVP, 1 VJP)."""
+    return cc.ggn_vp(model, loss, params, x, y, v)
 
 
 def curvcore_ggn_function(prob: Problem) -> Callable[[list[Any]], Any]:

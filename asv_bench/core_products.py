@@ -1,10 +1,9 @@
 """Builders of the per-method core products and of the peer libraries' GGN-vector products.
 
 ``CORE[name](stepper) -> fn`` returns a synchronised zero-argument callable
-that computes the method's characteristic product with the method's own
-internal functions, on the stepper's problem and state; it raises
-``NotImplementedError`` (asv: skipped) when the method module does not expose
-such a function. No benchmark names in here (asv imports this module).
+that computes the method's characteristic product with the method's public
+functions, on the stepper's problem and state; it raises
+``NotImplementedError`` (asv: skipped) when the method does not have one. No benchmark names in here (asv imports this module).
 """
 
 from __future__ import annotations
@@ -46,25 +45,17 @@ def _jit(st: C.Stepper, fn: Callable[..., Any], *args: Any) -> Callable[[], Any]
 
 
 def curveball_dz(st: C.Stepper) -> Callable[[], Any]:
-    """CurveBall's ``dz = J^T (H_L J z + g_f) + lam z`` (1 JVP + 1 VJP) at the stepper's ``z`` and ``lam``.
+    """CurveBall's ``dz = J^T (H_L J z + g_f) + lam z`` at the stepper's ``z`` and ``lam``: one linearisation
+    (1 forward), 1 JVP and 1 VJP, through ``curvcore.curvature`` as the step computes it."""
+    from curvcore.curvature import ggn_vp_at, linearization
 
-    ``curveball.py`` computes ``dz`` inline in ``step``; until it exposes a
-    function (one of the names below), this is the same three protocol calls as
-    its lines "JVP 1", "VJP 1" and "eq. 18" (``model.jvp``, ``loss.hvp``,
-    ``model.vjp``).
-    """
-    mod = _module("curveball")
     model, loss, x, y = st.prob.model, st.loss, st.prob.x, st.prob.targets(st.loss)
-    try:
-        dz = _attr(mod, "curveball_dz", "compute_dz", "dz")
 
-        def product(params: Any, z: Any, lam: Any, x: Any, y: Any) -> Any:
-            return dz(model, loss, params, x, y, z, lam)
-    except NotImplementedError:
-        def product(params: Any, z: Any, lam: Any, x: Any, y: Any) -> Any:
-            f, jz = model.jvp(params, x, z)
-            _, pullback = model.vjp(params, x)
-            return [a + lam * b for a, b in zip(pullback(loss.hvp(f, y, jz) + loss.grad(f, y)), z)]
+    def product(params: Any, z: Any, lam: Any, x: Any, y: Any) -> Any:
+        lin = linearization(model, params, x)
+        gz, _, _ = ggn_vp_at(lin, loss, y, z, plus=loss.grad(lin.out, y))
+        return [a + lam * b for a, b in zip(gz, z)]
+
     s = st.states[1]
     return _jit(st, product, st.params[1], list(s.z), s.lam, x, y)
 
@@ -80,25 +71,20 @@ def pseudo_hessian_system(st: C.Stepper) -> Callable[[], Any]:
 
 
 def esn_layer_solve(st: C.Stepper) -> Callable[[], Any]:
-    """ESN's per-layer solves given one pass of layer terms (``ESN._randomized`` or ``_layerwise.closed_form``)."""
-    _module("esn")
-    lw = _module("_layerwise")
+    """ESN's per-layer solves given one pass of layer terms (``ESN.terms`` then ``ESN.randomized``)."""
     opt, model, loss, x, y = st.opt, st.prob.model, st.loss, st.prob.x, st.prob.targets(st.loss)
+    if getattr(opt, "variant", "") != "randomized":
+        raise NotImplementedError("the core product is the randomized variant's per-layer solve")
     params, state = st.params[1], st.states[1]
-    _, terms = lw.compute_terms(model, loss, params, x, y, opt.lam, opt.reg_grad, validate=False)
-    if getattr(opt, "variant", "") == "randomized":
-        solve = _attr(opt, "_randomized")
-        return _jit(st, lambda t, s, p: solve(t, s, p)[0], terms, state, params)
-    closed = _attr(lw, "closed_form")
-    return _jit(st, lambda t: closed(t, opt.variant, 0.0, opt.eps)[0], terms)
+    candidates = opt.layer_candidates(params, model)
+    _, rec, terms = opt.terms(model, loss, params, x, y, candidates)
+    return _jit(st, lambda t, s, p: opt.randomized(t, rec, s, p, candidates)[0], terms, state, params)
 
 
 def acp_refresh(st: C.Stepper) -> Callable[[], Any]:
     """ACP's covariance refresh: one forward for the layer inputs, then per layer ``C = U diag(s) U^T`` (eigh)."""
-    mod = _module("acp")
-    records, eig = _attr(mod, "input_records"), _attr(mod, "input_covariance_eig")
-    model, x = st.prob.model, st.prob.x
-    return _jit(st, lambda params, x: [eig(r.a) for r in records(model, params, x)], st.params[1], x)
+    model, x, opt = st.prob.model, st.prob.x, st.opt
+    return _jit(st, lambda params, x: opt.covariance_eigs(model, params, x), st.params[1], x)
 
 
 CORE: dict[str, Callable[[C.Stepper], Callable[[], Any]]] = {

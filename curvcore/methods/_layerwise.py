@@ -448,6 +448,24 @@ class ChainMethod(LayerwiseMethod):
         """``([N_1, η_1, ...], new state, info extras)`` over the chain's layers (abstract)."""
         raise NotImplementedError
 
+    def terms(self, model: Any, loss: Any, params: Sequence[Array], x: Array, y: Array,
+              candidates: Sequence[LayerSpec] | None = None) -> tuple[Array, Records, Terms]:
+        """``(loss, records, per-sample terms)`` of the output chain from one recorded pass (spec §5 steps 1-4).
+
+        Raises:
+            ValueError: the model has no chain of dense layers ending at the output.
+            NotImplementedError: a loss other than MSE/CE, a non-linear output layer.
+        """
+        candidates = self.layer_candidates(params, model) if candidates is None else candidates
+        check_loss(loss)
+        value, rec = self.record(model, loss, params, x, y, candidates)
+        if not rec.specs:
+            raise ValueError(f"{type(self).__name__}: the model has no chain of dense layers ending at the output "
+                             "(Linear layers with elementwise activations between them); use another method")
+        weights = [weight_matrix(params[s.weight], s) for s in rec.specs]
+        return value, rec, compute_terms(rec, loss, y, weights, self.lam, self.reg_grad, getattr(self, "lam_out", 1.0),
+                                         validate=self.validate)
+
     def direction(self, model: Any, loss: Any, params: Sequence[Array], state: Any, x: Array, y: Array
                   ) -> tuple[list[Array], Any, dict[str, Array]]:
         """The direction ``d = [N_1, η_1, ..., N_n, η_n]`` over the output chain (update ``params - lr d``),
@@ -461,14 +479,7 @@ class ChainMethod(LayerwiseMethod):
             FloatingPointError: the forward/backward pass overflowed.
         """
         candidates = self.layer_candidates(params, model)
-        check_loss(loss)
-        value, rec = self.record(model, loss, params, x, y, candidates)
-        if not rec.specs:
-            raise ValueError(f"{type(self).__name__}: the model has no chain of dense layers ending at the output "
-                             "(Linear layers with elementwise activations between them); use another method")
-        weights = [weight_matrix(params[s.weight], s) for s in rec.specs]
-        terms = compute_terms(rec, loss, y, weights, self.lam, self.reg_grad, getattr(self, "lam_out", 1.0),
-                              validate=self.validate)
+        value, rec, terms = self.terms(model, loss, params, x, y, candidates)
         d, new_state, extras = self.chain_direction(terms, rec, params, state, candidates)
         xp = array_namespace(params[0])
         return d, new_state, {"loss": value, "n_preconditioned": n_preconditioned(xp, rec, params[0]),

@@ -226,6 +226,16 @@ class ACP(LayerwiseMethod):
                                   self.bias_correction)
         return dW, db, alpha
 
+    def covariance_eigs(self, model: Any, params: Sequence[Array], x: Array) -> list[tuple[Array, Array, Array]]:
+        """What a refresh stores for each preconditioned layer on inputs ``x``: ``(s, U, mu)``.
+
+        One forward with a zero output cotangent gives the layer inputs; then per layer
+        ``C = U diag(s) U^T``, the biased input covariance over rows, and its mean ``mu``.
+        """
+        rec = records(model, list(params), x, lambda out: array_namespace(out).zeros_like(out),
+                      self.layer_candidates(list(params), model))
+        return [kr.input_covariance_eig(r.a) for r in rec.layers]
+
     def _check_nonsingular(self, xp: Any, k: int, d: Array, positive: Array | None) -> None:
         """Raise unless ``min(alpha s + eps) > 1e-12 max(1, max(alpha s + eps))`` (skipped under jit)."""
         if not self.validate:

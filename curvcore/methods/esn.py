@@ -162,7 +162,7 @@ class ESN(lw.ChainMethod):
                                  "the exact Newton direction does not exist")
         masks: list[Array] = []
         if self.variant == "randomized":
-            d, state = self._randomized(terms, rec, state, params, candidates)
+            d, state = self.randomized(terms, rec, state, params, candidates)
         else:
             d, masks = lw.closed_form(terms, self.variant, 0.0, self.eps)
             state = state._replace(t=state.t + 1)
@@ -179,9 +179,12 @@ class ESN(lw.ChainMethod):
         if self.solver == "sylvester":
             check_shapes("state.P", state.P, [(i, i) for _, i in shapes], unit="layers")
 
-    def _randomized(self, terms: lw.Terms, rec: Any, state: ESNState, params: Sequence[Array],
-                    candidates: Sequence[Any]) -> tuple[list[Array], ESNState]:
-        """ICLR eq 26 / eq 24 per chain layer, with batch or EMA expectations."""
+    def randomized(self, terms: lw.Terms, rec: Any, state: ESNState, params: Sequence[Array],
+                   candidates: Sequence[Any]) -> tuple[list[Array], ESNState]:
+        """ICLR eq 26 / eq 24 per chain layer, with batch or EMA expectations: ``([N_1, η_1, ...], new state)``.
+
+        ``terms`` and ``rec`` come from :meth:`terms`; ``candidates`` from ``layer_candidates``.
+        """
         xp = array_namespace(*params)
         ema = self.estimator == "ema"
         sylvester = self.solver == "sylvester"
