@@ -23,6 +23,7 @@ counter branches and early-exit loops trace under ``jax.jit``. It never changes 
 from __future__ import annotations
 
 import functools
+import importlib
 import inspect
 import weakref
 from collections import OrderedDict
@@ -45,8 +46,8 @@ from ._activations import LEAKY_SLOPE, check_activation
 Array = Any
 
 __all__ = [
-    "JaxModel", "JitStep", "OptaxState", "as_optax", "build_mlp", "from_numpy", "jit_step", "mlp_apply",
-    "no_tap", "synchronize", "to_numpy",
+    "JaxModel", "JitStep", "OptaxState", "as_optax", "build_mlp", "from_equinox", "from_flax", "from_numpy",
+    "jit_step", "mlp_apply", "model_state", "no_tap", "synchronize", "to_numpy",
 ]
 
 register_cond(lambda p: isinstance(p, jax.core.Tracer), lambda pred, t, f, *ops: jax.lax.cond(pred, t, f, *ops))
@@ -163,7 +164,7 @@ class JaxModel:
     def cache_size(self) -> int:
         """Compiled programs held by this model's primitives (each an LRU of at most :data:`CACHE_SIZE`)."""
         progs = [self._forward, self._jvp, *self._jet.values(), *self._taps.values()]
-        return sum(p.cache_size() for p in progs if isinstance(p, BoundedJit))
+        return sum(p.cache_size() for p in progs if callable(getattr(p, "cache_size", None)))
 
     # -- primitives ------------------------------------------------------------
     def forward(self, params: Any, x: Array) -> Array:
@@ -490,6 +491,13 @@ class JitStep:
     Value checks (NaN/Inf) are skipped inside the trace; a non-finite step
     keeps the old params and sets ``info["finite"]`` to False.
 
+    **Model state.** A model with state of its own (``from_flax`` with
+    BatchNorm or dropout: ``model.state``, ``model.bind(state)``,
+    ``model.next_state(info)``) gets it as a traced argument: the step runs
+    on ``model.bind(state)`` and returns ``model.next_state(info)``, which
+    is written back to ``model.state`` after the call (the BatchNorm
+    statistics of ``info["buffers"]``, the dropout keys moved on).
+
     Attributes:
         traces: how many times the step was traced; a stable training loop
             traces once per argument signature (see also :meth:`cache_size`).
@@ -501,9 +509,11 @@ class JitStep:
         self.traces = 0
         self._jitted: dict[Any, BoundedJit] = {}
 
-    def _step(self, params: Any, state: Any, x: Array, y: Array, kwargs: dict) -> tuple:
+    def _step(self, params: Any, state: Any, model_state: Any, x: Array, y: Array, kwargs: dict) -> tuple:
         self.traces += 1
-        return self.method.step(self.model, self.loss, params, state, x, y, **kwargs)
+        model = self.model if model_state is None else self.model.bind(model_state)
+        params, state, info = self.method.step(model, self.loss, params, state, x, y, **kwargs)
+        return params, state, info, None if model_state is None else model.next_state(info)
 
     def _compiled(self, params: Any) -> tuple[BoundedJit, Any]:
         """``(the jitted step, device)`` for the device of ``params`` (input sharding fixed to it)."""
@@ -515,12 +525,15 @@ class JitStep:
 
     def _args(self, params: Any, state: Any, x: Array, y: Array, kwargs: dict) -> tuple[BoundedJit, tuple]:
         step, dev = self._compiled(params)
-        args = (params, state, x, y, kwargs)
+        args = (params, state, model_state(self.model), x, y, kwargs)
         return step, (args if dev is None else jax.device_put(args, dev))
 
     def __call__(self, params: Any, state: Any, x: Array, y: Array, **kwargs: Any) -> tuple:
         step, args = self._args(params, state, x, y, kwargs)
-        return step(*args)
+        params, state, info, new_model_state = step(*args)
+        if new_model_state is not None:
+            self.model.state = new_model_state
+        return params, state, info
 
     def lower(self, params: Any, state: Any, x: Array, y: Array, **kwargs: Any) -> Any:
         """``jax.jit(...).lower`` for inspection (HLO, cost analysis)."""
@@ -530,6 +543,13 @@ class JitStep:
     def cache_size(self) -> int:
         """Compiled executables held: one per argument signature (at most :data:`CACHE_SIZE` per device)."""
         return sum(f.cache_size() for f in self._jitted.values())
+
+
+def model_state(model: Any) -> Any:
+    """``model.state`` for a model with state of its own (it has ``bind`` and ``next_state``), else ``None``."""
+    if callable(getattr(model, "bind", None)) and callable(getattr(model, "next_state", None)):
+        return model.state
+    return None
 
 
 def _device_of(a: Array) -> Any:
@@ -558,10 +578,12 @@ def jit_step(method: Any, model: Any, loss: Any, donate: bool = False) -> JitSte
 
 
 class OptaxState(NamedTuple):
-    """State of :func:`as_optax`: the method's state and the loss before the last update."""
+    """State of :func:`as_optax`: the method's state, the loss before the last update, and the
+    model's own state (``None`` for a model without: see :class:`JitStep`)."""
 
     inner: Any
     loss: Array
+    model_state: Any = None
 
 
 def as_optax(method: Any, model: Any, loss: Any) -> Any:
@@ -585,20 +607,27 @@ def as_optax(method: Any, model: Any, loss: Any) -> Any:
     >>> updates, opt_state = tx.update(None, opt_state, params, x=x, y=y)
     >>> params = optax.apply_updates(params, updates)
 
+    A model with state of its own (flax BatchNorm, dropout) keeps it in
+    ``OptaxState.model_state`` (updated by every ``update``, like the rest of
+    an optax state); the model object is not changed.
+
     Returns the optax type when optax is installed, else a NamedTuple with the
     same ``init``/``update`` fields.
     """
 
     def init(params: Any) -> OptaxState:
         leaf = jax.tree_util.tree_leaves(params)
-        return OptaxState(init_state(method, params, model), jnp.zeros((), dtype=leaf[0].dtype if leaf else jnp.float32))
+        return OptaxState(init_state(method, params, model), jnp.zeros((), dtype=leaf[0].dtype if leaf else jnp.float32),
+                          model_state(model))
 
     def update(updates: Any, state: OptaxState, params: Any = None, *, x: Array = None,
                y: Array = None, **kwargs: Any) -> tuple[Any, OptaxState]:
         if params is None or x is None or y is None:
             raise TypeError("the curvcore optax transform needs update(updates, state, params, x=..., y=...)")
-        new, inner, info = method.step(model, loss, params, state.inner, x, y, **kwargs)
-        return jax.tree_util.tree_map(lambda n, p: n - p, new, params), OptaxState(inner, info["loss"])
+        bound = model if state.model_state is None else model.bind(state.model_state)
+        new, inner, info = method.step(bound, loss, params, state.inner, x, y, **kwargs)
+        after = None if state.model_state is None else bound.next_state(info)
+        return jax.tree_util.tree_map(lambda n, p: n - p, new, params), OptaxState(inner, info["loss"], after)
 
     try:
         import optax
@@ -611,3 +640,15 @@ def as_optax(method: Any, model: Any, loss: Any) -> Any:
 class _Transform(NamedTuple):
     init: Callable[..., Any]
     update: Callable[..., Any]
+
+
+_LAZY = {"from_flax": "_flax", "FlaxModel": "_flax", "from_equinox": "_equinox", "EquinoxModel": "_equinox",
+         "ModelState": "_jax_models"}
+
+
+def __getattr__(name: str) -> Any:
+    """``from_flax``/``from_equinox`` (and their model classes), imported on first use: flax and equinox are optional."""
+    if name in _LAZY:
+        module = importlib.import_module(f"{__package__}.{_LAZY[name]}")
+        return getattr(module, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
