@@ -86,9 +86,6 @@ class EquinoxModel(LayerModel):
             self._specs[key] = _specs(eqx.combine(params, self.static), params)
         return self._specs[key]
 
-    def _layer_key(self, spec: LayerSpec) -> str:
-        return spec.name
-
     def tapped(self, params: Any, xs: Any, tape: Tape) -> Array:
         """The module over the batch with every Linear/Conv2d call routed through a per-sample tape."""
         module = jax.tree_util.tree_map_with_path(
@@ -99,8 +96,8 @@ class EquinoxModel(LayerModel):
         def one(x: Array, e: list) -> tuple[Array, list]:
             inner = Tape(tape.index, None if numbers is None else dict(zip(numbers, e)))
             with _recording(inner):
-                out = inner.finish(module(x))
-            tape.calls, tape.output_is_last = inner.calls, inner.output_is_last
+                out = module(x)
+            tape.calls = inner.calls
             return out, inner.seen
 
         out, tape.seen = jax.vmap(one)(xs[0], [] if numbers is None else [tape.perturb[n] for n in numbers])

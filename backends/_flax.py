@@ -100,14 +100,10 @@ class FlaxModel(LayerModel):
             self._specs[key] = _specs(params)
         return self._specs[key]
 
-    def _layer_key(self, spec: LayerSpec) -> str:
-        return spec.name
-
     def tapped(self, params: Any, xs: Any, tape: Tape) -> Array:
         """The module applied with every ``nn.Dense``/``nn.Conv`` call routed through ``tape``."""
         with nn.intercept_methods(functools.partial(_intercept, tape)):
-            out = self._run(params, xs)[0]
-        return tape.finish(out)
+            return self._run(params, xs)[0]
 
 
 def _rngs(rngs: Any) -> dict:

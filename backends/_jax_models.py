@@ -36,8 +36,8 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
-from curvcore._checks import value_checks_on
 from curvcore.layers import LayerSpec, Records, output_cotangent, weight_matrix
 from curvcore.protocol import Cotangent, LayerRecord
 
@@ -99,6 +99,7 @@ class ContextModel(JaxModel):
         self._updates = None if updates_fn is None else (BoundedJit(updates_fn) if jit else updates_fn)
         self._discoveries: OrderedDict = OrderedDict()  # shared by the model's bound copies
         self._tapped_programs: dict = {}
+        self._chains: dict = {}  # (signature, chain) -> where the elementwise links start
         self._jit = jit
         self._attach(state)
 
@@ -138,9 +139,13 @@ class ContextModel(JaxModel):
         return bound
 
     def next_state(self, info: dict | None = None) -> ModelState:
-        """The state after a step: ``info["buffers"]`` (the step's updated collections) and the keys moved on."""
-        buffers = (info or {}).get("buffers")
-        collections = self._state.collections if buffers is None else {**self._state.collections, **buffers}
+        """The state after a step: ``info["buffers"]`` (the step's updated collections, in the dtypes of the
+        current ones, as torch's ``copy_`` keeps a buffer's dtype) and the keys moved on."""
+        collections = dict(self._state.collections)
+        for name, new in ((info or {}).get("buffers") or {}).items():
+            old = collections.get(name)
+            same = old is not None and jax.tree_util.tree_structure(old) == jax.tree_util.tree_structure(new)
+            collections[name] = jax.tree_util.tree_map(lambda n, o: n.astype(o.dtype), new, old) if same else new
         return ModelState(collections, {k: jax.random.fold_in(v, 1) for k, v in self._state.rngs.items()})
 
     def advance(self, info: dict | None = None) -> ModelState:
@@ -220,7 +225,7 @@ class Tape:
     """What one tapped pass does at each layer call.
 
     Args:
-        index: ``{layer key: params index of its weight}`` of the layers that
+        index: ``{layer name: params index of its weight}`` of the layers that
             may be recorded (others pass through untouched).
         perturb: ``{call number: e}``; those calls return ``z + e`` and keep
             ``(a, z + e)`` in :attr:`seen`. ``None``: keep every call (the
@@ -231,8 +236,6 @@ class Tape:
         self.index, self.perturb = index, perturb
         self.calls: list[Call] = []
         self.seen: list[tuple[Array, Array]] = []
-        self.last: Array | None = None
-        self.output_is_last = False
 
     def __call__(self, key: Any, kind: str | None, a: Array, z: Array, conv: Conv | None = None) -> Array:
         """The output of one layer call (``z``, or ``z + e`` for a perturbed call)."""
@@ -244,20 +247,7 @@ class Tape:
         if self.perturb is None or n in self.perturb:
             z = z if self.perturb is None else z + self.perturb[n]
             self.seen.append((a, z))
-        self.last = z
         return z
-
-    def finish(self, out: Array) -> Array:
-        """Note whether ``out`` (the model output, where the layers are called) is the last call's output."""
-        self.output_is_last = self.last is not None and out is self.last
-        return out
-
-
-class Discovery(NamedTuple):
-    """The layer calls of one pass, in call order, and whether the last one is the model output."""
-
-    calls: list
-    output_is_last: bool
 
 
 def signature(tree: Any) -> Any:
@@ -270,10 +260,10 @@ class LayerModel(ContextModel):
     """A :class:`ContextModel` with the ``layer_specs``, ``records`` and ``layers`` primitives.
 
     The subclass provides ``tapped(params, xs, tape) -> out`` (its forward
-    with every layer call routed through ``tape``; ``xs`` is the batch and
-    the pass context), ``layer_specs(params)`` and ``_layer_key(spec)`` (the
-    key its tape calls use); ``per_sample`` is True when layer shapes exclude
-    the batch axis (equinox).
+    with every layer call routed through ``tape`` under the layer's
+    ``LayerSpec.name``; ``xs`` is the batch and the pass context) and
+    ``layer_specs(params)``; ``per_sample`` is True when layer shapes
+    exclude the batch axis (equinox).
     """
 
     per_sample = False
@@ -294,7 +284,7 @@ class LayerModel(ContextModel):
             programs[keep] = BoundedJit(run) if self._jit else run
         return programs[keep]
 
-    def _discover(self, params: Any, xs: Any) -> Discovery:
+    def _discover(self, params: Any, xs: Any) -> list[Call]:
         """The layer calls of a pass at these shapes (one ``jax.eval_shape`` per signature, cached)."""
         key = signature((params, xs))
         found = self._discoveries.get(key)
@@ -304,7 +294,7 @@ class LayerModel(ContextModel):
             def run(p: Any, xs_: Any) -> tuple[Array, list]:
                 tape = Tape(self._layer_index(p))
                 out = self.tapped(p, xs_, tape)
-                box["found"] = Discovery(tape.calls, tape.output_is_last)
+                box["found"] = tape.calls
                 return out, tape.seen
 
             try:
@@ -320,11 +310,8 @@ class LayerModel(ContextModel):
         return found
 
     def _layer_index(self, params: Any) -> dict:
-        """``{layer key: params index of its weight}`` (see :meth:`layer_specs`)."""
-        return {self._layer_key(s): s.weight for s in self.layer_specs(params)}
-
-    def _layer_key(self, spec: LayerSpec) -> Any:  # pragma: no cover - abstract
-        raise NotImplementedError
+        """``{layer name: params index of its weight}`` (see :meth:`layer_specs`)."""
+        return {s.name: s.weight for s in self.layer_specs(params)}
 
     # -- the primitives ------------------------------------------------------------
     def records(self, params: Any, x: Array, cotangent: Cotangent, specs: Sequence[LayerSpec] | None = None,
@@ -346,19 +333,19 @@ class LayerModel(ContextModel):
         wanted = {s.weight for s in specs}
         considered = {w for w, s in every.items() if s.kind == "dense"} if chain else wanted
         found = self._discover(params, xs)
-        count = Counter(c.weight for c in found.calls)
-        keep = tuple(n for n, c in enumerate(found.calls)
+        count = Counter(c.weight for c in found)
+        keep = tuple(n for n, c in enumerate(found)
                      if c.weight in considered and count[c.weight] == 1 and every[c.weight].kind == c.kind
                      and _supported(c, self.per_sample))
-        e = [jnp.zeros(self._batched(x, found.calls[n].out_shape), dtype=found.calls[n].dtype) for n in keep]
+        e = [jnp.zeros(self._batched(x, found[n].out_shape), dtype=found[n].dtype) for n in keep]
         program = self._tapped_program(keep)
         out, pull, seen = jax.vjp(lambda p, e_: program(p, xs, e_), params, e, has_aux=True)
         grads, g_of = pull(output_cotangent(cotangent, out))
-        calls = [found.calls[n] for n in keep]
+        calls = [found[n] for n in keep]
         if chain:
-            last = found.output_is_last and keep and keep[-1] == len(found.calls) - 1
-            kept, recs = chain_records(self, program, params, xs, e, calls, seen, g_of, out, wanted, every,
-                                       bool(last))
+            last = bool(keep) and keep[-1] == len(found) - 1  # the last layer called may give the output
+            kept, recs = chain_records(self, program, params, xs, e, calls if last else [], seen, g_of, out,
+                                       wanted, every)
         else:
             kept = [every[c.weight] for c in calls]
             recs = [layer_record(c, a, g, self.per_sample) for c, (a, _), g in zip(calls, seen, g_of)]
@@ -434,85 +421,122 @@ def patches(a: Array, conv: Conv) -> Array:
 # ---------------------------------------------------------------------------
 
 
-def chain_records(model: Any, program: Callable, params: Any, xs: Any, e: list, calls: list, seen: list,
-                  g_of: list, out: Array, wanted: set, every: dict, output_is_last: bool) -> tuple[list, list]:
+def chain_records(model: LayerModel, program: Callable, params: Any, xs: Any, e: list, calls: list, seen: list,
+                  g_of: list, out: Array, wanted: set, every: dict) -> tuple[list, list]:
     """The output chain: the longest run of dense calls (all in ``wanted``) ending at the output.
 
-    Between two chain layers the model must apply an elementwise function:
+    Between two chain layers the model must apply an elementwise function;
     ``act'(z)`` is the JVP of the pass along a ones perturbation of the
-    lower layer's output, read at the upper layer's input. When values are
-    concrete and ``validate`` is on, two checks cut the chain where they
-    fail: a patterned tangent gives ``act'(z) * pattern`` (elementwise), and
-    ``g_k = (g_{k+1} W_{k+1}) * act'(z_k)`` (no skip connection). Inside
-    ``jax.jit`` only the shapes are checked.
+    lower layer's output, read at the upper layer's input. Whether the
+    links are elementwise without skip connections is checked once per
+    argument signature on random values (:func:`elementwise_from`), so an
+    eager step and a jitted one find the same chain.
     """
-    if not calls or not output_is_last or out.ndim != 2 or calls[-1].weight not in wanted:
+    if not calls or out.ndim != 2 or calls[-1].weight not in wanted or tuple(seen[-1][1].shape) != tuple(out.shape):
         return [], []
     n = len(calls)
     start = n - 1
     while start > 0 and calls[start - 1].weight in wanted and seen[start - 1][0].ndim == 2 \
             and tuple(seen[start][0].shape) == tuple(seen[start - 1][1].shape):
         start -= 1
-    validate = value_checks_on(model.validate) and not _traced(params, xs)
-    dacts = _chain_derivatives(program, params, xs, e, range(start, n - 1), validate)
+    key = (signature((params, xs)), tuple(c.weight for c in calls), start)
+    if key not in model._chains:
+        model._chains[key] = elementwise_from(program, params, xs, e, tuple(out.shape),
+                                              [every[c.weight] for c in calls], start)
+    start = model._chains[key]
+    if start == n:
+        return [], []
+    links = tuple(range(start, n - 1))
+    dacts = input_tangents(program, params, xs, e, links, [jnp.ones_like(e[k]) for k in links]) if links else []
     recs = [LayerRecord(a=seen[-1][0], z=out, dact=jnp.ones_like(out), g=g_of[-1], h=out)]
-    kept = [every[calls[-1].weight]]
-    for k in range(n - 2, start - 1, -1):
-        dact, ok = dacts[k]
-        if validate and not (ok and _chain_rule_holds(g_of[k], g_of[k + 1], params, every[calls[k + 1].weight],
-                                                      dact)):
-            break
-        recs.insert(0, LayerRecord(a=seen[k][0], z=seen[k][1], dact=dact, g=g_of[k], h=seen[k + 1][0]))
-        kept.insert(0, every[calls[k].weight])
-    return kept, recs
+    for k, dact in zip(range(start, n - 1), dacts):
+        recs.insert(len(recs) - 1, LayerRecord(a=seen[k][0], z=seen[k][1], dact=dact, g=g_of[k], h=seen[k + 1][0]))
+    return [every[c.weight] for c in calls[start:]], recs
 
 
-def _traced(*trees: Any) -> bool:
-    return any(isinstance(a, jax.core.Tracer) for a in jax.tree_util.tree_leaves(trees))
+@functools.partial(jax.jit, static_argnums=(0, 4))
+def input_tangents(program: Callable, params: Any, xs: Any, e: list, layers: tuple[int, ...],
+                   seeds: list[Array]) -> list[Array]:
+    """Per ``k`` of ``layers`` and its seed ``t``: the JVP of layer ``k + 1``'s input along ``e_k = t``.
 
-
-def _pattern(shape: tuple, dtype: Any, period: int = 5) -> Array:
-    """A deterministic, non-constant array (1 .. 2)."""
-    i = jnp.arange(math.prod(shape), dtype=dtype).reshape(shape)
-    return 1 + jnp.remainder(i * 7, period) / (period - 1)
-
-
-def _chain_derivatives(program: Callable, params: Any, xs: Any, e: list, layers: range,
-                       validate: bool) -> dict[int, tuple[Array, bool]]:
-    """``{k: (act'(z_k), elementwise?)}`` from one vmapped JVP of the pass per direction.
-
-    Direction ``k`` perturbs ``e_k`` by ones (and, when validating, a
-    second by a pattern ``r``); the tangent of layer ``k + 1``'s input is
-    ``act'(z_k)`` (resp. ``act'(z_k) * r`` if the function is elementwise).
+    One JVP of the pass per direction, vmapped (and compiled: eagerly it is one program).
     """
-    layers = list(layers)
-    if not layers:
-        return {}
-    seeds = [(k, jnp.ones_like(e[k])) for k in layers]
-    if validate:
-        seeds += [(k, _pattern(e[k].shape, e[k].dtype)) for k in layers]
-    tangents = [jnp.stack([t if k == i else jnp.zeros_like(ei) for k, t in seeds]) for i, ei in enumerate(e)]
+    tangents = [jnp.stack([t if k == i else jnp.zeros_like(ei) for k, t in zip(layers, seeds)])
+                for i, ei in enumerate(e)]
 
     def inputs_tangent(t: list) -> list:
         return jax.jvp(lambda e_: [a for a, _ in program(params, xs, e_)[1]], (e,), (t,))[1]
 
     moved = jax.vmap(inputs_tangent)(tangents)
-    result = {}
-    for d, k in enumerate(layers):
-        dact = moved[k + 1][d]
-        ok = True
-        if validate:
-            r = seeds[len(layers) + d][1]
-            ok = _close(moved[k + 1][len(layers) + d], dact * r, 1e-6, 1e-12)
-        result[k] = (dact, ok)
-    return result
+    return [moved[k + 1][d] for d, k in enumerate(layers)]
 
 
-def _chain_rule_holds(g: Array, g_next: Array, params: Any, spec_next: LayerSpec, dact: Array) -> bool:
-    W = weight_matrix(jax.tree_util.tree_leaves(params)[spec_next.weight], spec_next)
-    return _close(jnp.matmul(g_next, W) * dact, g, 1e-6, 1e-9)
+@functools.partial(jax.jit, static_argnums=(0, 4))
+def _link_values(program: Callable, params: Any, xs: Any, e: list, links: tuple[int, ...], u: Array,
+                 patterns: list[Array]) -> tuple:
+    """``(z of the last layer, out, g per layer for the cotangent u, tangents along ones, along the patterns)``."""
+    out, pull, seen = jax.vjp(lambda p_, e_: program(p_, xs, e_), params, e, has_aux=True)
+    g = pull(u)[1]
+    if not links:
+        return seen[-1][1], out, g, [], []
+    moved = input_tangents(program, params, xs, e, links + links, [jnp.ones_like(e[k]) for k in links] + patterns)
+    return seen[-1][1], out, g, moved[: len(links)], moved[len(links):]
 
 
-def _close(a: Array, b: Array, rtol: float, atol_scale: float) -> bool:
-    scale = float(jnp.max(jnp.abs(b))) + 1e-300
-    return bool(jnp.allclose(a, b, rtol=rtol, atol=atol_scale * scale))
+def elementwise_from(program: Callable, params: Any, xs: Any, e: list, out_shape: tuple, specs: list[LayerSpec],
+                     start: int) -> int:
+    """The lowest ``k >= start`` such that every link from layer ``k`` up to the output is elementwise
+    (``len(specs)`` if the output is not the last layer's).
+
+    Evaluated on random values of the arguments' shapes (concrete even
+    inside a trace, one compiled program): the output must equal the last
+    layer's ``z``; a link ``k`` holds when a patterned perturbation ``r`` of
+    ``z_k`` moves the next layer's input by ``act'(z_k) * r`` and ``g_k =
+    (g_{k+1} W_{k+1}) * act'(z_k)`` for a random output cotangent.
+    """
+    n = len(specs)
+    links = tuple(range(start, n - 1))
+    rng = np.random.default_rng(0)
+    with jax.ensure_compile_time_eval():  # values are made with NumPy: nothing but _link_values runs here
+        p, xs_ = _surrogate(params, rng, 0.0), (_surrogate(xs[0], rng, 0.0), _surrogate(xs[1], rng, 0.5))
+        zeros = [np.zeros(ei.shape, ei.dtype) for ei in e]
+        patterns = [_pattern(zeros[k].shape, zeros[k].dtype) for k in links]
+        u = rng.standard_normal(out_shape).astype(zeros[-1].dtype)
+        values = _link_values(program, p, xs_, zeros, links, u, patterns)
+    z_last, out, g, dact, moved = jax.tree_util.tree_map(np.asarray, values)  # NumPy from here: nothing is traced
+    if not _close(z_last, out):
+        return n
+    leaves = jax.tree_util.tree_leaves(p)
+    k = n - 1
+    while k > start:
+        W, d = np.asarray(weight_matrix(leaves[specs[k].weight], specs[k])), k - 1 - start
+        if not (_close(moved[d], dact[d] * patterns[d]) and _close(g[k] @ W * dact[d], g[k - 1])):
+            break
+        k -= 1
+    return k
+
+
+def _surrogate(tree: Any, rng: np.random.Generator, low: float) -> Any:
+    """Random NumPy values like ``tree``: floats normal (``low > 0``: uniform in ``[low, low + 1]``),
+    integers zero; random keys split from key 0."""
+
+    def one(a: Any) -> Any:
+        if jnp.issubdtype(a.dtype, jax.dtypes.prng_key):
+            return jax.random.split(jax.random.key(0), math.prod(a.shape)).reshape(a.shape)
+        if not jnp.issubdtype(a.dtype, jnp.floating):
+            return np.zeros(a.shape, a.dtype)
+        values = rng.uniform(low, low + 1, a.shape) if low > 0 else rng.standard_normal(a.shape)
+        return values.astype(a.dtype)
+
+    return jax.tree_util.tree_map(one, tree)
+
+
+def _pattern(shape: tuple, dtype: Any, period: int = 5) -> np.ndarray:
+    """A deterministic, non-constant array (1 .. 2)."""
+    i = np.arange(math.prod(shape)).reshape(shape)
+    return (1 + np.remainder(i * 7, period) / (period - 1)).astype(dtype)
+
+
+def _close(a: np.ndarray, b: np.ndarray) -> bool:
+    rtol = max(1e-6, 1000 * float(np.finfo(b.dtype).eps))
+    return bool(np.allclose(a, b, rtol=rtol, atol=rtol * (float(np.max(np.abs(b))) + 1e-300)))
