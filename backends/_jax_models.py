@@ -236,11 +236,17 @@ class Tape:
         self.index, self.perturb = index, perturb
         self.calls: list[Call] = []
         self.seen: list[tuple[Array, Array]] = []
+        self.trace = _trace_state()  # made where the pass is traced: calls inside a nested transform differ
 
     def __call__(self, key: Any, kind: str | None, a: Array, z: Array, conv: Conv | None = None) -> Array:
-        """The output of one layer call (``z``, or ``z + e`` for a perturbed call)."""
+        """The output of one layer call (``z``, or ``z + e`` for a perturbed call).
+
+        A call inside a JAX transformation of the model's own (``jax.vmap``
+        over a sequence, ``nn.remat``, ``nn.scan``) passes through unrecorded:
+        its values live in that transformation only.
+        """
         weight = self.index.get(key)
-        if weight is None or kind is None:
+        if weight is None or kind is None or _trace_state() != self.trace:
             return z
         n = len(self.calls)
         self.calls.append(Call(weight, kind, tuple(a.shape), tuple(z.shape), z.dtype, conv))
@@ -248,6 +254,15 @@ class Tape:
             z = z if self.perturb is None else z + self.perturb[n]
             self.seen.append((a, z))
         return z
+
+
+def _trace_state() -> Any:
+    """An opaque token of the JAX trace running now (what flax compares to spot lifted transforms)."""
+    try:
+        from jax.extend.core import get_opaque_trace_state
+    except ImportError:  # pragma: no cover - jax < 0.10
+        from jax.core import get_opaque_trace_state
+    return get_opaque_trace_state(convention="flax")
 
 
 def signature(tree: Any) -> Any:
@@ -297,13 +312,7 @@ class LayerModel(ContextModel):
                 box["found"] = tape.calls
                 return out, tape.seen
 
-            try:
-                jax.eval_shape(run, params, xs)
-            except jax.errors.UnexpectedTracerError as err:
-                raise TypeError(
-                    "a dense or convolution layer of this model is called inside a JAX transformation of its own "
-                    "(jax.vmap, lax.scan, a flax lifted transform); the layer-wise methods can't record it. Use a "
-                    "method that needs no layers (CurveBall, PseudoHessian, SGD, Adam)") from err
+            jax.eval_shape(run, params, xs)
             found = self._discoveries[key] = box["found"]
             while len(self._discoveries) > self.MAX_SIGNATURES:
                 self._discoveries.popitem(last=False)

@@ -275,19 +275,35 @@ def test_output_chain_records_z_dact_h_and_stops_at_a_skip_connection(jit):
         assert len(erecs) == 3 and rel(erecs[0].dact, 1 - jnp.tanh(erecs[0].z) ** 2) <= 1e-14
 
 
-def test_a_layer_called_twice_is_left_out():
+def test_layers_called_twice_or_inside_a_transform_of_the_model_are_left_out():
     class Twice(nn.Module):
         @nn.compact
         def __call__(self, x):
             shared = nn.Dense(8, param_dtype=F64)
-            return nn.Dense(10, param_dtype=F64)(jnp.tanh(shared(jnp.tanh(shared(x)))))
+            h = jnp.tanh(shared(jnp.tanh(shared(x))))
+            h = nn.remat(nn.Dense)(8, param_dtype=F64)(h)  # traced inside jax.checkpoint
+            return nn.Dense(10, param_dtype=F64)(h)
+
+    class Sequence(eqx.Module):
+        cell: eqx.nn.Linear
+        head: eqx.nn.Linear
+
+        def __call__(self, x):  # (T, 8): the cell is vmapped over time inside the model
+            return self.head(jnp.tanh(jax.vmap(self.cell)(x)).reshape(-1))
 
     x, _ = batch((6, 8))
     model, params = flax_model(Twice(), x)
-    assert [s.name for s in model.layer_specs(params)] == ["Dense_0", "Dense_1"]
+    assert [s.name for s in model.layer_specs(params)] == ["CheckpointDense_0", "Dense_0", "Dense_1"]
     rec = model.records(params, x, jnp.ones((6, 10)))
     assert [s.name for s in rec.specs] == ["Dense_1"]
-    assert rel(leaves(rec.grads)[1], leaves(jax.grad(lambda p: model.forward(p, x).sum())(params))[1]) <= 1e-13
+    grad = jax.grad(lambda p: model.forward(p, x).sum())(params)
+    assert tree_rel(rec.grads, grad) <= 1e-13
+    seq = Sequence(eqx.nn.Linear(8, 5, key=jax.random.key(0)), eqx.nn.Linear(15, 10, key=jax.random.key(1)))
+    emodel, eparams = cj.from_equinox(seq)
+    xs = x.reshape(2, 3, 8)
+    erec = emodel.records(eparams, xs, jnp.ones((2, 10)))
+    assert [s.name for s in erec.specs] == [".head"]
+    assert tree_rel(erec.grads, jax.grad(lambda p: emodel.forward(p, xs).sum())(eparams)) <= 1e-13
 
 
 # ---------------------------------------------------------------------------

@@ -10,8 +10,7 @@ leaves, and ``model.module(params)`` puts the trained ones back into a module.
 
 from __future__ import annotations
 
-import argparse
-
+import _cli  # noqa: I001  (docs/examples/_cli.py, next to this script)
 import equinox as eqx
 import jax
 import jax.numpy as jnp
@@ -23,11 +22,7 @@ from curvcore.data import digits
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--smoke", action="store_true", help="30 steps per method (a quick check)")
-    parser.add_argument("--steps", type=int, default=300)
-    args = parser.parse_args()
-    steps = 30 if args.smoke else args.steps
+    steps = _cli.steps(__doc__)
 
     split = digits(seed=0)
     x, y = jnp.asarray(split.x_train, dtype=jnp.float32), jnp.asarray(split.y_train)
@@ -48,7 +43,7 @@ def main() -> None:
         trained = model.module(p)  # an eqx.nn.MLP again
         accuracy = float(jnp.mean(jnp.argmax(jax.vmap(trained)(jnp.asarray(split.x_test, dtype=jnp.float32)), 1)
                                   == jnp.asarray(split.y_test)))
-        print(f"{name:10s} loss {losses[0]:.3f} -> {np.mean(losses[-5:]):.3f}   test accuracy {accuracy:.3f}")
+        _cli.report(name, losses[0], float(np.mean(losses[-5:])), accuracy)
 
 
 if __name__ == "__main__":

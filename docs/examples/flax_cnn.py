@@ -10,8 +10,7 @@ layers itself (no tagging) and preconditions both. Images are ``(B, 8, 8, 1)``
 
 from __future__ import annotations
 
-import argparse
-
+import _cli  # noqa: I001  (docs/examples/_cli.py, next to this script)
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -49,11 +48,7 @@ def train(method: cc.Method, model: cj.JaxModel, params: dict, x: jax.Array, y: 
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--smoke", action="store_true", help="30 steps per method (a quick check)")
-    parser.add_argument("--steps", type=int, default=300)
-    args = parser.parse_args()
-    steps = 30 if args.smoke else args.steps
+    steps = _cli.steps(__doc__)
 
     split = digits(seed=0)
     x = jnp.asarray(split.x_train.reshape(-1, 8, 8, 1), dtype=jnp.float32)
@@ -67,8 +62,7 @@ def main() -> None:
                          ("SGD", cc.SGD(lr=0.1, momentum=0.9))):
         trained, losses = train(method, model, params, x, y, steps, batch=64, seed=1)
         accuracy = float(jnp.mean(jnp.argmax(model.forward(trained, x_test), 1) == jnp.asarray(split.y_test)))
-        print(f"{name:10s} loss {float(losses[0]):.3f} -> {float(losses[-5:].mean()):.3f}   "
-              f"test accuracy {accuracy:.3f}")
+        _cli.report(name, float(losses[0]), float(losses[-5:].mean()), accuracy)
 
 
 if __name__ == "__main__":
