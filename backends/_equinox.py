@@ -1,4 +1,4 @@
-"""Equinox models as curvcore models, with no hand tagging (re-exported by :mod:`curvcore.backends.jax`).
+"""Equinox models as curvcore models, with no hand tagging (behind ``curvcore.backends.jax.from_equinox``).
 
 >>> model, params = cj.from_equinox(eqx.nn.MLP(64, 10, 32, 2, key=jax.random.key(0)))
 >>> state = cc.KFAC().init(params, model)
@@ -26,28 +26,13 @@ from ._jax_models import Conv, LayerModel, ModelState, Tape, signature
 
 Array = Any
 
-__all__ = ["EquinoxModel", "from_equinox"]
+__all__ = ["EquinoxModel", "build"]
 
 _STATEFUL = (eqx.nn.BatchNorm, eqx.nn.SpectralNorm)
 
 
-def from_equinox(module: eqx.Module, validate: bool = True, jit: bool = True) -> tuple[EquinoxModel, Any]:
-    """``(model, params)`` for an equinox module ``module(x_sample) -> out_sample``.
-
-    Args:
-        module: the network, acting on one sample (the adapter vmaps it).
-        validate, jit: as for :class:`~curvcore.backends.jax.JaxModel`.
-
-    Returns:
-        the model and ``params``, the module's floating-point array leaves
-        (the module with ``None`` elsewhere); ``model.module(params)`` puts
-        them back into a module.
-
-    Raises:
-        TypeError: not an equinox module.
-        NotImplementedError: a layer with state (``eqx.nn.BatchNorm``,
-            ``SpectralNorm``) or a ``Dropout`` in training mode (it needs a key per call).
-    """
+def build(module: eqx.Module, validate: bool = True, jit: bool = True) -> tuple[EquinoxModel, Any]:
+    """:func:`curvcore.backends.jax.from_equinox` (documented there)."""
     if not isinstance(module, eqx.Module):
         raise TypeError(f"from_equinox needs an equinox.Module, got {type(module).__name__}")
     for path, layer in _walk(module, lambda m: isinstance(m, (*_STATEFUL, eqx.nn.Dropout))):
@@ -61,7 +46,7 @@ def from_equinox(module: eqx.Module, validate: bool = True, jit: bool = True) ->
 
 
 class EquinoxModel(LayerModel):
-    """An equinox module as a curvcore model over its array leaves (built by :func:`from_equinox`)."""
+    """An equinox module as a curvcore model over its array leaves (built by ``from_equinox``)."""
 
     per_sample = True
 

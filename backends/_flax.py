@@ -1,4 +1,4 @@
-"""flax.linen models as curvcore models, with no hand tagging (re-exported by :mod:`curvcore.backends.jax`).
+"""flax.linen models as curvcore models, with no hand tagging (behind ``curvcore.backends.jax.from_flax``).
 
 >>> model, params = cj.from_flax(module, variables)          # params = variables["params"]
 >>> state = cc.KFAC().init(params, model)
@@ -27,27 +27,12 @@ from ._jax_models import Conv, LayerModel, ModelState, Tape, signature
 
 Array = Any
 
-__all__ = ["FlaxModel", "from_flax"]
+__all__ = ["FlaxModel", "build"]
 
 
-def from_flax(module: nn.Module, variables: dict, rngs: Any = None, mutable: Sequence[str] | None = None,
-              apply_kwargs: dict | None = None, validate: bool = True, jit: bool = True) -> tuple[FlaxModel, Any]:
-    """``(model, params)`` for a flax.linen module: ``params = variables["params"]``.
-
-    Args:
-        module: the ``flax.linen.Module``; ``module.apply(variables, x, **apply_kwargs)``
-            must return one array, samples on axis 0.
-        variables: from ``module.init``: ``{"params": ..., "batch_stats": ...}``.
-        rngs: the dropout key (``jax.random.key(0)``) or ``{stream: key}``;
-            needed when the module draws random numbers in ``apply``.
-        mutable: the collections ``apply`` updates (default: every collection
-            of ``variables`` except ``params``).
-        apply_kwargs: keyword arguments of every ``apply`` (``{"train": True}``).
-        validate, jit: as for :class:`~curvcore.backends.jax.JaxModel`.
-
-    Raises:
-        TypeError: not a linen module, or ``variables`` without ``params``.
-    """
+def build(module: nn.Module, variables: dict, rngs: Any = None, mutable: Sequence[str] | None = None,
+          apply_kwargs: dict | None = None, validate: bool = True, jit: bool = True) -> tuple[FlaxModel, Any]:
+    """:func:`curvcore.backends.jax.from_flax` (documented there)."""
     if not isinstance(module, nn.Module):
         raise TypeError(f"from_flax needs a flax.linen.Module, got {type(module).__name__} (flax.nnx modules are "
                         "not supported yet)")
@@ -59,7 +44,7 @@ def from_flax(module: nn.Module, variables: dict, rngs: Any = None, mutable: Seq
 
 
 class FlaxModel(LayerModel):
-    """A flax.linen module as a curvcore model over its ``params`` dict (built by :func:`from_flax`).
+    """A flax.linen module as a curvcore model over its ``params`` dict (built by ``from_flax``).
 
     Every pass of a step applies the module with the model's collections and
     keys (:attr:`state`); the first pass's updated collections come back in

@@ -11,9 +11,13 @@
 
 ``JaxModel(apply_fn)`` wraps any pure ``apply_fn(params, x)``; ``forward``,
 ``jvp`` (:func:`jax.jvp`), ``vjp`` (:func:`jax.vjp`) and ``jet`` (nested
-``jax.jvp``) work for any params list. ``layers`` needs ``apply_fn`` to take a
-keyword ``tap`` and route every dense layer through it (see
-:meth:`JaxModel.layers`); the built-in MLP (:func:`mlp_apply`) does.
+``jax.jvp``) work for params of any pytree structure. ``layers`` needs
+``apply_fn`` to take a keyword ``tap`` and route every dense layer through it
+(see :meth:`JaxModel.layers`); the built-in MLP (:func:`mlp_apply`) does.
+:func:`from_flax` and :func:`from_equinox` wrap flax.linen and equinox modules
+with no tagging: their dense and convolution layers are found while JAX
+traces, and flax BatchNorm statistics and dropout keys are the model's state,
+which :func:`jit_step` threads through the compiled step.
 
 Importing this module registers :func:`jax.lax.cond` and
 :func:`jax.lax.while_loop` with :mod:`curvcore._control`, so the methods'
@@ -46,8 +50,8 @@ from ._activations import LEAKY_SLOPE, check_activation
 Array = Any
 
 __all__ = [
-    "JaxModel", "JitStep", "OptaxState", "as_optax", "build_mlp", "from_equinox", "from_flax", "from_numpy",
-    "jit_step", "mlp_apply", "model_state", "no_tap", "synchronize", "to_numpy",
+    "JaxModel", "JitStep", "ModelState", "OptaxState", "as_optax", "build_mlp", "from_equinox", "from_flax",
+    "from_numpy", "jit_step", "mlp_apply", "model_state", "no_tap", "synchronize", "to_numpy",
 ]
 
 register_cond(lambda p: isinstance(p, jax.core.Tracer), lambda pred, t, f, *ops: jax.lax.cond(pred, t, f, *ops))
@@ -642,13 +646,65 @@ class _Transform(NamedTuple):
     update: Callable[..., Any]
 
 
-_LAZY = {"from_flax": "_flax", "FlaxModel": "_flax", "from_equinox": "_equinox", "EquinoxModel": "_equinox",
-         "ModelState": "_jax_models"}
+
+# ---------------------------------------------------------------------------
+# flax and equinox (imported on first use: both are optional)
+# ---------------------------------------------------------------------------
+
+
+def from_flax(module: Any, variables: Any, rngs: Any = None, mutable: Sequence[str] | None = None,
+              apply_kwargs: dict | None = None, validate: bool = True, jit: bool = True) -> tuple[Any, Any]:
+    """``(model, params)`` for a ``flax.linen`` module: ``params = variables["params"]``.
+
+    Every method runs on the model; the layer-wise ones find its ``nn.Dense``
+    and ``nn.Conv`` layers themselves. BatchNorm statistics and dropout keys
+    are the model's state (``model.state``; see the JAX section of the backends page).
+
+    Args:
+        module: the module; ``module.apply(variables, x, **apply_kwargs)``
+            returns one array, samples on axis 0.
+        variables: from ``module.init``: ``{"params": ..., "batch_stats": ...}``.
+        rngs: the dropout key (``jax.random.key(0)``) or ``{stream: key}``,
+            needed when ``apply`` draws random numbers.
+        mutable: the collections ``apply`` updates (default: every collection
+            of ``variables`` but ``params``).
+        apply_kwargs: keyword arguments of every ``apply`` (``{"train": True}``).
+        validate, jit: as for :class:`JaxModel`.
+
+    Raises:
+        TypeError: not a linen module (``flax.nnx`` is not supported yet), or
+            ``variables`` without ``params``.
+    """
+    from ._flax import build
+
+    return build(module, variables, rngs, mutable, apply_kwargs, validate, jit)
+
+
+def from_equinox(module: Any, validate: bool = True, jit: bool = True) -> tuple[Any, Any]:
+    """``(model, params)`` for an equinox module acting on one sample (the model vmaps it over the batch).
+
+    ``params`` are the module's floating-point array leaves
+    (``eqx.partition(module, eqx.is_inexact_array)``); ``model.module(params)``
+    puts them back into a module. The layer-wise methods find its
+    ``eqx.nn.Linear`` and ``eqx.nn.Conv2d`` layers themselves.
+
+    Raises:
+        TypeError: not an equinox module.
+        NotImplementedError: a layer with equinox state (``BatchNorm``,
+            ``SpectralNorm``) or a ``Dropout`` in training mode.
+    """
+    from ._equinox import build
+
+    return build(module, validate, jit)
+
+
+from ._jax_models import ModelState  # noqa: E402  (it builds on JaxModel)
+
+_LAZY = {"FlaxModel": "_flax", "EquinoxModel": "_equinox"}
 
 
 def __getattr__(name: str) -> Any:
-    """``from_flax``/``from_equinox`` (and their model classes), imported on first use: flax and equinox are optional."""
+    """The model classes of :func:`from_flax` and :func:`from_equinox`, imported on first use."""
     if name in _LAZY:
-        module = importlib.import_module(f"{__package__}.{_LAZY[name]}")
-        return getattr(module, name)
+        return getattr(importlib.import_module(f"{__package__}.{_LAZY[name]}"), name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
