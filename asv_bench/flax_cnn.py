@@ -3,9 +3,12 @@
     python asv_bench/flax_cnn.py [--batch 64] [--channels 4] [--number 50] [--repeats 7]
 
 The net is ``cc.backends.cnn("jax")`` (Conv 3x3 -> ReLU -> max pool -> Dense on
-(B, 8, 8, 1) float64 digits), each method stepped by ``jit_step``. XLA runs on
-one thread and the clock is the process CPU time, like the asv suite
-(``CURVCORE_BENCH_THREADS=1 CURVCORE_BENCH_CPU_TIME=1``). The methods run in
+(B, 8, 8, 1) float64 digits), each method stepped by ``jit_step``. XLA and the
+BLAS/LAPACK that jaxlib calls for the Cholesky solves run on one thread, and
+the clock is the process CPU time, like the asv suite
+(``CURVCORE_BENCH_THREADS=1 CURVCORE_BENCH_CPU_TIME=1``); with OpenBLAS's
+default threads a 65 x 65 triangular solve took 10-40 times longer here, and
+varied as much. The methods run in
 turn within each repeat (so load on a shared machine hits them alike), a
 repeat times ``--number`` steps after a warm-up, and the minimum over repeats
 is kept. ``--number`` is a multiple of 10, so K-FAC with ``refresh_every=10``
@@ -16,14 +19,17 @@ from __future__ import annotations
 
 import os
 
-if __name__ == "__main__":  # one XLA thread, like the asv suite (not when asv imports this file)
+if __name__ == "__main__":  # one thread, like the asv suite (not when asv imports this file)
     os.environ.setdefault("XLA_FLAGS", "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1")
+    os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import argparse  # noqa: E402
 import time  # noqa: E402
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
+from threadpoolctl import threadpool_limits  # noqa: E402
 
 import curvcore as cc  # noqa: E402
 from curvcore.backends import jax as cj  # noqa: E402
@@ -33,6 +39,7 @@ METHODS = {
     "sgd": lambda: cc.SGD(lr=0.1),
     "kfac (refresh_every=10)": lambda: cc.KFAC(refresh_every=10),
     "kfac (refresh_every=1)": lambda: cc.KFAC(refresh_every=1),
+    "kfac (no refresh in the timed steps)": lambda: cc.KFAC(refresh_every=10_000),
     "curveball": lambda: cc.CurveBall(),
 }
 TARGETS = {"kfac (refresh_every=10)": "<= 3"}
@@ -82,7 +89,8 @@ def main() -> None:
     if args.number % 10:
         parser.error("--number must be a multiple of 10 (whole K-FAC refresh periods)")
     jax.config.update("jax_enable_x64", True)
-    best = measure(args.batch, args.channels, args.number, args.repeats)
+    with threadpool_limits(1):
+        best = measure(args.batch, args.channels, args.number, args.repeats)
     sgd_cpu, sgd_wall = best["sgd"]
     print(f"flax CNN ({args.channels} channels, B={args.batch}, float64), jit_step, jax {jax.__version__}\n")
     print("| method | target | step / SGD step (CPU time) | CPU time per step | wall / SGD wall |")
