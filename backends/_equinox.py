@@ -22,7 +22,7 @@ import jax
 
 from curvcore.layers import LayerSpec
 
-from ._jax_models import Conv, LayerModel, ModelState, Tape, signature
+from ._jax_models import Conv, LayerModel, ModelState, Tape, Memo, signature
 
 Array = Any
 
@@ -55,7 +55,7 @@ class EquinoxModel(LayerModel):
         super().__init__(lambda p, xs: jax.vmap(eqx.combine(p, static))(xs[0]), None, ModelState({}, {}),
                          validate, jit)
         self.names = [jax.tree_util.keystr(path) for path, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
-        self._specs: dict = {}
+        self._specs = Memo()
 
     def __repr__(self) -> str:
         return f"EquinoxModel({type(self.static).__name__})"
@@ -66,10 +66,7 @@ class EquinoxModel(LayerModel):
 
     def layer_specs(self, params: Any) -> list[LayerSpec]:
         """Every ``eqx.nn.Linear`` and ``eqx.nn.Conv2d`` (groups 1, zero padding) in the module, in tree order."""
-        key = signature(params)
-        if key not in self._specs:
-            self._specs[key] = _specs(eqx.combine(params, self.static), params)
-        return self._specs[key]
+        return self._specs.get(signature(params), lambda: _specs(eqx.combine(params, self.static), params))
 
     def tapped(self, params: Any, xs: Any, tape: Tape) -> Array:
         """The module over the batch with every Linear/Conv2d call routed through a per-sample tape."""

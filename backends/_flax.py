@@ -23,7 +23,7 @@ from flax.linen.linear import canonicalize_padding
 
 from curvcore.layers import LayerSpec
 
-from ._jax_models import Conv, LayerModel, ModelState, Tape, signature
+from ._jax_models import Conv, LayerModel, ModelState, Tape, Memo, signature
 
 Array = Any
 
@@ -63,7 +63,7 @@ class FlaxModel(LayerModel):
         self._run = run
         paths = jax.tree_util.tree_flatten_with_path(variables["params"])[0]
         self.names = ["/".join(_key_name(k) for k in path) for path, _ in paths]
-        self._specs: dict = {}
+        self._specs = Memo()
 
     def __repr__(self) -> str:
         return f"FlaxModel({type(self.module).__name__}, mutable={list(self.mutable)})"
@@ -80,10 +80,7 @@ class FlaxModel(LayerModel):
         Weight axes: ``(1, 0)`` for a dense kernel ``(in, out)``, ``(3, 2, 0, 1)``
         for a conv kernel ``(kh, kw, C_in, C_out)`` (the patches' feature order).
         """
-        key = signature(params)
-        if key not in self._specs:
-            self._specs[key] = _specs(params)
-        return self._specs[key]
+        return self._specs.get(signature(params), lambda: _specs(params))
 
     def tapped(self, params: Any, xs: Any, tape: Tape) -> Array:
         """The module applied with every ``nn.Dense``/``nn.Conv`` call routed through ``tape``."""

@@ -41,7 +41,7 @@ import numpy as np
 from curvcore.layers import LayerSpec, Records, output_cotangent, weight_matrix
 from curvcore.protocol import Cotangent, LayerRecord
 
-from .jax import BoundedJit, JaxModel
+from .jax import CACHE_SIZE, BoundedJit, JaxModel
 
 Array = Any
 
@@ -97,9 +97,9 @@ class ContextModel(JaxModel):
         super().__init__(apply_fn, validate=validate, jit=jit)
         self._raw = (self._forward, self._jvp, self._jet)
         self._updates = None if updates_fn is None else (BoundedJit(updates_fn) if jit else updates_fn)
-        self._discoveries: OrderedDict = OrderedDict()  # shared by the model's bound copies
+        self._discoveries = Memo()  # per signature, shared by the model's bound copies
         self._tapped_programs: dict = {}
-        self._chains: dict = {}  # (signature, chain) -> where the elementwise links start
+        self._chains = Memo()  # (signature, chain) -> where the elementwise links start
         self._jit = jit
         self._attach(state)
 
@@ -200,6 +200,22 @@ class ContextModel(JaxModel):
         return super().jet(params, x, tangent, order)
 
 
+class Memo:
+    """Values computed once per key, the :data:`~curvcore.backends.jax.CACHE_SIZE` most recent kept."""
+
+    def __init__(self) -> None:
+        self._values: OrderedDict = OrderedDict()
+
+    def get(self, key: Any, make: Callable[[], Any]) -> Any:
+        if key in self._values:
+            self._values.move_to_end(key)
+            return self._values[key]
+        value = self._values[key] = make()
+        while len(self._values) > CACHE_SIZE:
+            self._values.popitem(last=False)
+        return value
+
+
 class Conv(NamedTuple):
     """The geometry of a recorded 2-d convolution (what the patches need)."""
 
@@ -282,8 +298,6 @@ class LayerModel(ContextModel):
     """
 
     per_sample = False
-    MAX_SIGNATURES = 16
-
     # -- the passes ----------------------------------------------------------
     def tapped(self, params: Any, xs: Any, tape: Tape) -> Array:  # pragma: no cover - abstract
         raise NotImplementedError
@@ -301,9 +315,8 @@ class LayerModel(ContextModel):
 
     def _discover(self, params: Any, xs: Any) -> list[Call]:
         """The layer calls of a pass at these shapes (one ``jax.eval_shape`` per signature, cached)."""
-        key = signature((params, xs))
-        found = self._discoveries.get(key)
-        if found is None:
+
+        def discover() -> list[Call]:
             box: dict = {}
 
             def run(p: Any, xs_: Any) -> tuple[Array, list]:
@@ -313,10 +326,9 @@ class LayerModel(ContextModel):
                 return out, tape.seen
 
             jax.eval_shape(run, params, xs)
-            found = self._discoveries[key] = box["found"]
-            while len(self._discoveries) > self.MAX_SIGNATURES:
-                self._discoveries.popitem(last=False)
-        return found
+            return box["found"]
+
+        return self._discoveries.get(signature((params, xs)), discover)
 
     def _layer_index(self, params: Any) -> dict:
         """``{layer name: params index of its weight}`` (see :meth:`layer_specs`)."""
@@ -449,10 +461,8 @@ def chain_records(model: LayerModel, program: Callable, params: Any, xs: Any, e:
             and tuple(seen[start][0].shape) == tuple(seen[start - 1][1].shape):
         start -= 1
     key = (signature((params, xs)), tuple(c.weight for c in calls), start)
-    if key not in model._chains:
-        model._chains[key] = elementwise_from(program, params, xs, e, tuple(out.shape),
-                                              [every[c.weight] for c in calls], start)
-    start = model._chains[key]
+    start = model._chains.get(key, lambda: elementwise_from(program, params, xs, e, tuple(out.shape),
+                                                            [every[c.weight] for c in calls], start))
     if start == n:
         return [], []
     links = tuple(range(start, n - 1))
