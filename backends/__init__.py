@@ -2,8 +2,8 @@
 
 ``names()`` lists the backends usable on this machine; ``mlp(name, sizes, ...)``
 builds ``(model, params)`` with identical initial weights on every backend (drawn
-with NumPy, then converted); ``asarray`` and ``to_numpy`` move arrays between
-NumPy and a backend.
+with NumPy, then converted), and ``cnn(name)`` the same digits CNN on torch and
+flax; ``asarray`` and ``to_numpy`` move arrays between NumPy and a backend.
 
 Backends: ``numpy``, ``array_api_strict`` and ``cupy`` (the explicit array-API
 MLP of :mod:`curvcore.backends._mlp`), ``torch`` (``nn.Sequential`` wrapped by

@@ -669,7 +669,8 @@ def from_flax(module: Any, variables: Any, rngs: Any = None, mutable: Sequence[s
         mutable: the collections ``apply`` updates (default: every collection
             of ``variables`` but ``params``).
         apply_kwargs: keyword arguments of every ``apply`` (``{"train": True}``).
-        validate, jit: as for :class:`JaxModel`.
+        validate: as for :class:`JaxModel`.
+        jit: as for :class:`JaxModel`.
 
     Raises:
         TypeError: not a linen module (``flax.nnx`` is not supported yet), or

@@ -161,16 +161,25 @@ def test_jit_step_compiles_once_per_input_shape_from_uncommitted_params():
 
 @pytest.mark.slow  # 50 compilations of a step and 50 of a forward: about a minute here
 def test_program_caches_stay_bounded_over_50_batch_sizes():
-    model, params = cc.backends.mlp("jax", [3, 2])
+    """Compiled executables, counted (not memory): at most CACHE_SIZE per program after 50 batch sizes."""
+
+    def linear(p, x):  # a function of this test only: JaxModels of one function share their programs
+        return x @ p[0].T + p[1]
+
+    params = [cj.from_numpy(np.ones((2, 3))), cj.from_numpy(np.zeros(2))]
+    eager, traced = cj.JaxModel(linear), cj.JaxModel(lambda p, x: linear(p, x))
     method = cc.SGD(lr=0.1)
-    step = cj.jit_step(method, model, cc.losses.MSE())
+    step = cj.jit_step(method, traced, cc.losses.MSE())
     state = method.init(params)
     for b in range(1, 51):
         x, y = cj.from_numpy(np.ones((b, 3))), cj.from_numpy(np.ones((b, 2)))
         step(params, state, x, y)
-        model.forward(params, x)
+        eager.forward(params, x)
+        eager.jvp(params, x, params)
     assert step.traces == 50 and step.cache_size() == cj.CACHE_SIZE
-    assert model._forward.compiles == 50 and model.cache_size() == cj.CACHE_SIZE
+    assert eager._forward.compiles == eager._jvp.compiles == 50
+    assert eager.cache_size() == 2 * cj.CACHE_SIZE  # the forward's and the JVP's LRUs
+    assert traced.cache_size() <= cj.CACHE_SIZE  # its programs are inlined into the step's
 
 
 # ---------------------------------------------------------------------------
