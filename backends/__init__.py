@@ -2,8 +2,8 @@
 
 ``names()`` lists the backends usable on this machine; ``mlp(name, sizes, ...)``
 builds ``(model, params)`` with identical initial weights on every backend (drawn
-with NumPy, then converted); ``asarray`` and ``to_numpy`` move arrays between
-NumPy and a backend.
+with NumPy, then converted), and ``cnn(name)`` the same digits CNN on torch and
+flax; ``asarray`` and ``to_numpy`` move arrays between NumPy and a backend.
 
 Backends: ``numpy``, ``array_api_strict`` and ``cupy`` (the explicit array-API
 MLP of :mod:`curvcore.backends._mlp`), ``torch`` (``nn.Sequential`` wrapped by
@@ -37,7 +37,7 @@ INITS = ("lecun", "he", "uniform")
 
 __all__ = [
     "ALL", "ACTIVATIONS", "ArrayAPIMLP", "FunctionModel", "available", "asarray", "backend_of", "block_until_ready",
-    "init_params", "mlp", "names", "namespace", "to_numpy", "unavailable_reason",
+    "cnn", "init_params", "mlp", "names", "namespace", "to_numpy", "unavailable_reason",
 ]
 
 
@@ -243,6 +243,34 @@ def mlp(
         return ArrayAPIMLP(sizes, activation, xp=namespace(name)), params
     module = importlib.import_module(f"{__name__}.{name}")
     return module.build_mlp(sizes, activation, params_np, device=device)
+
+
+def cnn(name: str, channels: int = 4, dtype: str = "float64", seed: int = 0, device: Any = None) -> tuple[Any, Any]:
+    """Build the same digits CNN as a native model of backend ``name`` (``"torch"`` or ``"jax"``).
+
+    ``Conv2d(1, channels, 3, padding=1) -> ReLU -> MaxPool2d(2) -> Flatten -> Linear(16 channels, 10)``
+    on 8 x 8 images: an ``nn.Sequential`` in a ``TorchModel`` on ``(B, 1, 8, 8)``, or the same net in
+    ``flax.linen`` (``from_flax``) on ``(B, 8, 8, 1)``. The initial weights are drawn once with NumPy
+    (seeded), so both start from the same function.
+
+    Returns:
+        ``(model, params)``: torch ``[conv.weight, conv.bias, fc.weight, fc.bias]``; jax flax's params dict.
+
+    Raises:
+        ValueError: another backend name, a bad ``channels`` or ``dtype``.
+        ImportError: the backend (or flax) is not installed.
+    """
+    from . import _cnn
+
+    if name not in ("torch", "jax"):
+        raise ValueError(f"cnn: backend must be 'torch' or 'jax', got {name!r}")
+    if dtype not in ("float64", "float32"):
+        raise ValueError(f"dtype must be 'float64' or 'float32', got {dtype!r}")
+    if not isinstance(channels, int) or channels < 1:
+        raise ValueError(f"channels must be a positive int, got {channels!r}")
+    _require(name)
+    weights = _cnn.init_weights(channels, seed)
+    return (_cnn.torch_cnn if name == "torch" else _cnn.flax_cnn)(weights, dtype, device)
 
 
 def block_until_ready(tree: Any) -> Any:

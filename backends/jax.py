@@ -11,9 +11,13 @@
 
 ``JaxModel(apply_fn)`` wraps any pure ``apply_fn(params, x)``; ``forward``,
 ``jvp`` (:func:`jax.jvp`), ``vjp`` (:func:`jax.vjp`) and ``jet`` (nested
-``jax.jvp``) work for any params list. ``layers`` needs ``apply_fn`` to take a
-keyword ``tap`` and route every dense layer through it (see
-:meth:`JaxModel.layers`); the built-in MLP (:func:`mlp_apply`) does.
+``jax.jvp``) work for params of any pytree structure. ``layers`` needs
+``apply_fn`` to take a keyword ``tap`` and route every dense layer through it
+(see :meth:`JaxModel.layers`); the built-in MLP (:func:`mlp_apply`) does.
+:func:`from_flax` and :func:`from_equinox` wrap flax.linen and equinox modules
+with no tagging: their dense and convolution layers are found while JAX
+traces, and flax BatchNorm statistics and dropout keys are the model's state,
+which :func:`jit_step` threads through the compiled step.
 
 Importing this module registers :func:`jax.lax.cond` and
 :func:`jax.lax.while_loop` with :mod:`curvcore._control`, so the methods'
@@ -23,6 +27,7 @@ counter branches and early-exit loops trace under ``jax.jit``. It never changes 
 from __future__ import annotations
 
 import functools
+import importlib
 import inspect
 import weakref
 from collections import OrderedDict
@@ -45,8 +50,8 @@ from ._activations import LEAKY_SLOPE, check_activation
 Array = Any
 
 __all__ = [
-    "JaxModel", "JitStep", "OptaxState", "as_optax", "build_mlp", "from_numpy", "jit_step", "mlp_apply",
-    "no_tap", "synchronize", "to_numpy",
+    "JaxModel", "JitStep", "ModelState", "OptaxState", "as_optax", "build_mlp", "from_equinox", "from_flax",
+    "from_numpy", "jit_step", "mlp_apply", "model_state", "no_tap", "synchronize", "to_numpy",
 ]
 
 register_cond(lambda p: isinstance(p, jax.core.Tracer), lambda pred, t, f, *ops: jax.lax.cond(pred, t, f, *ops))
@@ -182,7 +187,7 @@ class JaxModel:
     def cache_size(self) -> int:
         """Compiled programs held by this model's primitives (each an LRU of at most :data:`CACHE_SIZE`)."""
         progs = [self._forward, self._jvp, *self._jet.values(), *self._taps.values()]
-        return sum(p.cache_size() for p in progs if isinstance(p, BoundedJit))
+        return sum(p.cache_size() for p in progs if callable(getattr(p, "cache_size", None)))
 
     # -- primitives ------------------------------------------------------------
     def forward(self, params: Any, x: Array) -> Array:
@@ -529,6 +534,13 @@ class JitStep:
     Value checks (NaN/Inf) are skipped inside the trace; a non-finite step
     keeps the old params and sets ``info["finite"]`` to False.
 
+    **Model state.** A model with state of its own (``from_flax`` with
+    BatchNorm or dropout: ``model.state``, ``model.bind(state)``,
+    ``model.next_state(info)``) gets it as a traced argument: the step runs
+    on ``model.bind(state)`` and returns ``model.next_state(info)``, which
+    is written back to ``model.state`` after the call (the BatchNorm
+    statistics of ``info["buffers"]``, the dropout keys moved on).
+
     Attributes:
         traces: how many times the step was traced; a stable training loop
             traces once per argument signature (see also :meth:`cache_size`).
@@ -540,9 +552,11 @@ class JitStep:
         self.traces = 0
         self._jitted: dict[Any, BoundedJit] = {}
 
-    def _step(self, params: Any, state: Any, x: Array, y: Array, kwargs: dict) -> tuple:
+    def _step(self, params: Any, state: Any, model_state: Any, x: Array, y: Array, kwargs: dict) -> tuple:
         self.traces += 1
-        return self.method.step(self.model, self.loss, params, state, x, y, **kwargs)
+        model = self.model if model_state is None else self.model.bind(model_state)
+        params, state, info = self.method.step(model, self.loss, params, state, x, y, **kwargs)
+        return params, state, info, None if model_state is None else model.next_state(info)
 
     def _compiled(self, params: Any) -> tuple[BoundedJit, Any]:
         """``(the jitted step, device)`` for the device of ``params`` (input sharding fixed to it)."""
@@ -554,12 +568,15 @@ class JitStep:
 
     def _args(self, params: Any, state: Any, x: Array, y: Array, kwargs: dict) -> tuple[BoundedJit, tuple]:
         step, dev = self._compiled(params)
-        args = (params, state, x, y, kwargs)
+        args = (params, state, model_state(self.model), x, y, kwargs)
         return step, (args if dev is None else jax.device_put(args, dev))
 
     def __call__(self, params: Any, state: Any, x: Array, y: Array, **kwargs: Any) -> tuple:
         step, args = self._args(params, state, x, y, kwargs)
-        return step(*args)
+        params, state, info, new_model_state = step(*args)
+        if new_model_state is not None:
+            self.model.state = new_model_state
+        return params, state, info
 
     def lower(self, params: Any, state: Any, x: Array, y: Array, **kwargs: Any) -> Any:
         """``jax.jit(...).lower`` for inspection (HLO, cost analysis)."""
@@ -569,6 +586,13 @@ class JitStep:
     def cache_size(self) -> int:
         """Compiled executables held: one per argument signature (at most :data:`CACHE_SIZE` per device)."""
         return sum(f.cache_size() for f in self._jitted.values())
+
+
+def model_state(model: Any) -> Any:
+    """``model.state`` for a model with state of its own (it has ``bind`` and ``next_state``), else ``None``."""
+    if callable(getattr(model, "bind", None)) and callable(getattr(model, "next_state", None)):
+        return model.state
+    return None
 
 
 def _device_of(a: Array) -> Any:
@@ -597,10 +621,12 @@ def jit_step(method: Any, model: Any, loss: Any, donate: bool = False) -> JitSte
 
 
 class OptaxState(NamedTuple):
-    """State of :func:`as_optax`: the method's state and the loss before the last update."""
+    """State of :func:`as_optax`: the method's state, the loss before the last update, and the
+    model's own state (``None`` for a model without: see :class:`JitStep`)."""
 
     inner: Any
     loss: Array
+    model_state: Any = None
 
 
 def as_optax(method: Any, model: Any, loss: Any) -> Any:
@@ -624,20 +650,27 @@ def as_optax(method: Any, model: Any, loss: Any) -> Any:
     >>> updates, opt_state = tx.update(None, opt_state, params, x=x, y=y)
     >>> params = optax.apply_updates(params, updates)
 
+    A model with state of its own (flax BatchNorm, dropout) keeps it in
+    ``OptaxState.model_state`` (updated by every ``update``, like the rest of
+    an optax state); the model object is not changed.
+
     Returns the optax type when optax is installed, else a NamedTuple with the
     same ``init``/``update`` fields.
     """
 
     def init(params: Any) -> OptaxState:
         leaf = jax.tree_util.tree_leaves(params)
-        return OptaxState(init_state(method, params, model), jnp.zeros((), dtype=leaf[0].dtype if leaf else jnp.float32))
+        return OptaxState(init_state(method, params, model), jnp.zeros((), dtype=leaf[0].dtype if leaf else jnp.float32),
+                          model_state(model))
 
     def update(updates: Any, state: OptaxState, params: Any = None, *, x: Array = None,
                y: Array = None, **kwargs: Any) -> tuple[Any, OptaxState]:
         if params is None or x is None or y is None:
             raise TypeError("the curvcore optax transform needs update(updates, state, params, x=..., y=...)")
-        new, inner, info = method.step(model, loss, params, state.inner, x, y, **kwargs)
-        return jax.tree_util.tree_map(lambda n, p: n - p, new, params), OptaxState(inner, info["loss"])
+        bound = model if state.model_state is None else model.bind(state.model_state)
+        new, inner, info = method.step(bound, loss, params, state.inner, x, y, **kwargs)
+        after = None if state.model_state is None else bound.next_state(info)
+        return jax.tree_util.tree_map(lambda n, p: n - p, new, params), OptaxState(inner, info["loss"], after)
 
     try:
         import optax
@@ -650,3 +683,68 @@ def as_optax(method: Any, model: Any, loss: Any) -> Any:
 class _Transform(NamedTuple):
     init: Callable[..., Any]
     update: Callable[..., Any]
+
+
+
+# ---------------------------------------------------------------------------
+# flax and equinox (imported on first use: both are optional)
+# ---------------------------------------------------------------------------
+
+
+def from_flax(module: Any, variables: Any, rngs: Any = None, mutable: Sequence[str] | None = None,
+              apply_kwargs: dict | None = None, validate: bool = True, jit: bool = True) -> tuple[Any, Any]:
+    """``(model, params)`` for a ``flax.linen`` module: ``params = variables["params"]``.
+
+    Every method runs on the model; the layer-wise ones find its ``nn.Dense``
+    and ``nn.Conv`` layers themselves. BatchNorm statistics and dropout keys
+    are the model's state (``model.state``; see the JAX section of the backends page).
+
+    Args:
+        module: the module; ``module.apply(variables, x, **apply_kwargs)``
+            returns one array, samples on axis 0.
+        variables: from ``module.init``: ``{"params": ..., "batch_stats": ...}``.
+        rngs: the dropout key (``jax.random.key(0)``) or ``{stream: key}``,
+            needed when ``apply`` draws random numbers.
+        mutable: the collections ``apply`` updates (default: every collection
+            of ``variables`` but ``params``).
+        apply_kwargs: keyword arguments of every ``apply`` (``{"train": True}``).
+        validate: as for :class:`JaxModel`.
+        jit: as for :class:`JaxModel`.
+
+    Raises:
+        TypeError: not a linen module (``flax.nnx`` is not supported yet), or
+            ``variables`` without ``params``.
+    """
+    from ._flax import build
+
+    return build(module, variables, rngs, mutable, apply_kwargs, validate, jit)
+
+
+def from_equinox(module: Any, validate: bool = True, jit: bool = True) -> tuple[Any, Any]:
+    """``(model, params)`` for an equinox module acting on one sample (the model vmaps it over the batch).
+
+    ``params`` are the module's floating-point array leaves
+    (``eqx.partition(module, eqx.is_inexact_array)``); ``model.module(params)``
+    puts them back into a module. The layer-wise methods find its
+    ``eqx.nn.Linear`` and ``eqx.nn.Conv2d`` layers themselves.
+
+    Raises:
+        TypeError: not an equinox module.
+        NotImplementedError: a layer with equinox state (``BatchNorm``,
+            ``SpectralNorm``) or a ``Dropout`` in training mode.
+    """
+    from ._equinox import build
+
+    return build(module, validate, jit)
+
+
+from ._jax_models import ModelState  # noqa: E402  (it builds on JaxModel)
+
+_LAZY = {"FlaxModel": "_flax", "EquinoxModel": "_equinox"}
+
+
+def __getattr__(name: str) -> Any:
+    """The model classes of :func:`from_flax` and :func:`from_equinox`, imported on first use."""
+    if name in _LAZY:
+        return getattr(importlib.import_module(f"{__package__}.{_LAZY[name]}"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
