@@ -23,7 +23,8 @@ from flax.linen.linear import canonicalize_padding
 
 from curvcore.layers import LayerSpec
 
-from ._jax_models import Conv, LayerModel, ModelState, Tape, Memo, signature
+from ._jax_models import Conv, LayerModel, Memo, ModelState, Tape, signature
+from .jax import AdapterError
 
 Array = Any
 
@@ -122,7 +123,7 @@ def _apply(module: nn.Module, mutable: tuple, kwargs: dict, params: Any, xs: Any
                            mutable=list(mutable) if mutable else False, **kwargs)
     out, updates = res if mutable else (res, {})
     if not isinstance(out, jax.Array):
-        raise TypeError(f"from_flax needs a module whose apply returns one array; {type(module).__name__} "
+        raise AdapterError(f"from_flax needs a module whose apply returns one array; {type(module).__name__} "
                         f"returned a {type(out).__name__}")
     return out, updates
 
@@ -133,11 +134,11 @@ def _named_errors(mutable: tuple) -> Iterator[None]:
     try:
         yield
     except (flax.errors.ModifyScopeVariableError, flax.errors.ScopeCollectionNotFound) as err:
-        raise TypeError(f"mutable: the flax module needs a collection that from_flax was not given as mutable "
+        raise AdapterError(f"mutable: the flax module needs a collection that from_flax was not given as mutable "
                         f"(mutable={list(mutable)}): {str(err).split(' (https')[0]}. Pass variables holding it "
                         "(from module.init) and mutable=[...] naming it") from None
     except flax.errors.InvalidRngError as err:
-        raise TypeError(f"rngs: the flax module draws random numbers: {str(err).split(' (https')[0]}. Pass "
+        raise AdapterError(f"rngs: the flax module draws random numbers: {str(err).split(' (https')[0]}. Pass "
                         "from_flax(..., rngs=jax.random.key(seed)) (or {stream: key})") from None
 
 

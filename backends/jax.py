@@ -297,21 +297,23 @@ def _pullback(out: Array, pull: Callable[[Array], tuple]) -> Callable[[Array], A
     return pullback
 
 
-class _TapError(TypeError):
-    """The ``tap`` contract broken (raised through ``apply_fn``, not re-raised as a forward error)."""
+class AdapterError(TypeError):
+    """A named error of an adapter (a broken ``tap`` contract, a flax collection not given): raised through
+    ``apply_fn`` unchanged, never re-raised as a forward error."""
 
 
 def _call(apply_fn: Callable[..., Array], params: Any, x: Array, **kwargs: Any) -> Array:
     """``apply_fn(params, x, **kwargs)``; an exception it raises becomes a ``ValueError`` naming ``x``'s shape."""
     try:
         return apply_fn(params, x, **kwargs)
-    except _TapError:
+    except AdapterError:
         raise
     except Exception as err:
+        batch = x[0] if isinstance(x, tuple) else x  # adapters may pass (x, their per-pass context)
         raise ValueError(
-            f"apply_fn {getattr(apply_fn, '__name__', apply_fn)!r} failed on x of shape {tuple(x.shape)} "
-            f"({x.dtype}); check that x has the shape the model expects and that params fit the model. "
-            f"{type(err).__name__}: {err}") from err
+            f"apply_fn {getattr(apply_fn, '__name__', apply_fn)!r} failed on x of shape "
+            f"{tuple(getattr(batch, 'shape', ()))} ({getattr(batch, 'dtype', type(batch).__name__)}); check that "
+            f"x has the shape the model expects and that params fit the model. {type(err).__name__}: {err}") from err
 
 
 def _tapped(apply_fn: Callable[..., Array], p: list, x: Array, e: list, n: int) -> tuple[Array, list]:
@@ -321,7 +323,7 @@ def _tapped(apply_fn: Callable[..., Array], p: list, x: Array, e: list, n: int) 
     def tap(a: Array, z: Array, act: Callable[[Array], Array] | None = None) -> Array:
         k = len(store)
         if k >= n:
-            raise _TapError(f"apply_fn called tap more than n_layers={n} times")
+            raise AdapterError(f"apply_fn called tap more than n_layers={n} times")
         z = z + e[k]
         if act is None:
             h, dact = z, jnp.ones_like(z)
