@@ -198,13 +198,14 @@ class ArrayAPIMLP:
 
     def _push(self, params: Sequence[Array], cache: list, tangent: Sequence[Any], order: int) -> list[Array]:
         """``[d1, ..., d_order]`` of the output along ``tangent`` (``None`` entries zero) over a forward cache."""
-        used = [k for k in range(self.n_layers) if tangent[2 * k] is not None or tangent[2 * k + 1] is not None]
+        n = self.n_layers
+        start = next((k for k in range(n) if tangent[2 * k] is not None or tangent[2 * k + 1] is not None), n)
         a: list[Array | None] = [None] * order  # the input's Taylor coefficients, zero below the first used layer
-        for k in range(used[0] if used else self.n_layers, self.n_layers):
+        for k in range(start, n):
             inp, s = cache[k]
             z = _layer_coefficients(params[2 * k], tangent[2 * k], tangent[2 * k + 1], inp, a)
-            a = None  # type: ignore[assignment]  # the lower layer's coefficients are no longer needed
-            a = z if k == self.n_layers - 1 else _faa_di_bruno(s, z)
+            a = []  # free the lower layer's coefficients before the activation's (peak memory)
+            a = z if k == n - 1 else _faa_di_bruno(s, z)
             del z
         out = cache[-1][1][0]
         xp = array_namespace(out)
@@ -225,6 +226,7 @@ def _layer_coefficients(W: Array, U: Array | None, c: Array | None, inp: Array,
     if c is not None:
         z[0] = _add(z[0], c)
     return z
+
 
 def _add(a: Array | None, b: Array) -> Array:
     """``a + b`` with ``None`` as zero."""

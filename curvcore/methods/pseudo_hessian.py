@@ -12,6 +12,7 @@ for ``phi_w(a) = L(theta + a w)`` with output jet ``(f0, f1, f2, f3)``,
 ``phi'' = <f1, H_l f1> + <l', f2>`` and
 ``phi''' = l'''[f1] + 3 <f2, H_l f1> + <l', f3>``; the off-diagonal of
 ``Hbar`` by polarisation, ``Hbar_st = (phi''_{u_s+u_t} - Hbar_ss - Hbar_tt)/2``.
+All jets of a step share one cached forward (:func:`curvcore.protocol.jets`).
 """
 
 from __future__ import annotations
@@ -65,14 +66,18 @@ class PseudoHessian(Method):
     reading) and ``eps = lam/2 ||D eta||`` solved for, not tuned. The momentum
     and Adam directions are not in the paper.
 
-    Cost per step: 1 VJP (with its forward) + S jets of order 3 (order 2 when
-    ``reg="none"``) + S(S-1)/2 jets of order 2 + 1 forward for the Armijo test
-    (one more per rejection). A jet of order k costs about k+1 forwards (the
-    array-API MLP) or k nested JVPs (torch/jax); with a VJP + forward ~ 3
-    forwards, a step is about ``4 + 4S + 1.5 S(S-1)`` forward units (a
-    gradient step: 3); S = 2L for ``groups="tensor"``. The S x S solve is
-    negligible.
-    Memory: the activations of one batch (forward mode only).
+    Passes per step: 1 forward + 1 backward (the gradient); 1 forward cached
+    by :func:`curvcore.protocol.jets`; S Taylor pushes of order 3 (order 2 when
+    ``reg="none"``) along ``u^(s)`` and S(S-1)/2 of order 2 along
+    ``u^(s) + u^(t)`` over that cached pass; 1 forward for the Armijo test
+    (one more per rejection). A push of order k along a direction whose first
+    nonzero tensor is in layer m costs one matrix product at layer m and k per
+    layer above it (tensors outside the group are ``None``, never
+    propagated); S = 2L for ``groups="tensor"``. Models without ``jets`` fall
+    back to one ``model.jet`` per push (a forward each; nested JVPs on torch).
+    Measured: about 7 SGD steps of arithmetic on a 784-512-256-10 net (S = 6);
+    S forward-over-reverse HVPs would cost more and give no ``T``.
+    Memory: the activations of one batch with three derivatives, plus one push.
 
     Args:
         lr: factor on the step (the paper's damping factor, eq. (2)), > 0.
@@ -381,7 +386,7 @@ def summary(model: Any, loss: Any, params: Sequence[Array], x: Array, y: Array, 
 
     The quantities of the step (paper eq. (4), Sec. 2 ``D^(2)(u)`` and the
     diagonal of ``D^(3)(u)``), for analysis and figures. ``order=2`` skips ``T``
-    (zeros). Cost: 1 VJP + S jets of order ``order`` + S(S-1)/2 of order 2.
+    (zeros). Cost: 1 VJP + 1 forward + S Taylor pushes of order ``order`` + S(S-1)/2 of order 2.
     """
     groups = _check_groups(groups)
     _, g, out = value_and_grad(model, loss, params, x, y)
