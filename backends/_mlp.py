@@ -15,11 +15,13 @@ from typing import Any
 from curvcore._namespace import array_namespace
 
 from curvcore._checks import check_batch, check_same_structure, in_step
-from curvcore.protocol import Cotangent, LayerRecord, resolve_cotangent
+from curvcore.protocol import Cotangent, LayerRecord, check_jet_order, check_jet_tangent, resolve_cotangent
 
 from ._activations import check_activation, derivatives
 
 Array = Any
+
+_PIECEWISE_LINEAR = ("relu", "leaky_relu", "identity")  # second and third derivatives vanish
 
 
 class ArrayAPIMLP:
@@ -117,17 +119,11 @@ class ArrayAPIMLP:
         for the first layer. ``pullback(u) = J^T u``: one backward sweep.
         """
         recs = self._forward_records(params, x)
-        xp = array_namespace(x)
+        cache = [(a, [h, dact]) for a, _, dact, h in recs]
 
         def jvp_fn(tangent: Sequence[Array]) -> Array:
             check_same_structure("tangent", tangent, params)
-            adot = None
-            for k, (a, _, dact, _) in enumerate(recs):
-                zdot = xp.matmul(a, xp.matrix_transpose(tangent[2 * k])) + tangent[2 * k + 1]
-                if adot is not None:
-                    zdot = zdot + xp.matmul(adot, xp.matrix_transpose(params[2 * k]))
-                adot = dact * zdot
-            return adot
+            return self._push(params, cache, tangent, 1)[0]
 
         def pullback(u: Array) -> list[Array]:
             return _grads_from_records(self._backward(params, recs, u))
@@ -156,34 +152,114 @@ class ArrayAPIMLP:
     def jet(self, params: Sequence[Array], x: Array, tangent: Sequence[Array], order: int) -> list[Array]:
         """``[f, d1, ..., d_order]``: derivatives of ``t -> f(params + t*tangent, x)`` at 0.
 
-        Taylor mode per layer with ``W + tU``, ``b + tc`` and input series
-        ``a_j``: ``z_j = a_j W^T + j a_{j-1} U^T`` (``+ c`` for j = 1); the
-        activation by Faa di Bruno, ``h1 = s1 z1``, ``h2 = s2 z1^2 + s1 z2``,
-        ``h3 = s3 z1^3 + 3 s2 z1 z2 + s1 z3`` (``s_j`` = j-th derivative at ``z0``).
-        Costs about ``order + 1`` forward passes.
+        One forward pass, then the Taylor coefficients (:meth:`jets`).
         """
-        if order not in (1, 2, 3):
-            raise ValueError(f"jet order must be 1, 2 or 3, got {order!r}")
-        xp = self._check(params, x)
+        check_jet_order(order)
+        self._check(params, x)
         check_same_structure("tangent", tangent, params)
-        a = [x] + [xp.zeros_like(x)] * order
+        out, cache = self._taylor_forward(params, x, order)
+        return [out] + self._push(params, cache, tangent, order)
+
+    def jets(self, params: Sequence[Array], x: Array) -> tuple[Array, Callable[[Sequence[Any], int], list[Array]]]:
+        """``(f, jet_fn)`` from one forward pass (the optional protocol primitive).
+
+        The forward caches every layer's input ``a_k`` and ``act^(j)(z_k)``,
+        j <= 3. ``jet_fn(tangent, order)`` returns ``[d1, ..., d_order]``
+        along ``tangent = [U_1, c_1, ...]`` by Taylor mode over the cache:
+        ``z_j = a_j W^T + j a_{j-1} U^T`` (``+ c`` for j = 1; ``a_0`` the cached
+        input, ``a_j`` the input's coefficients), then Faa di Bruno,
+        ``h1 = s1 z1``, ``h2 = s2 z1^2 + s1 z2``,
+        ``h3 = s3 z1^3 + 3 s2 z1 z2 + s1 z3``. Entries of ``tangent`` may be
+        ``None`` (zero): coefficients that are zero are never formed, so a
+        direction whose first nonzero tensor is in layer k starts at layer k
+        (one matmul there) and costs ``order`` matmuls per layer above it.
+        """
+        self._check(params, x)
+        out, cache = self._taylor_forward(params, x, 3)
+
+        def jet_fn(tangent: Sequence[Any], order: int) -> list[Array]:
+            check_jet_order(order)
+            check_jet_tangent(tangent, params)
+            return self._push(params, cache, tangent, order)
+
+        return out, jet_fn
+
+    def _taylor_forward(self, params: Sequence[Array], x: Array, order: int) -> tuple[Array, list]:
+        """``(f, [(a_k, [act, act', ..., act^(order)] at z_k) per layer])``; derivatives that vanish are ``None``."""
+        xp = array_namespace(x)
+        cache = []
+        a = x
         for k in range(self.n_layers):
-            Wt, Ut = xp.matrix_transpose(params[2 * k]), xp.matrix_transpose(tangent[2 * k])
-            z = [xp.matmul(a[0], Wt) + params[2 * k + 1]]
-            for j in range(1, order + 1):
-                z.append(xp.matmul(a[j], Wt) + j * xp.matmul(a[j - 1], Ut))
-            z[1] = z[1] + tangent[2 * k + 1]
-            a = _faa_di_bruno(self._act(k, z[0], order), z)
-        return a
+            s = self._act(k, xp.matmul(a, xp.matrix_transpose(params[2 * k])) + params[2 * k + 1], order)
+            if self.activation in _PIECEWISE_LINEAR or k == self.n_layers - 1:
+                s = s[:2] + [None] * (order - 1)
+            cache.append((a, s))
+            a = s[0]
+        return a, cache
+
+    def _push(self, params: Sequence[Array], cache: list, tangent: Sequence[Any], order: int) -> list[Array]:
+        """``[d1, ..., d_order]`` of the output along ``tangent`` (``None`` entries zero) over a forward cache."""
+        n = self.n_layers
+        start = next((k for k in range(n) if tangent[2 * k] is not None or tangent[2 * k + 1] is not None), n)
+        a: list[Array | None] = [None] * order  # the input's Taylor coefficients, zero below the first used layer
+        for k in range(start, n):
+            inp, s = cache[k]
+            z = _layer_coefficients(params[2 * k], tangent[2 * k], tangent[2 * k + 1], inp, a)
+            a = []  # free the lower layer's coefficients before the activation's (peak memory)
+            a = z if k == n - 1 else _faa_di_bruno(s, z)
+            del z
+        out = cache[-1][1][0]
+        xp = array_namespace(out)
+        return [d if d is not None and d.shape == out.shape else _add(d, xp.zeros_like(out)) for d in a]
 
 
-def _faa_di_bruno(s: list[Array], z: list[Array]) -> list[Array]:
-    """Taylor coefficients (derivatives) of ``act(z(t))`` up to ``len(z) - 1``."""
-    h = [s[0], s[1] * z[1]]
+def _layer_coefficients(W: Array, U: Array | None, c: Array | None, inp: Array,
+                        a: list[Array | None]) -> list[Array | None]:
+    """``z_j = a_j W^T + j a_{j-1} U^T`` (``+ c`` for j = 1; ``a_0 = inp``), j = 1..len(a); ``None`` = zero."""
+    xp = array_namespace(W)
+    Wt = xp.matrix_transpose(W)
+    z = [None if aj is None else xp.matmul(aj, Wt) for aj in a]
+    if U is not None:
+        Ut = xp.matrix_transpose(U)
+        for j, lower in enumerate([inp] + a[:-1]):
+            if lower is not None:
+                z[j] = _add(z[j], (j + 1) * xp.matmul(lower, Ut) if j else xp.matmul(lower, Ut))
+    if c is not None:
+        z[0] = _add(z[0], c)
+    return z
+
+
+def _add(a: Array | None, b: Array) -> Array:
+    """``a + b`` with ``None`` as zero."""
+    return b if a is None else a + b
+
+
+def _sum(*terms: Array | None) -> Array | None:
+    """The sum of the terms that are not ``None`` (``None`` if all are)."""
+    out = None
+    for t in terms:
+        if t is not None:
+            out = _add(out, t)
+    return out
+
+
+def _prod(*factors: Array | None) -> Array | None:
+    """The product of the factors (``None``, i.e. zero, if any is)."""
+    if any(f is None for f in factors):
+        return None
+    out = factors[0]
+    for f in factors[1:]:
+        out = out * f
+    return out
+
+
+def _faa_di_bruno(s: list[Array], z: list[Array | None]) -> list[Array | None]:
+    """Taylor coefficients (derivatives) 1..len(z) of ``act(z(t))``; ``s`` = ``act^(j)(z0)``, ``None`` = zero."""
+    h = [_prod(s[1], z[0])]
+    if len(z) > 1:
+        h.append(_sum(_prod(s[2], z[0], z[0]), _prod(s[1], z[1])))
     if len(z) > 2:
-        h.append(s[2] * z[1] * z[1] + s[1] * z[2])
-    if len(z) > 3:
-        h.append(s[3] * z[1] * z[1] * z[1] + 3 * s[2] * z[1] * z[2] + s[1] * z[3])
+        h.append(_sum(_prod(s[3], z[0], z[0], z[0]), _prod(3, s[2], z[0], z[1]), _prod(s[1], z[2])))
     return h
 
 

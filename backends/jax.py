@@ -43,9 +43,10 @@ from curvcore._checks import check_params_and_x, in_step, value_checks_on
 from curvcore._control import register_cond, register_while_loop
 from curvcore.layers import check_cotangent_shape
 from curvcore.methods import init_state
-from curvcore.protocol import Cotangent, LayerRecord, linearize_by_composition, resolve_cotangent
+from curvcore.protocol import Cotangent, LayerRecord, jets_by_jet, linearize_by_composition, resolve_cotangent
 
 from ._activations import LEAKY_SLOPE, check_activation
+from ._mlp import ArrayAPIMLP
 
 Array = Any
 
@@ -110,6 +111,7 @@ def mlp_apply(activation: str = "tanh") -> Callable[..., Array]:
         return a
 
     apply.__name__ = f"mlp_{activation}"
+    apply.mlp_activation = activation  # type: ignore[attr-defined]  # JaxModel.jets runs Taylor mode on it
     return apply
 
 
@@ -241,6 +243,25 @@ class JaxModel:
         self._check(params, x)
         _check_like("tangent", tangent, params)
         return list(self._jet[order](params, x, tangent))
+
+    def jets(self, params: Any, x: Array) -> tuple[Array, Callable[[Any, int], list[Array]]]:
+        """``(f, jet_fn)``, ``jet_fn(tangent, order) = [d1, ..., d_order]`` (the optional protocol primitive).
+
+        Inside a trace (``jax.jit``) with the built-in MLP (:func:`mlp_apply`,
+        params ``[W1, b1, ...]``): one forward pass, then Taylor mode over the
+        cached activations (``ArrayAPIMLP.jets`` on ``jax.numpy`` arrays;
+        ``None`` tangent entries skipped, a direction on layer k starts at
+        layer k). Otherwise a forward and one compiled nested-JVP :meth:`jet`
+        per call (``None`` entries filled with zeros): eagerly, one compiled
+        program per call beats op-by-op dispatch.
+        """
+        self._check(params, x)
+        activation = getattr(self.apply_fn, "mlp_activation", None)
+        traced = any(isinstance(a, jax.core.Tracer) for a in (*jax.tree_util.tree_leaves(params), x))
+        if activation is None or not traced or not isinstance(params, (list, tuple)) or len(params) % 2:
+            return jets_by_jet(self, params, x)
+        sizes = [params[0].shape[1]] + [params[k].shape[0] for k in range(0, len(params), 2)]
+        return ArrayAPIMLP(sizes, activation, xp=jnp, validate=False).jets(list(params), x)
 
     def layers(self, params: Sequence[Array], x: Array, out_cotangent: Cotangent) -> list[LayerRecord]:
         """One :class:`LayerRecord` per dense layer: one forward and one backward pass.

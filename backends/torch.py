@@ -50,7 +50,7 @@ from torch import nn
 from curvcore import tree as cc_tree
 from curvcore._checks import check_params_and_x, check_same_structure, in_step, register_all_finite, value_checks_on
 from curvcore.layers import LayerSpec, Records, check_cotangent_shape, output_cotangent
-from curvcore.protocol import Cotangent, LayerRecord, linearize_by_composition
+from curvcore.protocol import Cotangent, LayerRecord, jets_by_jet, linearize_by_composition
 
 from . import _torch_pass as tp
 from ._activations import LEAKY_SLOPE, check_activation
@@ -326,6 +326,22 @@ class TorchModel:
         if mlp is not None:
             return mlp.jet(p, x, t, order)
         return _forward_ad(lambda: tp.nested_jet(lambda q: self._pure(q, x), p, t, order))
+
+    def jets(self, params: Sequence[Array], x: Array) -> tuple[Array, Callable[[Sequence[Any], int], list[Array]]]:
+        """``(f, jet_fn)``, ``jet_fn(tangent, order) = [d1, ..., d_order]`` (the optional protocol primitive).
+
+        A plain MLP runs one forward and then Taylor mode over the cached
+        activations (``ArrayAPIMLP.jets``: ``None`` tangent entries skipped, a
+        direction on layer k starts at layer k); any other module runs a
+        forward and then one nested-JVP :meth:`jet` per call (``None`` entries
+        filled with zeros).
+        """
+        self._check(params, x)
+        mlp = self._plain_mlp(x)
+        if mlp is None:
+            return jets_by_jet(self, params, x)
+        out, jet_fn = mlp.jets([p.detach() for p in params], x)
+        return out, lambda t, order: jet_fn([None if q is None else q.detach() for q in t], order)
 
     def layers(self, params: Sequence[Array], x: Array, out_cotangent: Cotangent) -> list[LayerRecord]:
         """Records of the output chain of ``nn.Linear`` layers (all of them for an MLP), input to output.

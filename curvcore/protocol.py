@@ -16,6 +16,8 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple, Protocol, runtime_checkable
 
+from array_api_compat import array_namespace
+
 
 Array = Any  # an array of any array-API library (numpy, torch, jax, cupy, ...)
 Params = list  # list[Array]
@@ -67,6 +69,14 @@ class Model(Protocol):
     method needing ``J z``, ``J^T u`` and ``J dz`` at one point pays
     1 forward + 2 tangent propagations + 1 backward, where separate
     ``jvp``/``vjp``/``jvp`` calls redo the forward three times.
+
+    Optional primitive (call it through :func:`jets`, which falls back to
+    ``forward`` and ``jet``): ``jets(params, x) -> (f, jet_fn)`` runs ONE
+    forward pass and caches what Taylor mode needs (the layer inputs and the
+    activation derivatives up to order 3); ``jet_fn(tangent, order)`` returns
+    ``[d1, ..., d_order]`` (order <= 3) pushing only the Taylor coefficients.
+    A params-list ``tangent`` may hold ``None`` for tensors where it is zero:
+    a direction supported on layer k costs no work below layer k.
 
     Attributes:
         xp: the array namespace of the model's arrays
@@ -124,6 +134,59 @@ def linearize_by_composition(model: Any, params: Params, x: Array) -> tuple[Arra
     return out, jvp_fn, pullback
 
 
+JetFn = Callable[[Params, int], list]
+
+
+def jets(model: Any, params: Params, x: Array) -> tuple[Array, JetFn]:
+    """``(f, jet_fn)``: ``jet_fn(tangent, order) = [d1, ..., d_order]``, ``d_k = d^k/dt^k f(params + t tangent)`` at 0.
+
+    Calls ``model.jets(params, x)`` (the optional primitive: one forward pass,
+    then Taylor coefficients only, ``None`` tangent entries skipped) when the
+    model has it; otherwise :func:`jets_by_jet`, so models with only ``jet``
+    keep working. ``order`` is 1, 2 or 3.
+    """
+    own = getattr(model, "jets", None)
+    if own is not None:
+        return own(params, x)
+    return jets_by_jet(model, params, x)
+
+
+def jets_by_jet(model: Any, params: Params, x: Array) -> tuple[Array, JetFn]:
+    """``(f, jet_fn)`` from ``model.forward`` and one ``model.jet`` per call (``None`` entries filled with zeros)."""
+    out = model.forward(params, x)
+
+    def jet_fn(tangent: Params, order: int) -> list:
+        check_jet_order(order)
+        return model.jet(params, x, fill_zeros(tangent, params), order)[1:]
+
+    return out, jet_fn
+
+
+def fill_zeros(tangent: Any, params: Any) -> Any:
+    """For params lists: ``tangent`` checked, its ``None`` entries replaced by zeros like ``params``
+    (other trees are returned as given)."""
+    if not isinstance(params, (list, tuple)):
+        return tangent
+    check_jet_tangent(tangent, params)
+    return [array_namespace(p).zeros_like(p) if t is None else t for t, p in zip(tangent, params)]
+
+
+def check_jet_order(order: Any) -> None:
+    """``ValueError`` unless ``order`` is 1, 2 or 3."""
+    if order not in (1, 2, 3) or isinstance(order, bool):
+        raise ValueError(f"jet order must be 1, 2 or 3, got {order!r}")
+
+
+def check_jet_tangent(tangent: Sequence[Any], params: Sequence[Array]) -> None:
+    """``ValueError`` unless ``tangent`` is a list like ``params`` whose entries are ``None`` or of the params' shapes."""
+    if not isinstance(tangent, (list, tuple)) or len(tangent) != len(params):
+        size = len(tangent) if isinstance(tangent, (list, tuple)) else type(tangent).__name__
+        raise ValueError(f"tangent must be a list of {len(params)} arrays or None (one per params tensor), got {size}")
+    for i, (t, p) in enumerate(zip(tangent, params)):
+        if t is not None and tuple(t.shape) != tuple(p.shape):
+            raise ValueError(f"Shape mismatch in tangent[{i}]: expected {tuple(p.shape)} or None, got {tuple(t.shape)}.")
+
+
 def resolve_cotangent(out_cotangent: Cotangent, out: Array) -> Array:
     """Return the output cotangent, calling it on ``out`` if it is a function."""
     return out_cotangent(out) if callable(out_cotangent) else out_cotangent
@@ -151,7 +214,7 @@ from .tree import (  # noqa: E402,F401
 # flat view of a model whose params are a pytree
 # ---------------------------------------------------------------------------
 
-_PRIMITIVES = ("forward", "jvp", "vjp", "linearize", "jet", "layers", "records", "layer_specs", "step_scope")
+_PRIMITIVES = ("forward", "jvp", "vjp", "linearize", "jet", "jets", "layers", "records", "layer_specs", "step_scope")
 
 
 class _FlatModel:
@@ -195,6 +258,10 @@ class _FlatModel:
 
     def _jet(self, params: Params, x: Array, tangent: Params, order: int) -> list[Array]:
         return self.model.jet(self._up(params), x, self._up(tangent), order)
+
+    def _jets(self, params: Params, x: Array) -> tuple[Array, JetFn]:
+        out, jet_fn = self.model.jets(self._up(params), x)
+        return out, lambda t, order: jet_fn(self._up(fill_zeros(t, params)), order)
 
     def _layers(self, params: Params, x: Array, out_cotangent: Cotangent) -> list[LayerRecord]:
         return self.model.layers(self._up(params), x, out_cotangent)
