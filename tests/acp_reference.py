@@ -8,10 +8,7 @@ pass, the parameter gradient and the per-example ``dL/dz_k`` by complex step
 from __future__ import annotations
 
 import numpy as np
-import pytest
-
 import curvcore as cc
-from conftest import backend_param
 from reference import grad_cs, loss_value, np_activation, np_mlp, shapes_of, unflatten, flatten
 
 
@@ -84,26 +81,3 @@ def kfac_kron_step(a, delta, gW, gb, damping, lr):
     d = -lr * np.linalg.solve(np.kron(G, A), np.hstack([gW, gb[:, None]]).ravel())
     D = d.reshape(gW.shape[0], n_in + 1)
     return D[:, :n_in], D[:, n_in]
-
-
-def backends_slow_beyond(*fast, skip=()):
-    """All backends as params (skipped where missing); those not in ``fast`` also get ``pytest.mark.slow``.
-
-    The reference checks run on numpy and array_api_strict by default; on torch/jax
-    (eager op-by-op dispatch, ~10x slower on these tiny problems) they are slow-marked,
-    while the cross-backend and jit checks run on every backend by default. Backends in
-    ``skip`` are skipped: eager JAX compiles every primitive for every new shape (~10 s
-    per test here), and C8 already proves JAX equal to NumPy to 1e-10.
-    """
-    out = []
-    for name in cc.backends.ALL:
-        p = backend_param(name)
-        marks = list(p.marks) + ([] if name in fast else [pytest.mark.slow])
-        if name in skip:
-            marks.append(pytest.mark.skip(reason=f"{name}: covered by the cross-backend checks (C8) against NumPy"))
-        out.append(pytest.param(name, id=name, marks=marks))
-    return out
-
-
-REF_BACKENDS = backends_slow_beyond("numpy", "array_api_strict", skip=("jax",))
-ALL_SLOW_BACKENDS = backends_slow_beyond("numpy", "array_api_strict")

@@ -1,4 +1,7 @@
-"""Shared fixtures: backends (skipped cleanly when missing), problems, tolerances."""
+"""Fixtures (backends, problems) and settings (JAX float64, one torch thread, hypothesis profiles).
+
+Test files import helpers from ``backend_list``, ``cases`` and ``reference``, never from here.
+"""
 
 from __future__ import annotations
 
@@ -27,7 +30,7 @@ try:  # hypothesis profiles (tests/test_properties.py): `pytest --hypothesis-pro
 except ImportError:  # pragma: no cover - hypothesis is in the test extra
     pass
 
-import curvcore as cc  # noqa: E402
+from backend_list import ARRAY_API, params  # noqa: E402
 from cases import make_problem  # noqa: E402
 
 try:  # the test matrices are tiny: one torch thread avoids oversubscribing a 2-core machine
@@ -37,29 +40,14 @@ try:  # the test matrices are tiny: one torch thread avoids oversubscribing a 2-
 except ImportError:  # pragma: no cover
     pass
 
-ALL_BACKENDS = list(cc.backends.ALL)
 
-
-def backend_param(name: str):
-    """A pytest param for a backend that skips (with the reason) when it is unavailable."""
-    reason = f"backend {name!r} not available here"
-    if name == "cupy":
-        reason = "cupy is not installed or no CUDA device is present"
-    return pytest.param(name, id=name, marks=pytest.mark.skipif(not cc.backends.available(name), reason=reason))
-
-
-BACKENDS = [backend_param(n) for n in ALL_BACKENDS]
-# the array-API MLP backends: protocol checks that must hold without autodiff
-ARRAY_API_BACKENDS = [backend_param(n) for n in ("numpy", "array_api_strict", "cupy")]
-
-
-@pytest.fixture(params=BACKENDS)
+@pytest.fixture(params=params())
 def backend(request):
-    """Every backend, skipped where missing."""
+    """Every backend, skipped where missing (and not expected: ``backend_list``)."""
     return request.param
 
 
-@pytest.fixture(params=ARRAY_API_BACKENDS)
+@pytest.fixture(params=params(ARRAY_API))
 def array_api_backend(request):
     """numpy, array_api_strict, cupy."""
     return request.param

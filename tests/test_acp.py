@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 
 import curvcore as cc
-from acp_reference import ALL_SLOW_BACKENDS, REF_BACKENDS, acp_block_step, grads, layer_inputs, per_example_dz, to_np
+from acp_reference import acp_block_step, grads, layer_inputs, per_example_dz, to_np
+from backend_list import ALL_SLOW_BEYOND_ARRAY_API, REFERENCE, require
 from cases import make_problem
 from reference import assert_rel
 
@@ -28,7 +29,7 @@ def _ref_alpha(alpha, sizes, act, loss, ps, x, y, k):
 
 
 # --------------------------------------------------------------------------- C1, C4
-@pytest.mark.parametrize("backend", REF_BACKENDS)
+@pytest.mark.parametrize("backend", REFERENCE)
 @pytest.mark.parametrize("alpha", [1.0, 0.3, "adaptive"])
 @pytest.mark.parametrize("activation", ["tanh", "sigmoid", "relu"])
 @pytest.mark.parametrize("loss_name", ["mse", "ce"])
@@ -55,7 +56,7 @@ def test_c1_explicit_damped_block(backend, loss_name, activation, alpha):
     assert abs(float(info["alpha_min"]) - min(alphas)) <= 1e-10 * max(alphas)
 
 
-@pytest.mark.parametrize("backend", REF_BACKENDS)
+@pytest.mark.parametrize("backend", REFERENCE)
 @pytest.mark.parametrize("alpha", [0.3, "adaptive"])
 def test_c4_kronecker_form(backend, alpha):
     """C4: ACP == -(lr/alpha) [gW gb] Abar^-1, Abar = [[1/B sum a a^T + eps/alpha I, abar], [abar^T, 1]]."""
@@ -87,7 +88,7 @@ def _least_squares_problem(backend):
     return model, params, X, Y
 
 
-@pytest.mark.parametrize("backend", REF_BACKENDS)
+@pytest.mark.parametrize("backend", REFERENCE)
 @pytest.mark.parametrize("eps", [0.0, 0.3])
 def test_c2_linear_least_squares(backend, eps):
     """C2: one step on a linear layer with MSE is the (ridge-to-W0) least-squares solution."""
@@ -109,7 +110,7 @@ def test_c2_linear_least_squares(backend, eps):
         W = np.linalg.solve((C + eps * np.eye(5)).T, (Cyx + eps * W0).T).T
         sol = np.hstack([W, (ybar - W @ xbar)[:, None]])
     assert_rel(np.hstack([new[0], new[1][:, None]]), sol, 1e-10, "[W b]")
-@pytest.mark.parametrize("backend", REF_BACKENDS)
+@pytest.mark.parametrize("backend", REFERENCE)
 
 
 def test_c2_negative_control_without_bias_correction(backend):
@@ -154,7 +155,7 @@ def _shift_runs(backend, **kw):
     return to_np(pa), to_np(pb), fa, fb, c
 
 
-@pytest.mark.parametrize("backend", REF_BACKENDS)
+@pytest.mark.parametrize("backend", REFERENCE)
 @pytest.mark.parametrize("kw", [{"alpha": 0.5, "lr": 0.1}, {"alpha": "adaptive", "lr": 0.5}], ids=["a0.5", "adaptive"])
 def test_c3_input_shift_invariance(backend, kw):
     """C3: training on x + c from b1 - W1 c gives the same outputs (<= 1e-9) and the same W_t."""
@@ -174,7 +175,7 @@ def test_c3_negative_control_without_bias_correction():
 
 
 # --------------------------------------------------------------------------- C5
-@pytest.mark.parametrize("backend", ALL_SLOW_BACKENDS)
+@pytest.mark.parametrize("backend", ALL_SLOW_BEYOND_ARRAY_API)
 def test_c5_amortization(backend):
     """C5: refresh at counts 0, 10, 20; cov_batch ignored bitwise between refreshes; stored C = cov(cov_batch)."""
     sizes = [4, 6, 5, 3]
@@ -222,7 +223,7 @@ def test_refresh_without_cov_batch_uses_minibatch():
 
 
 # --------------------------------------------------------------------------- C6
-@pytest.mark.parametrize("backend", REF_BACKENDS)
+@pytest.mark.parametrize("backend", REFERENCE)
 @pytest.mark.parametrize("alpha", [1.0, "adaptive"])
 def test_c6_stacked_batch_and_scaling(backend, alpha):
     """C6: the step on [x; x] equals the step on x; (lr, alpha, eps) -> 7 (lr, alpha, eps) is the same step."""
@@ -356,8 +357,7 @@ def test_model_without_layers_is_refused():
 # --------------------------------------------------------------------------- jit
 def test_jax_jit_compiles_once_and_matches_numpy():
     """ACP under jax.jit: one trace for every step (refresh via lax.cond), same numbers as NumPy, stable dtypes."""
-    if not cc.backends.available("jax"):
-        pytest.skip("backend 'jax' not available here")
+    require("jax")
     import jax
 
     traces = []

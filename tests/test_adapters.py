@@ -21,6 +21,7 @@ import numpy as np
 import pytest
 
 import curvcore as cc
+from backend_list import needs, params, skipped
 from cases import make_data, make_problem
 from curvcore.methods._base import Method, step_info, value_and_grad, zero_count
 from curvcore.protocol import tree_axpy
@@ -31,11 +32,7 @@ SIZES = [4, 5, 6, 3]  # one shape (and BATCH) everywhere: JAX compiles each prog
 BATCH = 6
 
 
-def _needs(name):
-    return pytest.mark.skipif(not cc.backends.available(name), reason=f"backend {name!r} not available here")
-
-
-needs_torch, needs_jax = _needs("torch"), _needs("jax")
+needs_torch, needs_jax = needs("torch"), needs("jax")
 
 
 # ---------------------------------------------------------------------------
@@ -52,13 +49,7 @@ def test_check_model_float64(backend, activation, loss):
     assert any(k.startswith("layers[") for k in errors) and any(k.startswith("jet(") for k in errors)
 
 
-def _all_backends(slow=()):
-    """Every backend as a pytest param (skipped where missing; ``slow`` ones marked slow)."""
-    return [pytest.param(b, id=b, marks=[pytest.mark.skipif(not cc.backends.available(b), reason=f"{b} not available"),
-                                         *([pytest.mark.slow] if b in slow else [])]) for b in cc.backends.ALL]
-
-
-@pytest.mark.parametrize("backend", _all_backends(slow=("jax",)))  # eager JAX compiles every program per dtype
+@pytest.mark.parametrize("backend", params(slow=("jax",)))  # eager JAX compiles every program per dtype
 def test_check_model_float32(backend):
     model, params, x, y, lossf = make_problem(backend, SIZES, "tanh", "ce", batch=BATCH, seed=3, dtype="float32")
     # default float32 rtol 2e-3 (was 1e-3): the smallest passing rtol is 3.7e-4 on every backend here (jet(3)
@@ -359,7 +350,7 @@ def test_optax_wrapper_matches_method_and_jits():
 
 def test_mixed_backends_raise_type_error_naming_both():
     pairs = [(a, b) for a in ("torch", "jax", "numpy") for b in ("numpy", "torch", "jax")
-             if a != b and cc.backends.available(a) and cc.backends.available(b)]
+             if a != b and not skipped(a) and not skipped(b)]
     if not pairs:
         pytest.skip("needs two of numpy/torch/jax")
     for params_backend, data_backend in pairs:

@@ -21,6 +21,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 import curvcore as cc  # noqa: E402
+from backend_list import require  # noqa: E402
 from asv_bench import bench_products, bench_step, common, core_products, memory, report  # noqa: E402
 
 
@@ -137,15 +138,13 @@ def test_interleaved_min_and_amortization():
 
 
 def _require_torch():
-    if not cc.backends.available("torch"):
-        pytest.skip("torch adapter not available")
+    require("torch")
 
 
 @pytest.mark.parametrize("backend", ["torch:cpu", "jax:cpu"])
 def test_native_ggn_equals_curvcore(backend):
     lib = backend.split(":")[0]
-    if not cc.backends.available(lib):
-        pytest.skip(f"{lib} adapter not available")
+    require(lib)
     prob = common.make_problem(backend, [6, 5, 4], 7)
     v = common.random_tangent(prob)
     ours = [cc.backends.to_numpy(a) for a in common.curvcore_ggn_function(prob)(v)]

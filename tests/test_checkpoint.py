@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 import curvcore as cc
+from backend_list import require
 from cases import make_problem
 from curvcore.testing import assert_allclose_across, tree_leaves_with_paths
 
@@ -44,8 +45,7 @@ def test_resume_is_bit_identical(tmp_path, method):
 
 @pytest.mark.parametrize("target", ["torch", "jax"])
 def test_move_a_run_to_another_backend(tmp_path, target):
-    if not cc.backends.available(target):
-        pytest.skip(f"{target} not available")
+    require(target)
     model, params, x, y, loss = make_problem("numpy", [4, 5, 3], "tanh", "ce", batch=8, seed=2)
     opt = cc.CurveBall()
     p2, s2 = _steps(opt, model, loss, params, opt.init(params), x, y, 2)
@@ -61,8 +61,7 @@ def test_move_a_run_to_another_backend(tmp_path, target):
 
 def test_pytree_params_round_trip(tmp_path):
     jax = pytest.importorskip("jax")
-    if not cc.backends.available("jax"):
-        pytest.skip("jax adapter not available")
+    require("jax")
     from curvcore.backends import jax as cj
 
     def apply(p, x):

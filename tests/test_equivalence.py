@@ -40,6 +40,7 @@ import numpy as np
 import pytest
 
 import curvcore as cc
+from backend_list import ALL, param
 from curvcore.testing import assert_allclose_across, tree_leaves_with_paths
 
 SIZES = [8, 6, 4]
@@ -50,7 +51,7 @@ CHECKED = (1, STEPS)
 RTOL = {"float64": 1e-10, "float32": 1e-4}
 RTOL_FLOAT32 = {"pseudo_hessian": 3e-3}  # per method, where the measured float32 error needs more (see above)
 
-OTHERS = [b for b in cc.backends.ALL if b != "numpy"]
+OTHERS = [b for b in ALL if b != "numpy"]
 METHODS = list(cc.REGISTRY)
 _RUNS: dict[tuple, dict] = {}
 
@@ -104,12 +105,9 @@ def _cases():
         for loss in cc.REGISTRY[method].losses:
             for dtype in ("float64", "float32"):
                 for backend in OTHERS:
-                    marks = [pytest.mark.skipif(not cc.backends.available(backend),
-                                                reason=f"backend {backend!r} not available here")]
-                    if backend == "jax" and dtype == "float32":
-                        marks.append(pytest.mark.slow)  # eager JAX compiles every op once per dtype
-                    yield pytest.param(method, loss, dtype, backend, id=f"{method}-{loss}-{dtype}-{backend}",
-                                       marks=marks)
+                    # eager JAX compiles every op once per dtype: its float32 runs are slow-marked
+                    yield param(backend, method, loss, dtype, backend, id=f"{method}-{loss}-{dtype}-{backend}",
+                                slow=backend == "jax" and dtype == "float32")
 
 
 @pytest.mark.parametrize("method,loss,dtype,backend", list(_cases()))

@@ -15,8 +15,8 @@ import pytest
 
 import curvcore as cc
 from curvcore.layers import records
+from backend_list import EAGER, params, require
 from cases import make_problem
-from conftest import backend_param
 from curvcore.methods import _layerwise as lw
 from reference import LEAKY, flatten, loss_of_theta, shapes_of, torch_activation, torch_unflatten, unflatten
 
@@ -30,7 +30,7 @@ ACTS = ("tanh", "sigmoid", "leaky_relu")
 NETS = {"mse": [4, 5, 3, 2], "ce": [4, 5, 3, 3]}
 
 
-@pytest.fixture(params=[backend_param(n) for n in ("numpy", "array_api_strict", "torch", "cupy")])
+@pytest.fixture(params=params(EAGER))
 def eager_backend(request):
     """Backends run eagerly op by op; JAX is covered by jitted runs (test_jax_jit_*), where it is fast."""
     return request.param
@@ -632,8 +632,7 @@ def test_cross_backend_ten_steps(eager_backend):
 
 def test_jax_jit_no_recompile_and_stable_dtypes():
     """JAX backend: the whole step jax.jit-s, compiles once, keeps dtypes, and 10 steps match NumPy (1e-10)."""
-    if not cc.backends.available("jax"):
-        pytest.skip("backend 'jax' not available here")
+    require("jax")
     import jax
 
     sizes = [4, 5, 3, 3]

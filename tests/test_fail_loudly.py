@@ -23,7 +23,6 @@ what was given), not only for its type.
 
 from __future__ import annotations
 
-import os
 import re
 import warnings
 
@@ -31,14 +30,14 @@ import numpy as np
 import pytest
 
 import curvcore as cc
+from backend_list import expected, needs, param, params, skipped
 from cases import make_problem
 from curvcore.testing import check_model, tree_leaves_with_paths
 
-from conftest import backend_param
 
 METHODS = list(cc.REGISTRY)
-EAGER = [backend_param(n) for n in ("numpy", "torch", "jax")]
-JIT = pytest.param("jax-jit", id="jax-jit", marks=backend_param("jax").marks)
+EAGER = params(("numpy", "torch", "jax"))
+JIT = param("jax", "jax-jit", id="jax-jit")
 MODES = [*EAGER, JIT]
 SIZES = [4, 5, 3]
 B = 6
@@ -163,7 +162,7 @@ def test_non_finite_update_names_the_parameter_tensors():
     """Case 1: a finite loss with an overflowing update names the tensors (the torch module's names, the
     MLP's layers) and says the loss was finite."""
     for backend, first in (("torch", "0.weight"), ("numpy", "params[0] (layer 0 weight)")):
-        if not cc.backends.available(backend):
+        if skipped(backend):
             continue
         model, params, x, y, loss = _problem(backend)
         y = _asarray(backend, np.full((B, 3), 1e3))  # gradients ~1e3: lr * g overflows, the loss (~1e6) does not
@@ -314,7 +313,7 @@ def test_esn_ema_state_of_another_model(backend):
 # ---------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("mode", [backend_param("jax"), JIT, backend_param("torch")])
+@pytest.mark.parametrize("mode", [param("jax"), JIT, param("torch")])
 def test_params_that_do_not_fit_the_model(mode):
     """Case 5: three arrays (which built a different JAX network) and a wrong shape are refused naming
     params, expected and given, in a step (eager and jitted) and in a primitive."""
@@ -330,7 +329,7 @@ def test_params_that_do_not_fit_the_model(mode):
         model.forward(short, x)
 
 
-@pytest.mark.parametrize("mode", [backend_param("jax"), JIT, backend_param("torch")])
+@pytest.mark.parametrize("mode", [param("jax"), JIT, param("torch")])
 @pytest.mark.parametrize("method", ["sgd", "kfac", "curveball"])
 def test_wrong_feature_count_names_the_batch_shape(method, mode):
     """Case 5: x with 5 features for a 4-input model gives a ``ValueError`` naming x's shape, with the
@@ -349,9 +348,9 @@ def test_wrong_feature_count_names_the_batch_shape(method, mode):
 
 
 def _half_params():
-    out = [pytest.param("numpy", "float16", marks=backend_param("numpy").marks, id="numpy-float16")]
+    out = [param("numpy", "numpy", "float16", id="numpy-float16")]
     for b in ("torch", "jax"):
-        out += [pytest.param(b, d, marks=backend_param(b).marks, id=f"{b}-{d}") for d in ("float16", "bfloat16")]
+        out += [param(b, b, d, id=f"{b}-{d}") for d in ("float16", "bfloat16")]
     return out
 
 
@@ -465,7 +464,7 @@ def test_probe_warns_when_an_adapter_fails_to_load(monkeypatch):
 
 
 def _expected_backends() -> list:
-    names = [n.strip() for n in os.environ.get("CURVCORE_EXPECT_BACKENDS", "").split(",") if n.strip()]
+    names = expected()
     if not names:
         return [pytest.param(None, marks=pytest.mark.skip(reason="CURVCORE_EXPECT_BACKENDS is not set (.ci/run "
                                                                  "sets it)"))]
@@ -480,7 +479,7 @@ def test_expected_backend_is_available(name):
                                         f"{cc.backends.unavailable_reason(name)}"
 
 
-@pytest.mark.skipif(not cc.backends.available("torch"), reason="the negative control wraps a torch model")
+@needs("torch")
 def test_check_model_catches_a_linearize_that_drops_the_bias_tangent():
     """Case 9: ``check_model`` compares ``linearize`` with ``jvp``/``vjp``: a torch-like linearize whose
     tangent map ignores the bias tangents fails it (it passed before); the adapter's own passes."""

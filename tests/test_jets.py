@@ -15,12 +15,12 @@ import numpy as np
 import pytest
 
 import curvcore as cc
+from backend_list import needs, param, params
 from cases import CASES, case_id, make_problem
 from curvcore.methods import pseudo_hessian as ph
 from curvcore.protocol import flat_model, jets
 from reference import assert_rel, flatten, np_mlp, torch_activation
 
-from conftest import backend_param
 
 torch = pytest.importorskip("torch")
 
@@ -139,7 +139,7 @@ def test_jets_equal_jet_with_zero_blocks(backend, case):
             assert_rel(_np(g), _np(r), 1e-13, f"support {support}")
 
 
-@pytest.mark.skipif(not cc.backends.available("jax"), reason="jax not available")
+@needs("jax")
 def test_jax_mlp_takes_the_taylor_path_only_inside_jit(monkeypatch):
     """Traced: the built-in MLP's own Taylor pushes (the fallback would raise here); eager: the fallback."""
     import jax
@@ -231,7 +231,7 @@ def test_fallback_fills_none_with_zeros_and_calls_jet():
         np.testing.assert_array_equal(g, r)
 
 
-@pytest.mark.parametrize("backend", [backend_param("torch"), backend_param("jax")])
+@pytest.mark.parametrize("backend", params(("torch", "jax")))
 def test_adapters_fall_back_for_other_models(backend):
     """A torch module outside the plain-MLP path and a user JAX ``apply_fn`` get nested-JVP jets with zero blocks."""
     case = CASES[0]
@@ -314,9 +314,8 @@ def _nested_model(backend, model):
 
 
 # JAX: two partitions only; its nested-JVP reference runs eagerly, one dispatch per op (145 s for "scalar")
-SUMMARY_GRID = [pytest.param("torch", g, marks=backend_param("torch").marks, id=f"torch-{g}")
-                for g in ("tensor", "layer", "wb", (0, 1, 1, 0), "scalar")] + [
-    pytest.param("jax", g, marks=backend_param("jax").marks, id=f"jax-{g}") for g in ("tensor", "wb")]
+SUMMARY_GRID = [param("torch", "torch", g, id=f"torch-{g}") for g in ("tensor", "layer", "wb", (0, 1, 1, 0), "scalar")
+                ] + [param("jax", "jax", g, id=f"jax-{g}") for g in ("tensor", "wb")]
 
 
 @pytest.mark.parametrize("backend,groups", SUMMARY_GRID)
@@ -337,7 +336,7 @@ def test_summary_equals_the_nested_jvp_summary(backend, groups):
 
 
 @pytest.mark.parametrize("groups", ["tensor", "scalar"], ids=str)
-@pytest.mark.parametrize("backend", [backend_param(n) for n in ("numpy", "array_api_strict")])
+@pytest.mark.parametrize("backend", params(("numpy", "array_api_strict")))
 def test_summary_equals_the_summary_through_jet(backend, groups):
     """The array-API MLP: ``jets`` (one forward, ``None`` blocks) vs the protocol fallback through ``jet``."""
     model, params, x, y, loss = make_problem(backend, [4, 5, 3], "sigmoid", "mse", batch=9, seed=1)

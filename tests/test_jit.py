@@ -19,9 +19,10 @@ import numpy as np
 import pytest
 
 import curvcore as cc
+from backend_list import needs
 from curvcore.testing import assert_allclose_across, tree_leaves_with_paths
 
-pytestmark = pytest.mark.skipif(not cc.backends.available("jax"), reason="backend 'jax' not available here")
+pytestmark = needs("jax")
 
 SIZES = [8, 6, 4]
 BATCH = 16

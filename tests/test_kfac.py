@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 
 import curvcore as cc
-from acp_reference import ALL_SLOW_BACKENDS, REF_BACKENDS, grads, kfac_kron_step, layer_inputs, per_example_dz, to_np
+from acp_reference import grads, kfac_kron_step, layer_inputs, per_example_dz, to_np
+from backend_list import ALL_SLOW_BEYOND_ARRAY_API, REFERENCE, require
 from cases import make_problem
 from curvcore import _linalg
 from reference import assert_rel, softmax
@@ -34,7 +35,7 @@ def _mc_delta(loss_name, f, seed, count):
 
 
 # --------------------------------------------------------------------------- C7 (K-FAC)
-@pytest.mark.parametrize("backend", REF_BACKENDS)
+@pytest.mark.parametrize("backend", REFERENCE)
 @pytest.mark.parametrize("fisher", ["empirical", "mc"])
 @pytest.mark.parametrize("loss_name", ["mse", "ce"])
 def test_c7_kfac_equals_explicit_kronecker_solve(backend, loss_name, fisher):
@@ -66,7 +67,7 @@ def test_c7_kfac_equals_explicit_kronecker_solve(backend, loss_name, fisher):
         assert_rel(got[2 * k], dW, 1e-10, f"dW{k}")
         assert_rel(got[2 * k + 1], db, 1e-10, f"db{k}")
     assert float(info["refreshed"]) == 1.0
-@pytest.mark.parametrize("backend", REF_BACKENDS)
+@pytest.mark.parametrize("backend", REFERENCE)
 
 
 def test_kfac_refresh_interval_keeps_factors(backend):
@@ -125,8 +126,7 @@ def test_kfac_singular_factor_and_bad_loss():
 
 @pytest.mark.slow
 def test_kfac_mc_refuses_jit():
-    if not cc.backends.available("jax"):
-        pytest.skip("backend 'jax' not available here")
+    require("jax")
     import jax
 
     model, params, x, y, loss = make_problem("jax", SIZES, "tanh", "ce", batch=9, seed=1)
@@ -147,7 +147,7 @@ def test_kfac_mc_refuses_jit():
 
 
 # --------------------------------------------------------------------------- C7 (centered GD)
-@pytest.mark.parametrize("backend", REF_BACKENDS)
+@pytest.mark.parametrize("backend", REFERENCE)
 def test_c7_centered_gd_equals_sgd_on_zero_mean_inputs(backend):
     """C7: one layer whose inputs have zero batch mean: centered GD == SGD (<= 1e-13)."""
     rng = np.random.default_rng(4)
@@ -166,7 +166,7 @@ def test_c7_centered_gd_equals_sgd_on_zero_mean_inputs(backend):
             assert_rel(a, b, 1e-13, f"params[{k}]")
 
 
-@pytest.mark.parametrize("backend", REF_BACKENDS)
+@pytest.mark.parametrize("backend", REFERENCE)
 @pytest.mark.parametrize("bias_correction", [False, True])
 def test_centered_gd_matches_reference(backend, bias_correction):
     """Alg 3: dW = -lr sum_i g_i (a_i - abar)^T, db = -lr sum_i g_i (- dW abar), on a shifted MLP."""
@@ -196,7 +196,7 @@ def test_centered_gd_bias_corrected_is_acp_with_identity_covariance():
 
 
 # --------------------------------------------------------------------------- cross-backend (C8 style)
-@pytest.mark.parametrize("backend", ALL_SLOW_BACKENDS)
+@pytest.mark.parametrize("backend", ALL_SLOW_BEYOND_ARRAY_API)
 @pytest.mark.parametrize("name", ["kfac", "centered_sgd"])
 @pytest.mark.parametrize("steps", [1, 10])
 def test_cross_backend(backend, name, steps):
@@ -212,7 +212,7 @@ def test_cross_backend(backend, name, steps):
         assert_rel(a, b, 1e-10, f"{name} params[{k}]")
 
 
-@pytest.mark.parametrize("backend", ALL_SLOW_BACKENDS)
+@pytest.mark.parametrize("backend", ALL_SLOW_BEYOND_ARRAY_API)
 def test_kfac_mc_cross_backend(backend):
     def run(b):
         model, params, x, y, loss = make_problem(b, SIZES, "tanh", "mse", batch=10, seed=9)

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 import curvcore as cc
+from backend_list import require
 from reference import assert_rel, loss_parts, loss_value
 
 B, C = 6, 4
@@ -123,8 +124,7 @@ def test_outputs_of_any_shape(shape, name):
 
 @pytest.mark.parametrize("backend_name", ["torch", "jax"])
 def test_outputs_of_any_shape_agree_across_backends(backend_name):
-    if not cc.backends.available(backend_name):
-        pytest.skip(f"{backend_name} not available")
+    require(backend_name)
     for shape in SHAPES:
         for name in ("mse", "ce"):
             f, y, v = _nd_data(shape, name, seed=3)

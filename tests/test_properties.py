@@ -31,7 +31,7 @@ import curvcore as cc  # noqa: E402
 import curvcore.testing  # noqa: E402,F401
 from acp_reference import layer_inputs  # noqa: E402
 from cases import case_problem  # noqa: E402
-from conftest import backend_param  # noqa: E402
+from backend_list import LOCAL, needs, params, present  # noqa: E402
 from curvcore.methods import pseudo_hessian as ph  # noqa: E402
 from reference import dense_ggn_and_grad, dense_hessian, flatten, loss_parts, np_mlp, shapes_of, unflatten  # noqa: E402
 from test_curveball import random_tree, state_with  # noqa: E402
@@ -151,7 +151,7 @@ def min_abs_preactivation(net, params, x) -> float:
                default=math.inf)
 
 
-@pytest.mark.parametrize("backend", [backend_param("numpy"), backend_param("torch")])
+@pytest.mark.parametrize("backend", params(("numpy", "torch")))
 @given(net=nets(), seed=st.integers(0, 2**16))
 def test_check_model_passes_on_every_net(backend, net, seed):
     """``check_model``: JVP/jets against central differences, adjoint identity, layer records, purity."""
@@ -196,17 +196,16 @@ def assert_one_step_agrees(net: dict, method: str, backends: list[str]) -> None:
                                       reference="numpy", what=f"one {method} step on {net}")
 
 
-LOCAL = [b for b in ("numpy", "array_api_strict", "torch") if cc.backends.available(b)]
 
 
 @given(net=nets(), method=st.sampled_from(cc.method_names()))
 def test_one_step_agrees_across_backends(net, method):
     """NumPy, array_api_strict and torch (where installed): the same step to 1e-10."""
-    assert_one_step_agrees(net, method, LOCAL)
+    assert_one_step_agrees(net, method, present(LOCAL))
 
 
 # Eager JAX compiles every operation for every new shape (seconds per drawn net): a sixth of the profile's examples.
-@pytest.mark.skipif(not cc.backends.available("jax"), reason="jax is not installed")
+@needs("jax")
 @settings(max_examples=max(2, settings.default.max_examples // 6))
 @given(net=nets(), method=st.sampled_from(cc.method_names()))
 def test_one_step_agrees_on_jax(net, method):

@@ -11,13 +11,12 @@ import numpy as np
 import pytest
 
 import curvcore as cc
+from backend_list import EAGER, param, params, require, skipped
 from cases import make_problem
 from curvcore.methods import _cubic
 from curvcore.methods import pseudo_hessian as ph
 from reference import (assert_rel, dense_hessian, flatten, grad_cs, hessian_fd, loss_of_theta, shapes_of,
                        torch_loss_of_theta, unflatten)
-
-from conftest import backend_param
 
 try:  # the dense autodiff references; the tests that use them are marked needs_torch
     import torch
@@ -27,12 +26,11 @@ needs_torch = pytest.mark.skipif(torch is None, reason="the dense autodiff refer
 
 # Backends: JAX runs eagerly op by op here (tens of seconds of one-off compilations for the small
 # S x S ops), so its instances are marked slow; they still run in CI with the slow tests.
-EVERY = [backend_param(n) for n in ("numpy", "array_api_strict", "torch", "cupy")] + [
-    pytest.param("jax", id="jax", marks=[pytest.mark.slow, *backend_param("jax").marks])]
+EVERY = params(EAGER) + [param("jax", slow=True)]
 NO_JAX = EVERY[:-1]  # checks whose JAX instance would only repeat one-off eager compilations
 REG_GRID = [pytest.param(b.values[0], reg, marks=b.marks, id=f"{b.id}-{reg}") for b in NO_JAX for reg in ("none", "cubic")
             ] + [pytest.param(EVERY[-1].values[0], "cubic", marks=EVERY[-1].marks, id="jax-cubic")]
-ARRAY_API = [backend_param(n) for n in ("numpy", "array_api_strict")]
+ARRAY_API = params(("numpy", "array_api_strict"))
 
 GROUPS = ["tensor", "layer", "wb", "one", [0, 1, 1, 0]]
 # small nets of spec Sec. 9: 4-5-3 and 4-6-3, B = 7..12, tanh and sigmoid, MSE and CE
@@ -621,7 +619,7 @@ def test_backtracking_stops_at_the_first_success():
     _, _, info = opt.step(model, loss, params, opt.init(params), x, y)
     k = int(round(-np.log2(float(info["t"]))))
     assert 0 < k < opt.max_backtracks and len(calls) == k + 1
-    if not cc.backends.available("jax"):
+    if skipped("jax"):
         return
     import jax
 
@@ -687,8 +685,7 @@ def test_constructor_validation():
 def test_step_is_jittable_and_matches_numpy(which):
     """``jax.jit`` of the whole step (``which="array_api_mlp_over_jax_numpy"`` also works: the array-API MLP
     traced by JAX; left out to keep the slow tests under a minute)."""
-    if not cc.backends.available("jax"):
-        pytest.skip("jax not available")
+    require("jax")
     import jax
 
     jnp = jax.numpy
