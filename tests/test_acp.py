@@ -10,22 +10,15 @@ import numpy as np
 import pytest
 
 import curvcore as cc
-from acp_reference import acp_block_step, grads, layer_inputs, per_example_dz, to_np
 from backend_list import ALL_SLOW_BEYOND_ARRAY_API, REFERENCE, require
 from cases import make_problem
-from reference import assert_rel
+from reference import acp_alpha, acp_block_step, assert_rel, grads, layer_inputs, to_np
 
 SIZES = [4, 6, 5, 3]
 
 
 def _deltas(new, old):
     return [a - b for a, b in zip(to_np(new), to_np(old))]
-
-
-def _ref_alpha(alpha, sizes, act, loss, ps, x, y, k):
-    if alpha != "adaptive":
-        return alpha
-    return float(np.max((x.shape[0] * per_example_dz(sizes, act, loss, ps, x, y, k)) ** 2))
 
 
 # --------------------------------------------------------------------------- C1, C4
@@ -46,7 +39,7 @@ def test_c1_explicit_damped_block(backend, loss_name, activation, alpha):
     got = _deltas(new, params)
     alphas = []
     for k in range(len(SIZES) - 1):
-        al = _ref_alpha(alpha, SIZES, activation, loss_name, ps, xn, yn, k)
+        al = acp_alpha(alpha, SIZES, activation, loss_name, ps, xn, yn, k)
         alphas.append(al)
         dW, db = acp_block_step(a[k], g[2 * k], g[2 * k + 1], al, 1e-2, 0.7)
         assert_rel(got[2 * k], dW, 1e-10, f"dW{k}")
@@ -67,7 +60,7 @@ def test_c4_kronecker_form(backend, alpha):
     ps, xn, yn = to_np(params), cc.backends.to_numpy(x), cc.backends.to_numpy(y)
     g = grads(SIZES, "tanh", "ce", ps, xn, yn)
     for k, a in enumerate(layer_inputs(SIZES, "tanh", ps, xn)):
-        al = _ref_alpha(alpha, SIZES, "tanh", "ce", ps, xn, yn, k)
+        al = acp_alpha(alpha, SIZES, "tanh", "ce", ps, xn, yn, k)
         B, n = a.shape
         abar = a.mean(0)
         A = np.block([[a.T @ a / B + eps / al * np.eye(n), abar[:, None]], [abar[None, :], np.ones((1, 1))]])

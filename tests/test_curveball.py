@@ -17,8 +17,9 @@ from array_api_compat import array_namespace
 import curvcore as cc
 from cases import make_problem
 from curvcore.backends.function import FunctionModel
-from curvcore.methods.curveball import CurveBall, CurveBallState
-from reference import assert_rel, dense_ggn_and_grad, flatten, rel
+from curvcore.methods.curveball import CurveBall
+from reference import (DenseCurveBallStep, assert_rel, flatten, random_tree, rel, rosen_jac_np,
+                       rosen_residual_np, state_with)
 
 INFO_KEYS = {"loss", "rho", "beta", "lam", "lam_next", "gamma", "pred_change", "step_norm", "finite"}
 W5 = 0.999**5
@@ -26,42 +27,6 @@ W5 = 0.999**5
 
 def to_np(a):
     return cc.backends.to_numpy(a)
-
-
-def random_tree(backend, params, seed, scale=1.0):
-    rng = np.random.default_rng(seed)
-    return [cc.backends.asarray(backend, scale * rng.standard_normal(tuple(p.shape))) for p in params]
-
-
-def state_with(backend, params, z, lam, count=0):
-    xp = array_namespace(params[0])
-    return CurveBallState(z=list(z), lam=cc.backends.asarray(backend, np.asarray(float(lam))),
-                          count=xp.asarray(count))
-
-
-class Dense:
-    """Dense float64 quantities of one step: ``G``, ``g``, ``dz`` and the 2x2 minimiser."""
-
-    def __init__(self, sizes, activation, loss, params, x, y, z, lam, lr=1.0):
-        G, g, _ = dense_ggn_and_grad(sizes, activation, loss, params, x, y)
-        self.G, self.g, self.lam, self.lr = G, g, lam, lr
-        self.Gl = G + lam * np.eye(G.shape[0])
-        self.z = flatten(z)
-        self.dz = self.Gl @ self.z + g
-        S = np.stack([self.dz, self.z], axis=1)
-        A, b = S.T @ self.Gl @ S, S.T @ g
-        c = -np.linalg.pinv(A, rcond=1e-12) @ b  # minimiser of <b, c> + c^T A c / 2
-        self.beta, self.rho = -c[0], c[1]
-        self.b1, self.b2 = b
-
-    def q(self, s):
-        """The damped model change ``<g, s> + 1/2 <s, G_lam s>``."""
-        return self.g @ s + 0.5 * s @ self.Gl @ s
-
-    def z_new(self, rho=None, beta=None):
-        rho = self.rho if rho is None else rho
-        beta = self.beta if beta is None else beta
-        return rho * self.z - beta * self.dz
 
 
 def mlp_problem(backend, loss, sizes=(4, 5, 3), batch=7, seed=0):
@@ -100,16 +65,6 @@ def _rosen_vjp(p, x):
 ROSEN = FunctionModel(_rosen_forward, _rosen_jvp, _rosen_vjp)
 
 
-def rosen_jac_np(w, eps=1.0):
-    """Closed-form Jacobian of r = (1 - u, 10 sqrt(eps) (v - u^2))."""
-    s = 10 * np.sqrt(eps)
-    return np.array([[-1.0, 0.0], [-2 * s * w[0], s]])
-
-
-def rosen_residual_np(w, eps=1.0):
-    return np.array([1 - w[0], 10 * np.sqrt(eps) * (w[1] - w[0] ** 2)])
-
-
 def rosenbrock_steps(lam, start, eps_rng=None, lims=(1.0, 1.0), max_iter=1000):
     """Steps until ||w - (1, 1)|| < 1e-4 (spec section 6), or ``None``."""
     opt = CurveBall(lam=lam)
@@ -138,7 +93,7 @@ def test_c1_dz_matches_dense_ggn(backend, loss):
     z = random_tree(backend, params, 5)
     opt = CurveBall(auto=False, rho=0.0, beta=1.0, auto_lam=False)
     _, state, _ = opt.step(model, lossf, params, state_with(backend, params, z, 0.7), x, y)
-    ref = Dense([4, 5, 3], "tanh", loss, params, x, y, z, 0.7)
+    ref = DenseCurveBallStep([4, 5, 3], "tanh", loss, params, x, y, z, 0.7)
     assert_rel(-flatten(state.z), ref.dz, 1e-10, "dz")
 
 
@@ -149,7 +104,7 @@ def test_c2_two_by_two_matches_dense_minimiser(backend, loss, lr):
     z = random_tree(backend, params, 6, 0.3)
     opt = CurveBall(lr=lr, auto_lam=False)
     new, state, info = opt.step(model, lossf, params, state_with(backend, params, z, 0.7), x, y)
-    ref = Dense([4, 5, 3], "tanh", loss, params, x, y, z, 0.7, lr)
+    ref = DenseCurveBallStep([4, 5, 3], "tanh", loss, params, x, y, z, 0.7, lr)
     assert_rel([float(info["beta"]), float(info["rho"])], [ref.beta, ref.rho], 1e-8, "(beta, rho)")
     assert_rel(flatten(state.z), ref.z_new(), 1e-8, "z_new")
     assert_rel(flatten(new), flatten(params) + lr * ref.z_new(), 1e-10, "params")
@@ -168,7 +123,7 @@ def test_c3_first_step_is_exact_line_search(backend, loss):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         new, state, info = opt.step(model, lossf, params, opt.init(params), x, y)
-    ref = Dense([4, 5, 3], "tanh", loss, params, x, y, [0 * p for p in params], 0.7)
+    ref = DenseCurveBallStep([4, 5, 3], "tanh", loss, params, x, y, [0 * p for p in params], 0.7)
     g = ref.g
     beta = (g @ g) / (g @ ref.Gl @ g)
     assert abs(float(info["rho"])) <= 1e-10 * beta
@@ -239,7 +194,7 @@ def test_c6_fixed_mode(backend):
     z = random_tree(backend, params, 7, 0.5)
     opt = CurveBall(auto=False, rho=0.9, beta=0.05, lr=0.5, auto_lam=False)
     new, state, info = opt.step(model, lossf, params, state_with(backend, params, z, 0.7), x, y)
-    ref = Dense([4, 5, 3], "tanh", "ce", params, x, y, z, 0.7)
+    ref = DenseCurveBallStep([4, 5, 3], "tanh", "ce", params, x, y, z, 0.7)
     expected = flatten(params) + 0.5 * (0.9 * ref.z - 0.05 * ref.dz)
     assert_rel(flatten(new), expected, 1e-12, "theta + lr (rho z - beta dz)")
     assert float(info["rho"]) == 0.9 and float(info["beta"]) == 0.05
@@ -252,7 +207,7 @@ def test_fixed_mode_with_lambda_rule_uses_exact_model_change():
     z = random_tree("numpy", params, 8, 0.2)
     opt = CurveBall(auto=False, rho=0.5, beta=0.2, lr=0.8)
     _, _, info = opt.step(model, lossf, params, state_with("numpy", params, z, 0.7), x, y)
-    ref = Dense([4, 5, 3], "tanh", "mse", params, x, y, z, 0.7)
+    ref = DenseCurveBallStep([4, 5, 3], "tanh", "mse", params, x, y, z, 0.7)
     assert_rel(float(info["pred_change"]), ref.q(0.8 * ref.z_new(0.5, 0.2)), 1e-10, "M (fixed mode)")
     _, _, info = opt.step(model, lossf, params, state_with("numpy", params, z, 0.7, count=1), x, y)
     assert math.isnan(float(info["pred_change"]))
@@ -281,7 +236,7 @@ def stub_loss(base, f1):
 def test_c7_lambda_rule(backend, gamma, factor):
     model, params, x, y, lossf = mlp_problem(backend, "ce")
     z = random_tree(backend, params, 9, 0.3)
-    ref = Dense([4, 5, 3], "tanh", "ce", params, x, y, z, 0.7)
+    ref = DenseCurveBallStep([4, 5, 3], "tanh", "ce", params, x, y, z, 0.7)
     f0 = float(lossf.value(model.forward(params, x), y))
     M = ref.q(ref.z_new())
     opt = CurveBall()
@@ -303,7 +258,7 @@ def test_c7_lambda_rule(backend, gamma, factor):
 def test_c7_every_step_with_interval_one():
     model, params, x, y, lossf = mlp_problem("numpy", "ce")
     z = random_tree("numpy", params, 9, 0.3)
-    ref = Dense([4, 5, 3], "tanh", "ce", params, x, y, z, 0.7)
+    ref = DenseCurveBallStep([4, 5, 3], "tanh", "ce", params, x, y, z, 0.7)
     f0 = float(lossf.value(model.forward(params, x), y))
     opt = CurveBall(lam_interval=1)
     for count in range(4):

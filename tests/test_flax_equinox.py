@@ -15,6 +15,7 @@ import pytest
 
 import curvcore as cc
 from curvcore.layers import weight_matrix
+from reference import rel_norm
 
 jax = pytest.importorskip("jax")
 flax = pytest.importorskip("flax", reason="flax is not installed (the jax and test extras have it)")
@@ -29,15 +30,10 @@ F64 = jnp.float64
 CE = cc.losses.CrossEntropy()
 
 
-def rel(a, b):
-    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
-    return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-300))
-
-
 def tree_rel(a, b):
     """``||a - b|| / ||b||`` over all leaves together (a bias that BatchNorm cancels has a zero gradient)."""
     flat = [np.concatenate([np.ravel(np.asarray(leaf, dtype=np.float64)) for leaf in leaves(t)]) for t in (a, b)]
-    return rel(*flat)
+    return rel_norm(*flat)
 
 
 def leaves(tree):
@@ -209,7 +205,7 @@ def test_conv_patches_times_the_weight_matrix_is_the_convolution(framework, geom
     a = rec.layers[0].a  # (B, S, C_in kh kw)
     z = jnp.einsum("bsd,od->bso", a, weight_matrix(kernel, spec)) + bias
     channels_last = out if framework == "flax" else jnp.moveaxis(out, 1, 3)
-    assert rel(z, channels_last.reshape(z.shape)) <= 1e-13
+    assert rel_norm(z, channels_last.reshape(z.shape)) <= 1e-13
 
 
 def _loss_of(model, x, y):
@@ -227,11 +223,11 @@ def test_records_give_the_gradient_of_every_layer(name):
     rec = model.records(params, x, lambda out: CE.grad(out, y))
     assert [s.name for s in rec.specs] == [s.name for s in model.layer_specs(params)]
     for got, want in zip(leaves(rec.grads), grad):
-        assert rel(got, want) <= 1e-12
+        assert rel_norm(got, want) <= 1e-12
     for spec, r in zip(rec.specs, rec.layers):
         a, g = r.a.reshape(-1, r.a.shape[-1]), r.g.reshape(-1, r.g.shape[-1])
-        assert rel(g.T @ a, weight_matrix(grad[spec.weight], spec)) <= 1e-12, spec.name
-        assert rel(g.sum(0), grad[spec.bias].reshape(-1)) <= 1e-12, spec.name
+        assert rel_norm(g.T @ a, weight_matrix(grad[spec.weight], spec)) <= 1e-12, spec.name
+        assert rel_norm(g.sum(0), grad[spec.bias].reshape(-1)) <= 1e-12, spec.name
 
 
 def test_dense_input_of_the_cnn_head_is_the_pooled_feature_map():
@@ -240,7 +236,7 @@ def test_dense_input_of_the_cnn_head_is_the_pooled_feature_map():
                                         dimension_numbers=("NHWC", "HWIO", "NHWC")) + params["Conv_0"]["bias"]
     pooled = jax.lax.reduce_window(jnp.maximum(conv, 0), -jnp.inf, jax.lax.max, (1, 2, 2, 1), (1, 2, 2, 1), "VALID")
     rec = model.records(params, x, jnp.ones((12, 10)))
-    assert rel(rec.layers[1].a, pooled.reshape(12, -1)) <= 1e-14
+    assert rel_norm(rec.layers[1].a, pooled.reshape(12, -1)) <= 1e-14
 
 
 def test_layer_specs_come_from_the_params_without_a_batch():
@@ -263,16 +259,16 @@ def test_output_chain_records_z_dact_h_and_stops_at_a_skip_connection(jit):
     layers = jax.jit(model.layers, static_argnums=2) if jit else model.layers
     recs = layers(params, x, jnp.ones_like)
     assert len(recs) == 3
-    assert rel(recs[0].dact, 1 - jnp.tanh(recs[0].z) ** 2) <= 1e-14 and rel(recs[0].h, jnp.tanh(recs[0].z)) <= 1e-15
-    assert rel(recs[1].dact, (recs[1].z > 0).astype(F64)) == 0 and rel(recs[1].h, nn.relu(recs[1].z)) == 0
-    assert rel(recs[2].z, model.forward(params, x)) <= 1e-15 and rel(recs[2].dact, jnp.ones((5, 10))) == 0
+    assert rel_norm(recs[0].dact, 1 - jnp.tanh(recs[0].z) ** 2) <= 1e-14 and rel_norm(recs[0].h, jnp.tanh(recs[0].z)) <= 1e-15
+    assert rel_norm(recs[1].dact, (recs[1].z > 0).astype(F64)) == 0 and rel_norm(recs[1].h, nn.relu(recs[1].z)) == 0
+    assert rel_norm(recs[2].z, model.forward(params, x)) <= 1e-15 and rel_norm(recs[2].dact, jnp.ones((5, 10))) == 0
     if jit:
         skip, sparams = flax_model(FlaxSkip(), x)
         slayers = jax.jit(skip.layers, static_argnums=2)
         assert [r.a.shape for r in slayers(sparams, x, jnp.ones_like)] == [(5, 12), (5, 12)]  # cut below the skip
         emodel, eparams = eqx_mlp()
         erecs = jax.jit(emodel.layers, static_argnums=2)(eparams, x, jnp.ones_like)
-        assert len(erecs) == 3 and rel(erecs[0].dact, 1 - jnp.tanh(erecs[0].z) ** 2) <= 1e-14
+        assert len(erecs) == 3 and rel_norm(erecs[0].dact, 1 - jnp.tanh(erecs[0].z) ** 2) <= 1e-14
 
 
 def test_layers_called_twice_or_inside_a_transform_of_the_model_are_left_out():
@@ -373,11 +369,11 @@ def test_batchnorm_statistics_are_those_of_one_train_forward():
     _, rngs = model.pass_context()
     _, updates = FlaxResNet().apply(model.variables(params), x, rngs=rngs, mutable=["batch_stats"])
     for got, want in zip(leaves(info["buffers"]), leaves(updates)):
-        assert rel(got, want) <= 1e-14
+        assert rel_norm(got, want) <= 1e-14
     assert model.state is before  # an eager step leaves the model alone ...
     model.advance(info)  # ... until told, keeping the dtypes (flax keeps its statistics in float32)
     for got, old, want in zip(leaves(model.state.collections), leaves(before.collections), leaves(updates)):
-        assert got.dtype == old.dtype == jnp.float32 and rel(got, want) <= 1e-7
+        assert got.dtype == old.dtype == jnp.float32 and rel_norm(got, want) <= 1e-7
 
 
 def test_dropout_masks_are_shared_by_every_pass_of_a_step():
@@ -390,7 +386,7 @@ def test_dropout_masks_are_shared_by_every_pass_of_a_step():
         h = 1e-6
         fd = (model.forward(jax.tree_util.tree_map(lambda p, u: p + h * u, params, t), x)
               - model.forward(jax.tree_util.tree_map(lambda p, u: p - h * u, params, t), x)) / (2 * h)
-    assert bool(jnp.all(f1 == f2)) and rel(jt, fd) <= 1e-7  # one mask; the JVP of the sampled network
+    assert bool(jnp.all(f1 == f2)) and rel_norm(jt, fd) <= 1e-7  # one mask; the JVP of the sampled network
     nxt = model.bind(model.next_state())
     assert not bool(jnp.all(nxt.forward(params, x) == f1))  # the masks move on with the state
     eval_out = FlaxDropout().apply({"params": params}, x, rngs={"dropout": jax.random.key(0)})
@@ -531,7 +527,7 @@ def test_torch_and_flax_take_the_same_steps_from_the_same_weights(net, method):
         runs[which] = params
     torch_params = [t.numpy() for t in runs["torch"]]
     for got, want in zip(to_torch(runs["flax"]), torch_params):
-        assert rel(got, want) <= 1e-10, (net, method, rel(got, want))
+        assert rel_norm(got, want) <= 1e-10, (net, method, rel_norm(got, want))
 
 
 def test_cnn_factory_builds_the_same_function_on_torch_and_flax():
@@ -542,6 +538,6 @@ def test_cnn_factory_builds_the_same_function_on_torch_and_flax():
     x = np.random.default_rng(0).standard_normal((5, 8, 8))
     out_t = tmodel.forward(tparams, torch.tensor(x[:, None]))
     out_f = fmodel.forward(fparams, jnp.asarray(x[..., None]))
-    assert rel(out_f, out_t.numpy()) <= 1e-14
+    assert rel_norm(out_f, out_t.numpy()) <= 1e-14
     with pytest.raises(ValueError, match="backend must be 'torch' or 'jax'"):
         cc.backends.cnn("numpy")

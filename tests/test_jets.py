@@ -19,7 +19,7 @@ from backend_list import needs, param, params
 from cases import CASES, case_id, make_problem
 from curvcore.methods import pseudo_hessian as ph
 from curvcore.protocol import flat_model, jets
-from reference import assert_rel, flatten, np_mlp, torch_activation
+from reference import assert_rel, dense_tangent, flatten, nested_jvp_jets, np_mlp
 
 
 torch = pytest.importorskip("torch")
@@ -41,32 +41,6 @@ def _tangent(backend, params, support, seed=3):
     keep = set(range(n)) if support is None else {i % n for i in support}
     return [cc.backends.asarray(backend, rng.standard_normal(tuple(p.shape))) if i in keep else None
             for i, p in enumerate(params)]
-
-
-def _dense(tangent, params):
-    """NumPy copies with zeros for the ``None`` entries."""
-    return [np.zeros(tuple(p.shape)) if t is None else _np(t) for t, p in zip(tangent, params)]
-
-
-def nested_jvp_jets(case, params, x, tangent, order):
-    """``[d1, ..., d_order]`` by nested ``torch.func.jvp`` of a float64 torch MLP (no curvcore model code)."""
-    from curvcore.backends import _torch_pass as tp
-
-    act = torch_activation(case["activation"])
-    xt = torch.tensor(_np(x))
-
-    def fn(ps):
-        a = xt
-        n = len(ps) // 2
-        for k in range(n):
-            z = a @ ps[2 * k].T + ps[2 * k + 1]
-            a = act(z) if k < n - 1 else z
-        return a
-
-    p = [torch.tensor(_np(q)) for q in params]
-    u = [torch.tensor(t) for t in _dense(tangent, params)]
-    with tp.FORWARD_AD:
-        return [d.numpy() for d in tp.nested_jet(fn, p, u, order)[1:]]
 
 
 # ---------------------------------------------------------------------------
@@ -113,7 +87,7 @@ def test_jets_match_complex_step_derivatives(backend, case):
                                           batch=case["batch"], seed=case["seed"])
     tangent = _tangent(backend, params, [1, -2])
     f = np_mlp(case["sizes"], case["activation"])
-    theta, du, xn = flatten(params), flatten(_dense(tangent, params)), _np(x)
+    theta, du, xn = flatten(params), flatten(dense_tangent(tangent, params)), _np(x)
     h = 1e-4
 
     def d1(t):
@@ -133,7 +107,7 @@ def test_jets_equal_jet_with_zero_blocks(backend, case):
     _, jet_fn = jets(model, params, x)
     for support in SUPPORTS.values():
         tangent = _tangent(backend, params, support, seed=5)
-        dense = [cc.backends.asarray(backend, t) for t in _dense(tangent, params)]
+        dense = [cc.backends.asarray(backend, t) for t in dense_tangent(tangent, params)]
         ref = model.jet(params, x, dense, 3)
         for g, r in zip(jet_fn(tangent, 3), ref[1:]):
             assert_rel(_np(g), _np(r), 1e-13, f"support {support}")
@@ -266,7 +240,7 @@ def test_flat_view_of_a_pytree_model_fills_zero_blocks():
     flat = flat_model(DictMLP(model), treedef)
     tangent = _tangent("numpy", leaves, [0])  # flat order: b1, b2, W1, W2
     got = jets(flat, leaves, x)[1](tangent, 3)
-    dense = _dense(tangent, leaves)
+    dense = dense_tangent(tangent, leaves)
     ref = model.jet(params, x, [dense[2], dense[0], dense[3], dense[1]], 3)[1:]
     for g, r in zip(got, ref):
         assert_rel(g, r, 1e-14, "flat view")

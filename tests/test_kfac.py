@@ -10,28 +10,16 @@ import numpy as np
 import pytest
 
 import curvcore as cc
-from acp_reference import grads, kfac_kron_step, layer_inputs, per_example_dz, to_np
 from backend_list import ALL_SLOW_BEYOND_ARRAY_API, REFERENCE, require
 from cases import make_problem
 from curvcore import _linalg
-from reference import assert_rel, softmax
+from reference import assert_rel, grads, kfac_kron_step, layer_inputs, mc_delta, per_example_dz, softmax, to_np
 
 SIZES = [4, 6, 5, 3]
 
 
 def _deltas(new, old):
     return [a - b for a, b in zip(to_np(new), to_np(old))]
-
-
-def _mc_delta(loss_name, f, seed, count):
-    """The documented MC draw, replicated: default_rng([seed, count]); MSE noise, CE inverse-CDF sampling."""
-    rng = np.random.default_rng([seed, count])
-    B, C = f.shape
-    if loss_name == "mse":
-        return -rng.standard_normal((B, C))  # delta = f - y~ with y~ = f + noise
-    u = rng.random((B, 1))
-    labels = np.minimum((np.cumsum(softmax(f), axis=1) < u).sum(1), C - 1)
-    return softmax(f) - np.eye(C)[labels]
 
 
 # --------------------------------------------------------------------------- C7 (K-FAC)
@@ -51,10 +39,10 @@ def test_c7_kfac_equals_explicit_kronecker_solve(backend, loss_name, fisher):
     a = layer_inputs(SIZES, "tanh", ps, xn)
     B = xn.shape[0]
     if fisher == "mc":  # per-example dl/dz at the sampled targets: the output delta pulled back layer by layer
-        from acp_reference import forward_from
+        from reference import forward_from
 
         f = forward_from(SIZES, "tanh", ps, xn)
-        dout = _mc_delta(loss_name, f, seed, 4)
+        dout = mc_delta(loss_name, f, seed, 4)
     for k in range(len(SIZES) - 1):
         if fisher == "empirical":
             delta = B * per_example_dz(SIZES, "tanh", loss_name, ps, xn, yn, k)

@@ -29,14 +29,12 @@ from hypothesis import strategies as st  # noqa: E402
 
 import curvcore as cc  # noqa: E402
 import curvcore.testing  # noqa: E402,F401
-from acp_reference import layer_inputs  # noqa: E402
 from cases import case_problem  # noqa: E402
 from backend_list import LOCAL, needs, params, present  # noqa: E402
 from curvcore.methods import pseudo_hessian as ph  # noqa: E402
-from reference import dense_ggn_and_grad, dense_hessian, flatten, loss_parts, np_mlp, shapes_of, unflatten  # noqa: E402
-from test_curveball import random_tree, state_with  # noqa: E402
-from test_esn_mk import direction, grad_hess  # noqa: E402
-from test_pseudo_hessian import _grad_np, _group_dirs  # noqa: E402
+from reference import (dense_ggn_and_grad, dense_hessian, direction, flatten, grad_hess, group_dirs,  # noqa: E402
+                       kfac_factors, layer_inputs, loss_parts, np_mlp, random_tree, shapes_of, state_with, torch_grad,
+                       unflatten)
 
 EPS = float(np.finfo(np.float64).eps)
 RTOL = 1e-10
@@ -108,20 +106,9 @@ def test_pseudo_hessian_hbar_is_the_projected_hessian(net, groups):
     """pseudo_hessian.md §9 C2: ``Hbar = U^T H U``, U the group directions of the gradient, H the dense Hessian."""
     model, params, x, y, loss = case_problem("numpy", net)
     Hbar = to_np(ph.summary(model, loss, params, x, y, groups=groups, order=2)["Hbar"])
-    U = _group_dirs(unflatten(_grad_np(net, params, x, y), shapes_of(net["sizes"])), groups)
+    U = group_dirs(unflatten(torch_grad(net, params, x, y), shapes_of(net["sizes"])), groups)
     H = dense_hessian(net["sizes"], net["activation"], net["loss"], params, x, y)
     assert_close(Hbar, U.T @ H @ U, np.abs(U).T @ np.abs(H) @ np.abs(U), U.shape[0], "Hbar")
-
-
-def kfac_factors(rec, damping: float) -> dict[str, np.ndarray]:
-    """acp.md §5 from a layer record: ``A = 1/B Σ_i a1_i a1_i^T``, ``G = 1/B Σ_i δ_i δ_i^T`` (+ √damping I),
-    ``a1_i = (a_i; 1)``, ``δ_i = B g_i``, written as sums over the samples."""
-    a, g = to_np(rec.a), to_np(rec.g)
-    B = a.shape[0]
-    a1 = np.hstack([a, np.ones((B, 1))])
-    root = math.sqrt(damping)
-    return {"A": sum(np.outer(v, v) for v in a1) / B + root * np.eye(a1.shape[1]),
-            "G": sum(np.outer(B * v, B * v) for v in g) / B + root * np.eye(g.shape[1])}
 
 
 @given(net=nets(), damping=st.floats(1e-4, 1e-1))

@@ -15,8 +15,8 @@ from backend_list import EAGER, param, params, require, skipped
 from cases import make_problem
 from curvcore.methods import _cubic
 from curvcore.methods import pseudo_hessian as ph
-from reference import (assert_rel, dense_hessian, flatten, grad_cs, hessian_fd, loss_of_theta, shapes_of,
-                       torch_loss_of_theta, unflatten)
+from reference import (assert_rel, cubic_model, cubic_model_grad, dense_hessian, flatten, grad_cs, group_dirs,
+                       hessian_fd, loss_of_theta, shapes_of, torch_grad, torch_loss_of_theta, unflatten)
 
 try:  # the dense autodiff references; the tests that use them are marked needs_torch
     import torch
@@ -52,34 +52,6 @@ def _np(a):
 
 def _problem(backend, net):
     return make_problem(backend, net["sizes"], net["activation"], net["loss"], batch=net["batch"], seed=net["seed"])
-
-
-def _U(us):
-    """P x S matrix whose columns are the flattened group directions."""
-    return np.stack([flatten(u) for u in us], axis=1)
-
-
-def _group_dirs(params, groups, u=None):
-    """The u^(s) as NumPy vectors, built independently of the method (from tensor labels / scalars)."""
-    u = [np.asarray(_np(p)) for p in (u if u is not None else params)]
-    n = len(u)
-    if groups == "scalar":
-        vec = flatten(u)
-        return np.diag(vec)
-    labels = {"tensor": list(range(n)), "layer": [i // 2 for i in range(n)], "wb": [i % 2 for i in range(n)],
-              "one": [0] * n}.get(groups if isinstance(groups, str) else None, groups)
-    order = list(dict.fromkeys(labels))
-    cols = []
-    for lab in order:
-        cols.append(flatten([ui if l == lab else np.zeros_like(ui) for ui, l in zip(u, labels)]))
-    return np.stack(cols, axis=1)
-
-
-def _grad_np(net, params, x, y):
-    fun = torch_loss_of_theta(net["sizes"], net["activation"], net["loss"], x, y)
-    th = torch.tensor(flatten(params), dtype=torch.float64, requires_grad=True)
-    (gr,) = torch.autograd.grad(fun(th), th)
-    return gr.numpy()
 
 
 # ---------------------------------------------------------------------------
@@ -131,9 +103,9 @@ def test_c1_c2_on_every_backend(backend):
 def _check_c1_c2(backend, net, groups):
     model, params, x, y, loss = _problem(backend, net)
     res = ph.summary(model, loss, params, x, y, groups=groups)
-    g = _grad_np(net, params, x, y)
+    g = torch_grad(net, params, x, y)
     H = dense_hessian(net["sizes"], net["activation"], net["loss"], params, x, y)
-    U = _group_dirs(unflatten(g, shapes_of(net["sizes"])), groups)
+    U = group_dirs(unflatten(g, shapes_of(net["sizes"])), groups)
     assert_rel(_np(res["gbar"]), U.T @ g, 1e-13, "C1 gbar")
     assert_rel(_np(res["Hbar"]), U.T @ H @ U, 1e-10, "C2 Hbar")
 
@@ -147,9 +119,9 @@ def test_c11_random_direction_gbar_hbar(backend):
     u_np = [rng.standard_normal(tuple(p.shape)) for p in params]
     u = [cc.backends.asarray(backend, a) for a in u_np]
     res = ph.summary(model, loss, params, x, y, groups="tensor", u=u)
-    g = _grad_np(net, params, x, y)
+    g = torch_grad(net, params, x, y)
     H = dense_hessian(net["sizes"], net["activation"], net["loss"], params, x, y)
-    U = _group_dirs(None, "tensor", u=u_np)
+    U = group_dirs(None, "tensor", u=u_np)
     assert_rel(_np(res["gbar"]), U.T @ g, 1e-13, "C11 gbar")
     assert_rel(_np(res["Hbar"]), U.T @ H @ U, 1e-10, "C11 Hbar")
 
@@ -160,7 +132,7 @@ def test_c2_scalar_groups_on_a_tiny_net(backend):
     net = {"sizes": [2, 3, 2], "activation": "tanh", "loss": "ce", "batch": 7, "seed": 4}
     model, params, x, y, loss = _problem(backend, net)
     res = ph.summary(model, loss, params, x, y, groups="scalar", order=2)
-    g = _grad_np(net, params, x, y)
+    g = torch_grad(net, params, x, y)
     H = dense_hessian(net["sizes"], net["activation"], net["loss"], params, x, y)
     assert_rel(_np(res["Hbar"]), np.diag(g) @ H @ np.diag(g), 1e-10, "C2 scalar Hbar")
     assert_rel(_np(res["gbar"]), g * g, 1e-13, "C1 scalar gbar")
@@ -172,7 +144,7 @@ def test_c2_scalar_groups_on_a_tiny_net(backend):
 def test_c2_scalar_groups_on_the_spec_nets(net):
     model, params, x, y, loss = _problem("numpy", net)
     res = ph.summary(model, loss, params, x, y, groups="scalar", order=2)
-    g = _grad_np(net, params, x, y)
+    g = torch_grad(net, params, x, y)
     H = dense_hessian(net["sizes"], net["activation"], net["loss"], params, x, y)
     assert_rel(res["Hbar"], np.diag(g) @ H @ np.diag(g), 1e-10, "C2 scalar Hbar")
 
@@ -186,7 +158,7 @@ def test_c2_against_central_differences_of_the_gradient(net):
     theta = flatten(params)
     g = grad_cs(fun, theta)
     H = hessian_fd(lambda t: grad_cs(fun, t), theta, 1e-4)
-    U = _group_dirs(unflatten(g, shapes_of(net["sizes"])), "tensor")
+    U = group_dirs(unflatten(g, shapes_of(net["sizes"])), "tensor")
     assert_rel(res["Hbar"], U.T @ H @ U, 1e-6, "C2 Hbar vs differences")
 
 
@@ -222,9 +194,9 @@ def test_c2_detach_demonstration():
 def test_c3_jet_diagonal_polarisation_and_third_derivative(backend, net):
     model, params, x, y, loss = _problem(backend, net)
     res = ph.summary(model, loss, params, x, y, groups="tensor", order=3)
-    g = _grad_np(net, params, x, y)
+    g = torch_grad(net, params, x, y)
     H = dense_hessian(net["sizes"], net["activation"], net["loss"], params, x, y)
-    U = _group_dirs(unflatten(g, shapes_of(net["sizes"])), "tensor")
+    U = group_dirs(unflatten(g, shapes_of(net["sizes"])), "tensor")
     ref = U.T @ H @ U
     Hbar = _np(res["Hbar"])
     S = ref.shape[0]
@@ -270,7 +242,7 @@ QUADRATIC_NET = {"sizes": [3, 2], "activation": "identity", "loss": "mse"}
 def _quadratic_with_derivatives(backend):
     """The quadratic problem plus its reference gradient and dense Hessian (NumPy)."""
     model, params, x, y, loss = _quadratic(backend)
-    g = _grad_np(QUADRATIC_NET, params, x, y)
+    g = torch_grad(QUADRATIC_NET, params, x, y)
     return model, params, x, y, loss, g, dense_hessian([3, 2], "identity", "mse", params, x, y)
 
 
@@ -293,7 +265,7 @@ def test_c5_scalar_groups_give_the_newton_step(backend, reg):
     opt = cc.PseudoHessian(groups="scalar", reg=reg)
     new, _, info = opt.step(model, loss, params, opt.init(params), x, y)
     assert_rel(flatten(new), expected, 1e-10, "C5 Newton step")
-    g1 = _grad_np(QUADRATIC_NET, new, x, y)
+    g1 = torch_grad(QUADRATIC_NET, new, x, y)
     assert np.linalg.norm(g1) <= 1e-10 * np.linalg.norm(g0)
     assert float(info["status"]) == 0
 
@@ -317,15 +289,6 @@ def _random_cubic(rng):
     return g, H, d, float(rng.uniform(0.1, 3.0))
 
 
-def _m(e, g, H, d, lam):
-    return -g @ e + 0.5 * e @ H @ e + lam / 6 * np.linalg.norm(d * e) ** 3
-
-
-def _dm(e, g, H, d, lam):
-    n = np.linalg.norm(d * e)
-    return -g + H @ e + lam / 2 * n * d * d * e
-
-
 def test_c6_cubic_solver_on_200_random_problems():
     from scipy.optimize import minimize
 
@@ -335,14 +298,14 @@ def test_c6_cubic_solver_on_200_random_problems():
         g, H, d, lam = _random_cubic(rng)
         eta, r, status = _cubic.cubic_solve(g, H, d, lam, np.ones(g.size, dtype=bool))
         assert int(status) == 0
-        m = _m(eta, g, H, d, lam)
+        m = cubic_model(eta, g, H, d, lam)
         assert m < 0
         M = H + lam / 2 * float(r) * np.diag(d * d)
         kkt = np.linalg.norm(M @ eta - g) / (np.linalg.norm(H, 2) * np.linalg.norm(eta) + np.linalg.norm(g)
                                              + lam * float(r) / 2 * np.linalg.norm(d * d * eta))
         worst_kkt = max(worst_kkt, kkt)
-        best = min(minimize(_m, rng.standard_normal(g.size) * s, jac=_dm, args=(g, H, d, lam), method="BFGS",
-                            options={"gtol": 1e-12}).fun for s in (0.1, 1.0, 3.0, 10.0))
+        best = min(minimize(cubic_model, rng.standard_normal(g.size) * s, jac=cubic_model_grad, args=(g, H, d, lam),
+                            method="BFGS", options={"gtol": 1e-12}).fun for s in (0.1, 1.0, 3.0, 10.0))
         worst_gap = max(worst_gap, (m - best) / abs(best))  # relative: model values range 1e-4 .. 7e5
     assert worst_kkt <= 1e-7, worst_kkt
     assert worst_gap <= 1e-12, worst_gap  # measured <= 2.5e-15
@@ -360,7 +323,7 @@ def test_c6_one_group_closed_form_and_hard_case():
     # exact hard case: b orthogonal to the lmin eigenvector
     g, H, d = np.array([0.0, 1.0]), np.diag([-1.0, 2.0]), np.ones(2)
     eta, _, status = _cubic.cubic_solve(g, H, d, 1.0, np.ones(2, dtype=bool))
-    assert int(status) == 0 and _m(eta, g, H, d, 1.0) < 0
+    assert int(status) == 0 and cubic_model(eta, g, H, d, 1.0) < 0
 
 
 def test_c6_unbounded_model_falls_back_to_the_line_step():
@@ -526,7 +489,7 @@ def test_c10_layer_equals_custom_labels_and_one_equals_closed_form():
         np.testing.assert_array_equal(p, r)
     # "one" cubic == 2G / (Q + sqrt(Q^2 + 2 lam |T| |G|)) with G = g.g, Q = g.H.g, T = phi''' along g
     net = {"sizes": [4, 5, 3], "activation": "tanh", "loss": "ce"}
-    g = _grad_np(net, params, x, y)
+    g = torch_grad(net, params, x, y)
     H = dense_hessian([4, 5, 3], "tanh", "ce", params, x, y)
     fun = torch_loss_of_theta([4, 5, 3], "tanh", "ce", x, y)
     theta, gt = torch.tensor(flatten(params)), torch.tensor(g)

@@ -16,6 +16,7 @@ import pytest
 import curvcore as cc
 from curvcore.data import digits
 from curvcore.testing import check_model
+from reference import module_ggn, rel_norm
 
 torch = pytest.importorskip("torch")  # this file is torch-only; numpy tests live elsewhere
 nn = torch.nn
@@ -88,11 +89,6 @@ def seq_batch(n=6, t=3, seed=0):
 NETS = {"cnn": cnn, "resnet_bn": resnet_bn, "dropout": dropout_net}
 
 
-def rel(a, b):
-    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
-    return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-300))
-
-
 def flat(ts):
     return torch.cat([t.reshape(-1) for t in ts]).detach().numpy()
 
@@ -118,33 +114,12 @@ def test_forward_equals_the_module_and_never_changes_it():
     x, y = images(8)
     with torch.no_grad():
         ref = copy.deepcopy(net)(x)  # a copy: the module's own buffers must stay put
-    assert rel(model.forward(model.params(), x), ref) <= 1e-14
+    assert rel_norm(model.forward(model.params(), x), ref) <= 1e-14
     opt = cc.CurveBall()
     params, state, info = opt.step(model, "ce", model.params(), opt.init(model.params()), x, y)
     for k, v in net.state_dict().items():
         assert torch.equal(v, before[k]), k
     assert set(info["buffers"]) == {n for n, _ in net.named_buffers()}
-
-
-def _dense_ggn(net, params, x, lossf, y):
-    """``J^T H_L J`` from ``torch.func.jacrev`` of the module and the closed-form output Hessian."""
-    names = [n for n, _ in net.named_parameters()]
-    shapes = [p.shape for p in params]
-    sizes = [p.numel() for p in params]
-
-    def f(theta):
-        ps, i = [], 0
-        for s, n in zip(shapes, sizes):
-            ps.append(theta[i:i + n].reshape(s))
-            i += n
-        return torch.func.functional_call(net, dict(zip(names, ps)), (x,))
-
-    theta = torch.cat([p.reshape(-1) for p in params])
-    out = f(theta)
-    J = torch.func.jacrev(f)(theta).reshape(out.numel(), -1)
-    H = torch.stack([lossf.hvp(out, y, e.reshape(out.shape)).reshape(-1)
-                     for e in torch.eye(out.numel(), dtype=DT)])
-    return J.T @ H @ J
 
 
 @pytest.mark.parametrize("loss", ["ce", "mse"])
@@ -155,12 +130,12 @@ def test_ggn_vp_matches_dense_jacrev_ggn_on_a_cnn(loss):
     x, labels = images(5, seed=1)
     y = labels if loss == "ce" else torch.tensor(np.random.default_rng(2).standard_normal((5, 10)), dtype=DT)
     lossf = cc.losses.get(loss)
-    G = _dense_ggn(net, params, x, lossf, y)
+    G = module_ggn(net, params, x, lossf, y)
     v = [torch.tensor(np.random.default_rng(3).standard_normal(tuple(p.shape)), dtype=DT) for p in params]
     Gv = cc.ggn_vp(model, lossf, params, x, y, v)
-    assert rel(flat(Gv), (G @ torch.tensor(flat(v))).numpy()) <= 1e-10
+    assert rel_norm(flat(Gv), (G @ torch.tensor(flat(v))).numpy()) <= 1e-10
     lin = cc.linearization(model, params, x)  # the form that reuses a linearisation
-    assert rel(flat(cc.ggn_vp(model, lossf, params, x, y, v, linearization=lin)), flat(Gv)) <= 1e-14
+    assert rel_norm(flat(cc.ggn_vp(model, lossf, params, x, y, v, linearization=lin)), flat(Gv)) <= 1e-14
 
 
 def test_sequence_outputs_b_t_c():
@@ -235,7 +210,7 @@ def test_batchnorm_running_statistics_equal_one_train_forward(method):
         opt.step(x, y)
     twin(x)  # one ordinary forward in train mode
     for (name, a), (_, b) in zip(net.named_buffers(), twin.named_buffers()):
-        assert torch.equal(a, b) if a.dtype == torch.long else rel(a, b) <= 1e-13, name
+        assert torch.equal(a, b) if a.dtype == torch.long else rel_norm(a, b) <= 1e-13, name
 
 
 def test_dropout_masks_are_shared_by_every_pass_of_a_step():
@@ -250,7 +225,7 @@ def test_dropout_masks_are_shared_by_every_pass_of_a_step():
         fd = (model.forward([p + h * u for p, u in zip(params, t)], x)
               - model.forward([p - h * u for p, u in zip(params, t)], x)) / (2 * h)
     assert torch.equal(f1, f2)  # one mask for forward and JVP
-    assert rel(jt, fd) <= 1e-7  # the JVP is the derivative of the sampled network
+    assert rel_norm(jt, fd) <= 1e-7  # the JVP is the derivative of the sampled network
     with model.step_scope():
         f3 = model.forward(params, x)
     assert not torch.equal(f1, f3)  # the masks advance once per step
@@ -335,7 +310,7 @@ def test_halving_the_learning_rate_halves_the_update(method):
             warnings.simplefilter("ignore")
             opt.step(x, y)
         deltas.append(flat([p - b for p, b in zip(net.parameters(), before)]))
-    assert rel(deltas[1], deltas[0] / 2) <= 1e-12
+    assert rel_norm(deltas[1], deltas[0] / 2) <= 1e-12
 
 
 def test_state_dict_round_trips_bit_exactly():
@@ -369,7 +344,7 @@ def test_torch_losses_map_exactly():
         before = copy.deepcopy(net)
         info = ct.Optimizer(net, cc.SGD(lr=1e-3), loss).step(x, y)
         with torch.no_grad():
-            assert rel(float(info["loss"]), float(loss(before(x), y))) <= 1e-13, loss
+            assert rel_norm(float(info["loss"]), float(loss(before(x), y))) <= 1e-13, loss
     for bad, what in ((nn.CrossEntropyLoss(weight=torch.ones(10, dtype=DT)), "weight="),
                       (nn.CrossEntropyLoss(label_smoothing=0.1), "label_smoothing"),
                       (nn.CrossEntropyLoss(reduction="none"), "reduction='none'"),
@@ -386,7 +361,7 @@ def test_cross_entropy_in_torch_layout_for_sequences():
     with torch.no_grad():
         expected = float(nn.CrossEntropyLoss()(copy.deepcopy(net)(x), y))
     info = ct.Optimizer(net, cc.CurveBall(), nn.CrossEntropyLoss()).step(x, y)
-    assert rel(float(info["loss"]), expected) <= 1e-13
+    assert rel_norm(float(info["loss"]), expected) <= 1e-13
 
 
 # ---------------------------------------------------------------------------

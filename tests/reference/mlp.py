@@ -1,15 +1,8 @@
-"""Dense float64 references, independent of curvcore's own derivative code.
+"""The MLP and the losses re-implemented in plain NumPy (complex-safe) and torch, independent of curvcore.
 
-* ``np_mlp`` re-implements the MLP forward pass in plain NumPy (complex-safe,
-  so complex-step derivatives are exact to round-off);
-* ``jacobian_cs`` / ``jacobian_fd``: Jacobians by complex step / central
-  differences; ``hessian_fd``: central differences of a gradient function;
-* ``loss_parts``: loss value, output gradient and the dense output Hessian;
-* ``dense_ggn_and_grad``: ``G = J^T H_L J`` and ``g = J^T dL/df`` from an explicit
-  Jacobian; ``dense_hessian``: the loss Hessian w.r.t. the flattened params by
-  ``torch.func.hessian`` (float64), or by differences of the complex-step
-  gradient where torch is missing;
-* ``adjoint_gap``: ``<v, J u> - <J^T v, u>`` for a protocol model.
+``np_mlp`` gives ``f(theta_flat, x)``; ``layer_inputs``/``forward_from`` the per-layer inputs and a
+shifted pre-activation; ``loss_parts`` the loss value, output gradient and dense output Hessian;
+``torch_loss_of_theta`` the loss written directly in torch.
 """
 
 from __future__ import annotations
@@ -19,6 +12,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 
 import curvcore as cc
+
 
 LEAKY = 0.01
 
@@ -80,30 +74,31 @@ def np_mlp(sizes: Sequence[int], activation: str) -> Callable[[np.ndarray, np.nd
     return f
 
 
-def jacobian_cs(f: Callable[[np.ndarray], np.ndarray], theta: np.ndarray, h: float = 1e-30) -> np.ndarray:
-    """Complex-step Jacobian ``(M, P)`` of ``f: R^P -> R^M`` (exact to round-off for analytic f)."""
-    cols = []
-    for i in range(theta.size):
-        t = theta.astype(complex)
-        t[i] += 1j * h
-        cols.append(np.ravel(np.imag(f(t))) / h)
-    return np.stack(cols, axis=1)
+def to_np(params):
+    return [cc.backends.to_numpy(p) for p in params]
 
 
-def jacobian_fd(f: Callable[[np.ndarray], np.ndarray], theta: np.ndarray, h: float = 1e-6) -> np.ndarray:
-    """Central-difference Jacobian ``(M, P)``."""
-    cols = []
-    for i in range(theta.size):
-        e = np.zeros_like(theta)
-        e[i] = h
-        cols.append((np.ravel(f(theta + e)) - np.ravel(f(theta - e))) / (2 * h))
-    return np.stack(cols, axis=1)
+def forward_from(sizes, activation, ps, x, k=None, E=None):
+    """Logits; with ``k``/``E`` the pre-activation of layer ``k`` is shifted by ``E`` (complex-safe)."""
+    a = x
+    n = len(ps) // 2
+    for j in range(n):
+        z = a @ ps[2 * j].T + ps[2 * j + 1]
+        if j == k:
+            z = z + E
+        a = np_activation(activation, z) if j < n - 1 else z
+    return a
 
 
-def hessian_fd(grad: Callable[[np.ndarray], np.ndarray], theta: np.ndarray, h: float = 1e-5) -> np.ndarray:
-    """Symmetrised central differences of a gradient function."""
-    H = jacobian_fd(grad, theta, h)
-    return (H + H.T) / 2
+def layer_inputs(sizes, activation, ps, x):
+    """``[a_0 = x, a_1, ...]``: the input of every layer."""
+    out, a = [], x
+    n = len(ps) // 2
+    for j in range(n):
+        out.append(a)
+        z = a @ ps[2 * j].T + ps[2 * j + 1]
+        a = np_activation(activation, z) if j < n - 1 else z
+    return out
 
 
 def softmax(f: np.ndarray) -> np.ndarray:
@@ -135,39 +130,14 @@ def loss_parts(name: str, f: np.ndarray, y: np.ndarray):
     return loss_value(name, f, y), (p - onehot) / B, H / B
 
 
-def dense_ggn_and_grad(sizes, activation, loss_name, params, x, y):
-    """``(G, g, J)``: GGN ``J^T H_L J``, gradient ``J^T dL/df`` and the output Jacobian."""
-    f = np_mlp(sizes, activation)
-    theta = flatten(params)
-    xn, yn = cc.backends.to_numpy(x), cc.backends.to_numpy(y)
-    J = jacobian_cs(lambda t: f(t, xn), theta)
-    _, gf, HL = loss_parts(loss_name, f(theta, xn), yn)
-    return J.T @ HL @ J, J.T @ np.ravel(gf), J
-
-
-def loss_of_theta(sizes, activation, loss_name, x, y) -> Callable[[np.ndarray], float]:
-    """``theta -> L(theta)`` in NumPy (complex-safe)."""
-    f = np_mlp(sizes, activation)
-    xn, yn = cc.backends.to_numpy(x), cc.backends.to_numpy(y)
-    return lambda t: loss_value(loss_name, f(t, xn), yn)
-
-
-def grad_cs(fun: Callable[[np.ndarray], float], theta: np.ndarray) -> np.ndarray:
-    """Complex-step gradient of a scalar function."""
-    return jacobian_cs(lambda t: np.atleast_1d(fun(t)), theta)[0]
-
-
-def dense_hessian(sizes, activation, loss_name, params, x, y) -> np.ndarray:
-    """Hessian of the loss w.r.t. the flattened params (torch autodiff, float64)."""
-    theta = flatten(params)
-    try:
-        import torch
-    except ImportError:  # pragma: no cover
-        fun = loss_of_theta(sizes, activation, loss_name, x, y)
-        return hessian_fd(lambda t: grad_cs(fun, t), theta)
-    fun = torch_loss_of_theta(sizes, activation, loss_name, x, y)
-    H = torch.func.hessian(fun)(torch.tensor(theta, dtype=torch.float64))
-    return H.numpy()
+def loss_value_nd(name, f, y, ignore=None):
+    """Independent NumPy: CE = mean over labelled positions of -log softmax; MSE = 1/2 sum / B."""
+    if name == "mse":
+        return 0.5 * np.sum((f - y) ** 2) / f.shape[0]
+    logp = f - np.log(np.sum(np.exp(f - f.max(-1, keepdims=True)), -1, keepdims=True)) - f.max(-1, keepdims=True)
+    keep = np.ones(y.shape, bool) if ignore is None else y != ignore
+    picked = np.take_along_axis(logp, np.where(keep, y, 0)[..., None], -1)[..., 0]
+    return -np.sum(picked[keep]) / keep.sum()
 
 
 def torch_activation(name: str):
@@ -212,24 +182,3 @@ def torch_loss_of_theta(sizes, activation, loss_name, x, y):
         return torch.nn.functional.cross_entropy(a, yt.long())
 
     return fun
-
-
-def rel(a, b) -> float:
-    """``max|a - b| / max|b|`` (max-abs relative error)."""
-    a, b = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
-    scale = np.max(np.abs(b))
-    return float(np.max(np.abs(a - b)) / (scale if scale > 0 else 1.0))
-
-
-def report(a, b, rtol: float, name: str = "value") -> str:
-    """A diagnostic for a failed comparison (after curvlinops' allclose_report)."""
-    a, b = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
-    diff = np.abs(a - b)
-    i = np.unravel_index(np.argmax(diff), diff.shape) if diff.ndim else ()
-    return (f"{name}: rel={rel(a, b):.3e} > rtol={rtol:.1e}; worst entry {i}: got {a[i]!r}, "
-            f"expected {b[i]!r}; max|expected|={np.max(np.abs(b)):.3e}")
-
-
-def assert_rel(a, b, rtol: float, name: str = "value") -> None:
-    """Assert ``rel(a, b) <= rtol`` with a diagnostic."""
-    assert rel(a, b) <= rtol, report(a, b, rtol, name)
