@@ -2,10 +2,13 @@
 
 A case is a dict with required entries ``sizes``, ``activation``, ``loss``,
 ``batch``, ``seed`` and optional ``dtype``, ``shift`` (added to x), ``init``.
+Tests parametrize over these lists (``ids=case_id``) and build the problem on a
+backend with ``case_problem(backend, case)``; the references take ``*net(case)``.
 """
 
 from __future__ import annotations
 
+import itertools
 from typing import Any
 
 import numpy as np
@@ -23,8 +26,36 @@ CASES = [
 ]
 
 
+
+
+def grid(base: dict, **axes) -> list[dict]:
+    """``base`` updated with every combination of the ``axes`` values (the last axis varies fastest)."""
+    keys = list(axes)
+    return [{**base, **dict(zip(keys, values))} for values in itertools.product(*axes.values())]
+
+
+# the protocol checks (test_protocol, test_jets): every activation, both losses
+# (CASES above); the per-method checks:
+CURVEBALL_CASES = grid({"sizes": [4, 5, 3], "activation": "tanh", "batch": 7, "seed": 0}, loss=["mse", "ce"])
+BASELINE_CASES = grid({"sizes": [4, 5, 3], "activation": "tanh", "batch": 7}, loss=["mse", "ce"])
+KRONECKER_SIZES = [4, 6, 5, 3]  # K-FAC, ACP, centered SGD: three layers
+ESN_NETS = {"mse": [4, 5, 3, 2], "ce": [4, 5, 3, 3]}  # ESN / MK: three layers, B = 1 exactness checks
+# the partition pseudo-Hessian (spec Sec. 9): 4-5-3 and 4-6-3, B = 7..12, tanh and sigmoid, MSE and CE
+PSEUDO_HESSIAN_CASES = [
+    {"sizes": [4, 5, 3], "activation": "tanh", "loss": "ce", "batch": 7, "seed": 0},
+    {"sizes": [4, 5, 3], "activation": "sigmoid", "loss": "mse", "batch": 9, "seed": 1},
+    {"sizes": [4, 6, 3], "activation": "sigmoid", "loss": "ce", "batch": 12, "seed": 2},
+    {"sizes": [4, 6, 3], "activation": "tanh", "loss": "mse", "batch": 10, "seed": 3},
+]
+
+
 def case_id(case: dict) -> str:
     return f"{case['activation']}-{case['loss']}-{'x'.join(map(str, case['sizes']))}"
+
+
+def net(case: dict) -> tuple:
+    """``(sizes, activation, loss)``: the arguments the dense references take first."""
+    return case["sizes"], case["activation"], case["loss"]
 
 
 def make_data(sizes, loss: str, batch: int, seed: int, shift: float = 0.0):
@@ -60,7 +91,8 @@ def make_problem(backend: str, sizes=(4, 5, 3), activation: str = "tanh", loss: 
     return model, params, x, y, cc.losses.get(loss)
 
 
-def case_problem(backend: str, case: dict):
-    """``make_problem`` from a case dict."""
+def case_problem(backend: str, case: dict, **overrides):
+    """``make_problem`` from a case dict (``overrides`` replace its entries, e.g. ``seed``)."""
     keys = ("sizes", "activation", "loss", "batch", "seed", "dtype", "shift", "init")
+    case = {**case, **overrides}
     return make_problem(backend, **{k: case[k] for k in keys if k in case})

@@ -11,10 +11,10 @@ import pytest
 
 import curvcore as cc
 from backend_list import ALL_SLOW_BEYOND_ARRAY_API, REFERENCE, require
-from cases import make_problem
+from cases import KRONECKER_SIZES, make_problem
 from reference import acp_alpha, acp_block_step, assert_rel, grads, layer_inputs, to_np
 
-SIZES = [4, 6, 5, 3]
+SIZES = KRONECKER_SIZES
 
 
 def _deltas(new, old):

@@ -15,7 +15,7 @@ import pytest
 from array_api_compat import array_namespace
 
 import curvcore as cc
-from cases import make_problem
+from cases import CURVEBALL_CASES, case_id, case_problem, make_problem, net
 from curvcore.backends.function import FunctionModel
 from curvcore.methods.curveball import CurveBall
 from reference import (DenseCurveBallStep, assert_rel, flatten, random_tree, rel, rosen_jac_np,
@@ -23,14 +23,11 @@ from reference import (DenseCurveBallStep, assert_rel, flatten, random_tree, rel
 
 INFO_KEYS = {"loss", "rho", "beta", "lam", "lam_next", "gamma", "pred_change", "step_norm", "finite"}
 W5 = 0.999**5
+MSE_CASE, CE_CASE = CURVEBALL_CASES
 
 
 def to_np(a):
     return cc.backends.to_numpy(a)
-
-
-def mlp_problem(backend, loss, sizes=(4, 5, 3), batch=7, seed=0):
-    return make_problem(backend, sizes=sizes, activation="tanh", loss=loss, batch=batch, seed=seed)
 
 
 # ---------------------------------------------------------------------------
@@ -86,25 +83,25 @@ def rosenbrock_steps(lam, start, eps_rng=None, lims=(1.0, 1.0), max_iter=1000):
 # ---------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("loss", ["mse", "ce"])
-def test_c1_dz_matches_dense_ggn(backend, loss):
+@pytest.mark.parametrize("case", CURVEBALL_CASES, ids=case_id)
+def test_c1_dz_matches_dense_ggn(backend, case):
     """dz = (G + lam I) z + g to 1e-10, read off a fixed-mode step with rho = 0, beta = 1 (z_new = -dz)."""
-    model, params, x, y, lossf = mlp_problem(backend, loss)
+    model, params, x, y, lossf = case_problem(backend, case)
     z = random_tree(backend, params, 5)
     opt = CurveBall(auto=False, rho=0.0, beta=1.0, auto_lam=False)
     _, state, _ = opt.step(model, lossf, params, state_with(backend, params, z, 0.7), x, y)
-    ref = DenseCurveBallStep([4, 5, 3], "tanh", loss, params, x, y, z, 0.7)
+    ref = DenseCurveBallStep(*net(case), params, x, y, z, 0.7)
     assert_rel(-flatten(state.z), ref.dz, 1e-10, "dz")
 
 
 @pytest.mark.parametrize("lr", [1.0, 0.6])
-@pytest.mark.parametrize("loss", ["mse", "ce"])
-def test_c2_two_by_two_matches_dense_minimiser(backend, loss, lr):
-    model, params, x, y, lossf = mlp_problem(backend, loss)
+@pytest.mark.parametrize("case", CURVEBALL_CASES, ids=case_id)
+def test_c2_two_by_two_matches_dense_minimiser(backend, case, lr):
+    model, params, x, y, lossf = case_problem(backend, case)
     z = random_tree(backend, params, 6, 0.3)
     opt = CurveBall(lr=lr, auto_lam=False)
     new, state, info = opt.step(model, lossf, params, state_with(backend, params, z, 0.7), x, y)
-    ref = DenseCurveBallStep([4, 5, 3], "tanh", loss, params, x, y, z, 0.7, lr)
+    ref = DenseCurveBallStep(*net(case), params, x, y, z, 0.7, lr)
     assert_rel([float(info["beta"]), float(info["rho"])], [ref.beta, ref.rho], 1e-8, "(beta, rho)")
     assert_rel(flatten(state.z), ref.z_new(), 1e-8, "z_new")
     assert_rel(flatten(new), flatten(params) + lr * ref.z_new(), 1e-10, "params")
@@ -116,14 +113,14 @@ def test_c2_two_by_two_matches_dense_minimiser(backend, loss, lr):
     assert set(info) == INFO_KEYS
 
 
-@pytest.mark.parametrize("loss", ["mse", "ce"])
-def test_c3_first_step_is_exact_line_search(backend, loss):
-    model, params, x, y, lossf = mlp_problem(backend, loss)
+@pytest.mark.parametrize("case", CURVEBALL_CASES, ids=case_id)
+def test_c3_first_step_is_exact_line_search(backend, case):
+    model, params, x, y, lossf = case_problem(backend, case)
     opt = CurveBall(lam=0.7)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         new, state, info = opt.step(model, lossf, params, opt.init(params), x, y)
-    ref = DenseCurveBallStep([4, 5, 3], "tanh", loss, params, x, y, [0 * p for p in params], 0.7)
+    ref = DenseCurveBallStep(*net(case), params, x, y, [0 * p for p in params], 0.7)
     g = ref.g
     beta = (g @ g) / (g @ ref.Gl @ g)
     assert abs(float(info["rho"])) <= 1e-10 * beta
@@ -190,11 +187,11 @@ def test_c5_convex_quadratic(lam, ref_steps):
 
 
 def test_c6_fixed_mode(backend):
-    model, params, x, y, lossf = mlp_problem(backend, "ce")
+    model, params, x, y, lossf = case_problem(backend, CE_CASE)
     z = random_tree(backend, params, 7, 0.5)
     opt = CurveBall(auto=False, rho=0.9, beta=0.05, lr=0.5, auto_lam=False)
     new, state, info = opt.step(model, lossf, params, state_with(backend, params, z, 0.7), x, y)
-    ref = DenseCurveBallStep([4, 5, 3], "tanh", "ce", params, x, y, z, 0.7)
+    ref = DenseCurveBallStep(*net(CE_CASE), params, x, y, z, 0.7)
     expected = flatten(params) + 0.5 * (0.9 * ref.z - 0.05 * ref.dz)
     assert_rel(flatten(new), expected, 1e-12, "theta + lr (rho z - beta dz)")
     assert float(info["rho"]) == 0.9 and float(info["beta"]) == 0.05
@@ -203,11 +200,11 @@ def test_c6_fixed_mode(backend):
 
 def test_fixed_mode_with_lambda_rule_uses_exact_model_change():
     """auto=False with auto_lam: M = q(lr z_new) is computed on adaptation steps only."""
-    model, params, x, y, lossf = mlp_problem("numpy", "mse")
+    model, params, x, y, lossf = case_problem("numpy", MSE_CASE)
     z = random_tree("numpy", params, 8, 0.2)
     opt = CurveBall(auto=False, rho=0.5, beta=0.2, lr=0.8)
     _, _, info = opt.step(model, lossf, params, state_with("numpy", params, z, 0.7), x, y)
-    ref = DenseCurveBallStep([4, 5, 3], "tanh", "mse", params, x, y, z, 0.7)
+    ref = DenseCurveBallStep(*net(MSE_CASE), params, x, y, z, 0.7)
     assert_rel(float(info["pred_change"]), ref.q(0.8 * ref.z_new(0.5, 0.2)), 1e-10, "M (fixed mode)")
     _, _, info = opt.step(model, lossf, params, state_with("numpy", params, z, 0.7, count=1), x, y)
     assert math.isnan(float(info["pred_change"]))
@@ -234,9 +231,9 @@ def stub_loss(base, f1):
 
 @pytest.mark.parametrize("gamma, factor", [(0.3, 1 / W5), (1.0, 1.0), (2.0, W5)])
 def test_c7_lambda_rule(backend, gamma, factor):
-    model, params, x, y, lossf = mlp_problem(backend, "ce")
+    model, params, x, y, lossf = case_problem(backend, CE_CASE)
     z = random_tree(backend, params, 9, 0.3)
-    ref = DenseCurveBallStep([4, 5, 3], "tanh", "ce", params, x, y, z, 0.7)
+    ref = DenseCurveBallStep(*net(CE_CASE), params, x, y, z, 0.7)
     f0 = float(lossf.value(model.forward(params, x), y))
     M = ref.q(ref.z_new())
     opt = CurveBall()
@@ -256,9 +253,9 @@ def test_c7_lambda_rule(backend, gamma, factor):
 
 
 def test_c7_every_step_with_interval_one():
-    model, params, x, y, lossf = mlp_problem("numpy", "ce")
+    model, params, x, y, lossf = case_problem("numpy", CE_CASE)
     z = random_tree("numpy", params, 9, 0.3)
-    ref = DenseCurveBallStep([4, 5, 3], "tanh", "ce", params, x, y, z, 0.7)
+    ref = DenseCurveBallStep(*net(CE_CASE), params, x, y, z, 0.7)
     f0 = float(lossf.value(model.forward(params, x), y))
     opt = CurveBall(lam_interval=1)
     for count in range(4):
@@ -269,7 +266,7 @@ def test_c7_every_step_with_interval_one():
 
 def test_nonnegative_model_change_skips_rule():
     """M >= 0 (fixed mode, an uphill beta): gamma = NaN and lam unchanged."""
-    model, params, x, y, lossf = mlp_problem("numpy", "mse")
+    model, params, x, y, lossf = case_problem("numpy", MSE_CASE)
     opt = CurveBall(auto=False, rho=0.0, beta=-0.1)
     _, state, info = opt.step(model, lossf, params, opt.init(params), x, y)
     assert float(info["pred_change"]) > 0 and math.isnan(float(info["gamma"]))
@@ -386,7 +383,7 @@ def test_c11_cross_backend(backend, n_steps):
 
 
 def test_c12_bad_input(backend):
-    model, params, x, y, lossf = mlp_problem(backend, "ce")
+    model, params, x, y, lossf = case_problem(backend, CE_CASE)
     opt = CurveBall()
     state = opt.init(params)
     snapshot = flatten(params)
@@ -409,7 +406,7 @@ def test_c12_bad_input(backend):
 
 
 def test_overflowing_dz_raises():
-    model, params, x, y, lossf = mlp_problem("numpy", "mse")
+    model, params, x, y, lossf = case_problem("numpy", MSE_CASE)
     z = random_tree("numpy", params, 4, 1e306)
     opt = CurveBall(lam=1e10)
     with pytest.raises(FloatingPointError, match="dz"), np.errstate(all="ignore"):
@@ -439,7 +436,7 @@ def test_auto_lam_with_fixed_mode_is_allowed():
 
 
 def test_pure_and_dtype_stable():
-    model, params, x, y, lossf = mlp_problem("numpy", "ce")
+    model, params, x, y, lossf = case_problem("numpy", CE_CASE)
     opt = CurveBall()
     state0 = opt.init(params)
     p_copy = [p.copy() for p in params]
@@ -522,7 +519,7 @@ def test_jax_jit(jax_cond, auto):
         return out, lambda u: pull(u)[0]
 
     model = FunctionModel(forward, lambda p, x, t: jax.jvp(lambda q: forward(q, x), (p,), (t,)), vjp)
-    np_model, np_params, xn, yn, loss = mlp_problem("numpy", "ce", sizes=(5, 4, 3), batch=9)
+    np_model, np_params, xn, yn, loss = case_problem("numpy", CE_CASE, sizes=(5, 4, 3), batch=9)
     opt = CurveBall(lam=0.5, auto=auto, rho=0.5, beta=0.01, lam_interval=3)
     traces = []
 

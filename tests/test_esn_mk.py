@@ -16,7 +16,7 @@ import pytest
 import curvcore as cc
 from curvcore.layers import records
 from backend_list import EAGER, params, require
-from cases import make_problem
+from cases import ESN_NETS, make_problem
 from curvcore.methods import _layerwise as lw
 from reference import (auto_rho, batch_stats, direction, flatten, grad_hess, granular_ref, lam_value, loss_of_theta,
                        np_forward, per_sample_grads, rel_err, residual)
@@ -28,7 +28,7 @@ except ImportError:  # the NumPy and JAX tests still run
 needs_torch = pytest.mark.skipif(torch is None, reason="the dense autodiff reference needs torch")
 
 ACTS = ("tanh", "sigmoid", "leaky_relu")
-NETS = {"mse": [4, 5, 3, 2], "ce": [4, 5, 3, 3]}
+NETS = ESN_NETS
 
 
 @pytest.fixture(params=params(EAGER))

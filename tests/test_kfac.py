@@ -11,11 +11,11 @@ import pytest
 
 import curvcore as cc
 from backend_list import ALL_SLOW_BEYOND_ARRAY_API, REFERENCE, require
-from cases import make_problem
+from cases import KRONECKER_SIZES, make_problem
 from curvcore import _linalg
 from reference import assert_rel, grads, kfac_kron_step, layer_inputs, mc_delta, per_example_dz, softmax, to_np
 
-SIZES = [4, 6, 5, 3]
+SIZES = KRONECKER_SIZES
 
 
 def _deltas(new, old):

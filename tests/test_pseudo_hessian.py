@@ -12,7 +12,7 @@ import pytest
 
 import curvcore as cc
 from backend_list import EAGER, param, params, require, skipped
-from cases import make_problem
+from cases import PSEUDO_HESSIAN_CASES, case_id, case_problem, make_problem
 from curvcore.methods import _cubic
 from curvcore.methods import pseudo_hessian as ph
 from reference import (assert_rel, cubic_model, cubic_model_grad, dense_hessian, flatten, grad_cs, group_dirs,
@@ -33,25 +33,11 @@ REG_GRID = [pytest.param(b.values[0], reg, marks=b.marks, id=f"{b.id}-{reg}") fo
 ARRAY_API = params(("numpy", "array_api_strict"))
 
 GROUPS = ["tensor", "layer", "wb", "one", [0, 1, 1, 0]]
-# small nets of spec Sec. 9: 4-5-3 and 4-6-3, B = 7..12, tanh and sigmoid, MSE and CE
-NETS = [
-    {"sizes": [4, 5, 3], "activation": "tanh", "loss": "ce", "batch": 7, "seed": 0},
-    {"sizes": [4, 5, 3], "activation": "sigmoid", "loss": "mse", "batch": 9, "seed": 1},
-    {"sizes": [4, 6, 3], "activation": "sigmoid", "loss": "ce", "batch": 12, "seed": 2},
-    {"sizes": [4, 6, 3], "activation": "tanh", "loss": "mse", "batch": 10, "seed": 3},
-]
-
-
-def net_id(n):
-    return f"{n['activation']}-{n['loss']}-{'x'.join(map(str, n['sizes']))}-B{n['batch']}"
+NETS = PSEUDO_HESSIAN_CASES
 
 
 def _np(a):
     return cc.backends.to_numpy(a)
-
-
-def _problem(backend, net):
-    return make_problem(backend, net["sizes"], net["activation"], net["loss"], batch=net["batch"], seed=net["seed"])
 
 
 # ---------------------------------------------------------------------------
@@ -87,7 +73,7 @@ def test_loss_d3_matches_richardson_differences_of_hvp(backend, loss_name):
 
 
 @pytest.mark.parametrize("groups", GROUPS, ids=str)
-@pytest.mark.parametrize("net", NETS, ids=net_id)
+@pytest.mark.parametrize("net", NETS, ids=case_id)
 @pytest.mark.parametrize("backend", ARRAY_API)
 @needs_torch
 def test_c1_c2_gbar_and_hbar_match_dense_hessian(backend, net, groups):
@@ -101,7 +87,7 @@ def test_c1_c2_on_every_backend(backend):
 
 
 def _check_c1_c2(backend, net, groups):
-    model, params, x, y, loss = _problem(backend, net)
+    model, params, x, y, loss = case_problem(backend, net)
     res = ph.summary(model, loss, params, x, y, groups=groups)
     g = torch_grad(net, params, x, y)
     H = dense_hessian(net["sizes"], net["activation"], net["loss"], params, x, y)
@@ -114,7 +100,7 @@ def _check_c1_c2(backend, net, groups):
 @needs_torch
 def test_c11_random_direction_gbar_hbar(backend):
     net = NETS[1]
-    model, params, x, y, loss = _problem(backend, net)
+    model, params, x, y, loss = case_problem(backend, net)
     rng = np.random.default_rng(11)
     u_np = [rng.standard_normal(tuple(p.shape)) for p in params]
     u = [cc.backends.asarray(backend, a) for a in u_np]
@@ -130,7 +116,7 @@ def test_c11_random_direction_gbar_hbar(backend):
 @needs_torch
 def test_c2_scalar_groups_on_a_tiny_net(backend):
     net = {"sizes": [2, 3, 2], "activation": "tanh", "loss": "ce", "batch": 7, "seed": 4}
-    model, params, x, y, loss = _problem(backend, net)
+    model, params, x, y, loss = case_problem(backend, net)
     res = ph.summary(model, loss, params, x, y, groups="scalar", order=2)
     g = torch_grad(net, params, x, y)
     H = dense_hessian(net["sizes"], net["activation"], net["loss"], params, x, y)
@@ -139,20 +125,20 @@ def test_c2_scalar_groups_on_a_tiny_net(backend):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("net", NETS[:2], ids=net_id)
+@pytest.mark.parametrize("net", NETS[:2], ids=case_id)
 @needs_torch
 def test_c2_scalar_groups_on_the_spec_nets(net):
-    model, params, x, y, loss = _problem("numpy", net)
+    model, params, x, y, loss = case_problem("numpy", net)
     res = ph.summary(model, loss, params, x, y, groups="scalar", order=2)
     g = torch_grad(net, params, x, y)
     H = dense_hessian(net["sizes"], net["activation"], net["loss"], params, x, y)
     assert_rel(res["Hbar"], np.diag(g) @ H @ np.diag(g), 1e-10, "C2 scalar Hbar")
 
 
-@pytest.mark.parametrize("net", NETS, ids=net_id)
+@pytest.mark.parametrize("net", NETS, ids=case_id)
 def test_c2_against_central_differences_of_the_gradient(net):
     """Independent of torch: complex-step gradients, central differences (rel <= 1e-6)."""
-    model, params, x, y, loss = _problem("numpy", net)
+    model, params, x, y, loss = case_problem("numpy", net)
     res = ph.summary(model, loss, params, x, y, groups="tensor", order=2)
     fun = loss_of_theta(net["sizes"], net["activation"], net["loss"], x, y)
     theta = flatten(params)
@@ -166,7 +152,7 @@ def test_c2_against_central_differences_of_the_gradient(net):
 def test_c2_detach_demonstration():
     """A non-detached direction u = g(theta) counts curvature twice: d/da <g(th + a u_s), u_s(th + a u_s)> = 2 Hbar_ss."""
     net = NETS[0]
-    model, params, x, y, loss = _problem("numpy", net)
+    model, params, x, y, loss = case_problem("numpy", net)
     fun = torch_loss_of_theta(net["sizes"], net["activation"], net["loss"], x, y)
     theta = torch.tensor(flatten(params), dtype=torch.float64)
     mask = torch.zeros_like(theta)
@@ -187,12 +173,12 @@ def test_c2_detach_demonstration():
     assert abs(bad / hbar - 2) < 1e-8, "the non-detached direction doubles Hbar_ss"
 
 
-@pytest.mark.parametrize("backend,net", [pytest.param(b.values[0], NETS[0], marks=b.marks, id=f"{b.id}-{net_id(NETS[0])}")
-                                         for b in EVERY] + [pytest.param("numpy", n, id=f"numpy-{net_id(n)}")
+@pytest.mark.parametrize("backend,net", [pytest.param(b.values[0], NETS[0], marks=b.marks, id=f"{b.id}-{case_id(NETS[0])}")
+                                         for b in EVERY] + [pytest.param("numpy", n, id=f"numpy-{case_id(n)}")
                                                             for n in NETS[1:]])
 @needs_torch
 def test_c3_jet_diagonal_polarisation_and_third_derivative(backend, net):
-    model, params, x, y, loss = _problem(backend, net)
+    model, params, x, y, loss = case_problem(backend, net)
     res = ph.summary(model, loss, params, x, y, groups="tensor", order=3)
     g = torch_grad(net, params, x, y)
     H = dense_hessian(net["sizes"], net["activation"], net["loss"], params, x, y)
@@ -384,7 +370,7 @@ def test_c7_zero_group_is_dropped(backend, loss_name):
 
 @pytest.mark.parametrize("backend", EVERY)
 def test_c7_nan_raises_floating_point_error(backend):
-    model, params, x, y, loss = make_problem(backend, [4, 5, 3], "tanh", "ce", batch=7, seed=0)
+    model, params, x, y, loss = case_problem(backend, NETS[0])
     xn = _np(x).copy()
     xn[0, 0] = np.nan
     opt = cc.PseudoHessian()
@@ -393,7 +379,7 @@ def test_c7_nan_raises_floating_point_error(backend):
 
 
 def test_non_finite_hbar_raises_floating_point_error():
-    model, params, x, y, loss = make_problem("numpy", [4, 5, 3], "tanh", "ce", batch=7, seed=0)
+    model, params, x, y, loss = case_problem("numpy", NETS[0])
 
     class NaNJet:
         xp = model.xp
@@ -474,7 +460,7 @@ def test_c9_cross_backend(backend, steps, loss_name):
 
 @needs_torch
 def test_c10_layer_equals_custom_labels_and_one_equals_closed_form():
-    model, params, x, y, loss = make_problem("numpy", [4, 5, 3], "tanh", "ce", batch=7, seed=0)
+    model, params, x, y, loss = case_problem("numpy", NETS[0])
     a = cc.PseudoHessian(groups="layer")
     b = cc.PseudoHessian(groups=[0, 0, 1, 1])
     c = cc.PseudoHessian(groups=["a", "a", "b", "b"])
@@ -537,7 +523,7 @@ def test_c11_without_backtracking_ce_diverges(direction):
     """Demonstration (the unsafeguarded step fails, spec Sec. 4): the cubic model uses the local third
     derivative, not a Lipschitz bound; with backtrack=False the 4-5-3 CE net (seed 0) blows up with the
     Adam direction (loss 1.12 -> ~1e7 in 5 steps), while backtrack=True decreases it (test above)."""
-    model, params, x, y, loss = make_problem("numpy", [4, 5, 3], "tanh", "ce", batch=7, seed=0)
+    model, params, x, y, loss = case_problem("numpy", NETS[0])
     opt = cc.PseudoHessian(direction=direction, backtrack=False)
     state = opt.init(params)
     start = float(loss.value(model.forward(params, x), y))
@@ -551,7 +537,7 @@ def test_c11_without_backtracking_ce_diverges(direction):
 
 
 def test_backtracking_clipping_and_skip():
-    model, params, x, y, loss = make_problem("numpy", [4, 5, 3], "tanh", "ce", batch=7, seed=0)
+    model, params, x, y, loss = case_problem("numpy", NETS[0])
     # a huge lr: Armijo halves until the decrease condition holds
     opt = cc.PseudoHessian(lr=1e3)
     new, _, info = opt.step(model, loss, params, opt.init(params), x, y)
@@ -574,7 +560,7 @@ def test_backtracking_clipping_and_skip():
 
 def test_backtracking_stops_at_the_first_success():
     """One forward per tried rung: eager counts them; under ``jax.jit`` the ladder is one ``while`` loop."""
-    model, params, x, y, loss = make_problem("numpy", [4, 5, 3], "tanh", "ce", batch=7, seed=0)
+    model, params, x, y, loss = case_problem("numpy", NETS[0])
     opt = cc.PseudoHessian(lr=1e3)
     calls = []
     forward = model.forward
@@ -600,7 +586,7 @@ def test_backtracking_stops_at_the_first_success():
 
 @pytest.mark.parametrize("backend", EVERY)
 def test_info_state_and_needs(backend):
-    model, params, x, y, loss = make_problem(backend, [4, 5, 3], "tanh", "ce", batch=7, seed=0)
+    model, params, x, y, loss = case_problem(backend, NETS[0])
     assert cc.PseudoHessian.needs == ("jet",)
     for direction, n_m, n_v in (("gradient", 0, 0), ("momentum", 4, 0), ("adam", 4, 4)):
         opt = cc.PseudoHessian(direction=direction)
@@ -630,7 +616,7 @@ def test_constructor_validation():
         cc.PseudoHessian(groups=[{0}, {1}])
     with pytest.raises(TypeError):
         cc.PseudoHessian(learning_rate=1.0)
-    model, params, x, y, loss = make_problem("numpy", [4, 5, 3], "tanh", "ce", batch=7, seed=0)
+    model, params, x, y, loss = case_problem("numpy", NETS[0])
     with pytest.raises(ValueError, match="groups has 3 labels"):
         cc.PseudoHessian(groups=[0, 1, 2]).init(params)
     big = [np.zeros((70, 60)), np.zeros(70)]
@@ -654,7 +640,7 @@ def test_step_is_jittable_and_matches_numpy(which):
     jnp = jax.numpy
     from curvcore.backends import ArrayAPIMLP
 
-    model, params, x, y, loss = make_problem("numpy", [4, 5, 3], "tanh", "ce", batch=7, seed=0)
+    model, params, x, y, loss = case_problem("numpy", NETS[0])
     jmodel = make_problem("jax", [4, 5, 3], "tanh", "ce", batch=7, seed=0)[0] if which == "jax_adapter" \
         else ArrayAPIMLP([4, 5, 3], "tanh", xp=jnp)
     opt = cc.PseudoHessian(direction="adam", max_backtracks=3)
