@@ -1,7 +1,7 @@
 """ACP against the checks C1-C6 and C8 of shared/spec/acp.md §8 (float64), plus bad input and jit.
 
 References are independent: a NumPy MLP, complex-step gradients and per-example
-``dL/dz``, dense per-layer matrices (``acp_reference.py``), ``numpy.linalg.lstsq``.
+``dL/dz``, dense per-layer matrices (``tests/reference/kronecker.py``), ``numpy.linalg.lstsq``.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """CurveBall against dense references: checks C1-C12 of shared/spec/curveball.md section 7.
 
-Dense references come from tests/reference.py (complex-step Jacobians, the
+Dense references come from tests/reference/ (complex-step Jacobians, the
 explicit loss Hessian) or closed forms (Rosenbrock's Jacobian, least squares),
 never from curvcore's own derivative code.
 """

@@ -1,7 +1,7 @@
 """K-FAC and centered gradient descent: check C7 of shared/spec/acp.md §8, MC Fisher, the PSD solver.
 
 References: explicit ``np.kron`` solves, complex-step gradients and per-example
-``dL/dz`` (``acp_reference.py``), ``numpy.linalg``.
+``dL/dz`` (``tests/reference/``), ``numpy.linalg``.
 """
 
 from __future__ import annotations

@@ -10,7 +10,7 @@ independent dense float64 reference, the conformance kit, or agreement between b
 * ``curvcore.testing.check_model`` passes on every drawn net;
 * one step of any registered method agrees between backends.
 
-References are the helpers of tests/reference.py, tests/acp_reference.py and the existing method tests.
+References are the helpers of the tests/reference/ package.
 Tolerances: :func:`assert_close` (relative to the compared values, plus a round-off floor).
 Profiles (tests/conftest.py): ``default`` (12 derandomized examples per property) and
 ``pytest --hypothesis-profile=thorough`` (200).

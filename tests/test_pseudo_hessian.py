@@ -1,7 +1,7 @@
 """PseudoHessian (spec pseudo_hessian.md): checks C1-C11 of Sec. 9, the cubic solver, API and bad input.
 
 References are independent of curvcore's derivative code: dense Hessians by
-``torch.func.hessian`` (tests/reference.py), complex-step gradients and
+``torch.func.hessian`` (tests/reference/), complex-step gradients and
 central differences, closed forms, and scipy's BFGS for the cubic model.
 """
 
