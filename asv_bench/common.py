@@ -561,7 +561,8 @@ def curvcore_ggn_function(prob: Problem) -> Callable[[list[Any]], Any]:
     return lambda v: f(params, v, x, y)
 
 
-def _torch_mlp(params: Sequence[Any], x: Any) -> Any:
+def torch_mlp(params: Sequence[Any], x: Any) -> Any:
+    """The benchmarks' tanh MLP ``[W1, b1, ...]`` on ``x``, hand-written in torch (the native reference)."""
     import torch
 
     h = x
@@ -572,7 +573,8 @@ def _torch_mlp(params: Sequence[Any], x: Any) -> Any:
     return h
 
 
-def _jax_mlp(params: Sequence[Any], x: Any) -> Any:
+def jax_mlp(params: Sequence[Any], x: Any) -> Any:
+    """The benchmarks' tanh MLP ``[W1, b1, ...]`` on ``x``, hand-written in JAX (the native reference)."""
     import jax.numpy as jnp
 
     h = x
@@ -597,8 +599,8 @@ def native_functions(prob: Problem) -> dict[str, Callable[..., Any]]:
         from torch.func import grad, jvp, vjp
 
         params = tuple(params)
-        f = lambda p: _torch_mlp(p, x)  # noqa: E731
-        lossf = lambda p: F.cross_entropy(_torch_mlp(p, x), y)  # noqa: E731
+        f = lambda p: torch_mlp(p, x)  # noqa: E731
+        lossf = lambda p: F.cross_entropy(torch_mlp(p, x), y)  # noqa: E731
 
         def ggn(v: Sequence[Any]) -> Any:
             out, jv = jvp(f, (params,), (tuple(v),))
@@ -619,11 +621,11 @@ def native_functions(prob: Problem) -> dict[str, Callable[..., Any]]:
         params = list(params)
 
         def lossf(p: Any, xb: Any, yb: Any) -> Any:
-            out = _jax_mlp(p, xb)
+            out = jax_mlp(p, xb)
             return jnp.mean(jax.nn.logsumexp(out, axis=1) - jnp.take_along_axis(out, yb[:, None], axis=1)[:, 0])
 
         def ggn(p: Any, v: Any, xb: Any) -> Any:
-            f = lambda q: _jax_mlp(q, xb)  # noqa: E731
+            f = lambda q: jax_mlp(q, xb)  # noqa: E731
             out, jv = jax.jvp(f, (p,), (v,))
             s = jax.nn.softmax(out, axis=1)
             hjv = (s * jv - s * jnp.sum(s * jv, axis=1, keepdims=True)) / batch
