@@ -147,13 +147,7 @@ def require(backend: str) -> tuple[str, str]:
     if dev == "cuda" and not nvidia_present():
         raise NotImplementedError(f"{backend}: no NVIDIA GPU on this machine")
     if not cc.backends.available(lib):
-        why = "not installed"
-        if lib in ("torch", "jax"):
-            try:
-                importlib.import_module(f"curvcore.backends.{lib}")
-            except Exception as err:  # the adapter's own import error says why
-                why = f"{type(err).__name__}: {err}"
-        raise NotImplementedError(f"backend {lib} is not available here ({why})")
+        raise NotImplementedError(f"backend {lib} is not available here ({cc.backends.unavailable_reason(lib)})")
     if dev == "cuda" and not _cuda_ok(lib):
         raise NotImplementedError(f"{backend}: no CUDA device here")
     if lib == "jax":  # settings of the benchmark process only; the library never flips them
@@ -242,21 +236,9 @@ def _device_arg(lib: str, dev: str) -> Any:
     return dev
 
 
-def sync(tree: Any, lib: str, dev: str) -> Any:
-    """Wait for the device work that produced ``tree`` (any nesting of lists/tuples/dicts)."""
-    if lib == "jax":
-        import jax
-
-        jax.block_until_ready(tree)
-    elif dev == "cuda" and lib == "torch":
-        import torch
-
-        torch.cuda.synchronize()
-    elif lib == "cupy":
-        import cupy
-
-        cupy.cuda.get_current_stream().synchronize()
-    return tree
+def sync(tree: Any, lib: str, dev: str = "cpu") -> Any:
+    """Wait for the device work that produced ``tree`` (any nesting of lists/tuples/dicts) on backend ``lib``."""
+    return cc.backends.adapter(lib).synchronize(tree)
 
 
 # -- problems ----------------------------------------------------------------
