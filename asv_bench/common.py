@@ -271,8 +271,8 @@ def make_problem(backend: str, sizes: Sequence[int], batch: int, seed: int = SEE
     sizes = [int(s) for s in sizes]
     model, params = cc.backends.mlp(lib, sizes, activation="tanh", dtype=DTYPE, seed=seed,
                                     device=_device_arg(lib, dev))
-    if hasattr(model, "validate"):
-        model.validate = False  # benchmark the math, not the input checks (they sync the device)
+    if hasattr(model, "validate"):  # a step follows the method's validate (make_optimizer); the products
+        model.validate = False  # called directly follow the model's: benchmark the math, not the checks
     rng = np.random.default_rng(seed + 1)
     x_np = rng.standard_normal((int(batch), sizes[0])).astype(DTYPE)
     labels_np = rng.integers(0, sizes[-1], int(batch))
@@ -305,7 +305,7 @@ def make_optimizer(method: str, **overrides: Any) -> Any:
 
 def step_function(opt: Any, prob: Problem, loss: Any) -> Callable[[Any, Any], tuple[Any, Any, Any]]:
     """``step(params, state) -> (params, state, info)`` on the problem's batch; ``jax.jit`` on JAX."""
-    missing = [n for n in getattr(opt, "needs", ()) if not callable(getattr(prob.model, n, None))]
+    missing = [n for n in getattr(opt, "needs", ()) if not cc.protocol.provides(prob.model, n)]
     if missing:
         raise NotImplementedError(f"{type(opt).__name__} needs model.{missing[0]} which the {prob.lib} model lacks")
     x, y, model = prob.x, prob.targets(loss), prob.model
