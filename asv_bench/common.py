@@ -494,10 +494,10 @@ def gpu_peak_bytes(prob: Problem, fn: Callable[[], Any]) -> float:
     if prob.lib == "torch":
         import torch
 
-        torch.cuda.synchronize()
+        prob.sync(None)
         torch.cuda.reset_peak_memory_stats()
         fn()
-        torch.cuda.synchronize()
+        prob.sync(None)
         return float(torch.cuda.max_memory_allocated())
     if prob.lib == "jax":
         import jax
@@ -510,10 +510,10 @@ def gpu_peak_bytes(prob: Problem, fn: Callable[[], Any]) -> float:
     import cupy
 
     pool = cupy.get_default_memory_pool()
-    cupy.cuda.get_current_stream().synchronize()
+    prob.sync(None)
     pool.free_all_blocks()
     fn()
-    cupy.cuda.get_current_stream().synchronize()
+    prob.sync(None)
     return float(pool.total_bytes())
 
 
