@@ -147,13 +147,7 @@ def require(backend: str) -> tuple[str, str]:
     if dev == "cuda" and not nvidia_present():
         raise NotImplementedError(f"{backend}: no NVIDIA GPU on this machine")
     if not cc.backends.available(lib):
-        why = "not installed"
-        if lib in ("torch", "jax"):
-            try:
-                importlib.import_module(f"curvcore.backends.{lib}")
-            except Exception as err:  # the adapter's own import error says why
-                why = f"{type(err).__name__}: {err}"
-        raise NotImplementedError(f"backend {lib} is not available here ({why})")
+        raise NotImplementedError(f"backend {lib} is not available here ({cc.backends.unavailable_reason(lib)})")
     if dev == "cuda" and not _cuda_ok(lib):
         raise NotImplementedError(f"{backend}: no CUDA device here")
     if lib == "jax":  # settings of the benchmark process only; the library never flips them
@@ -242,21 +236,9 @@ def _device_arg(lib: str, dev: str) -> Any:
     return dev
 
 
-def sync(tree: Any, lib: str, dev: str) -> Any:
-    """Wait for the device work that produced ``tree`` (any nesting of lists/tuples/dicts)."""
-    if lib == "jax":
-        import jax
-
-        jax.block_until_ready(tree)
-    elif dev == "cuda" and lib == "torch":
-        import torch
-
-        torch.cuda.synchronize()
-    elif lib == "cupy":
-        import cupy
-
-        cupy.cuda.get_current_stream().synchronize()
-    return tree
+def sync(tree: Any, lib: str, dev: str = "cpu") -> Any:
+    """Wait for the device work that produced ``tree`` (any nesting of lists/tuples/dicts) on backend ``lib``."""
+    return cc.backends.adapter(lib).synchronize(tree)
 
 
 # -- problems ----------------------------------------------------------------
@@ -289,8 +271,8 @@ def make_problem(backend: str, sizes: Sequence[int], batch: int, seed: int = SEE
     sizes = [int(s) for s in sizes]
     model, params = cc.backends.mlp(lib, sizes, activation="tanh", dtype=DTYPE, seed=seed,
                                     device=_device_arg(lib, dev))
-    if hasattr(model, "validate"):
-        model.validate = False  # benchmark the math, not the input checks (they sync the device)
+    if hasattr(model, "validate"):  # a step follows the method's validate (make_optimizer); the products
+        model.validate = False  # called directly follow the model's: benchmark the math, not the checks
     rng = np.random.default_rng(seed + 1)
     x_np = rng.standard_normal((int(batch), sizes[0])).astype(DTYPE)
     labels_np = rng.integers(0, sizes[-1], int(batch))
@@ -323,7 +305,7 @@ def make_optimizer(method: str, **overrides: Any) -> Any:
 
 def step_function(opt: Any, prob: Problem, loss: Any) -> Callable[[Any, Any], tuple[Any, Any, Any]]:
     """``step(params, state) -> (params, state, info)`` on the problem's batch; ``jax.jit`` on JAX."""
-    missing = [n for n in getattr(opt, "needs", ()) if not callable(getattr(prob.model, n, None))]
+    missing = [n for n in getattr(opt, "needs", ()) if not cc.protocol.provides(prob.model, n)]
     if missing:
         raise NotImplementedError(f"{type(opt).__name__} needs model.{missing[0]} which the {prob.lib} model lacks")
     x, y, model = prob.x, prob.targets(loss), prob.model
@@ -512,10 +494,10 @@ def gpu_peak_bytes(prob: Problem, fn: Callable[[], Any]) -> float:
     if prob.lib == "torch":
         import torch
 
-        torch.cuda.synchronize()
+        prob.sync(None)
         torch.cuda.reset_peak_memory_stats()
         fn()
-        torch.cuda.synchronize()
+        prob.sync(None)
         return float(torch.cuda.max_memory_allocated())
     if prob.lib == "jax":
         import jax
@@ -528,10 +510,10 @@ def gpu_peak_bytes(prob: Problem, fn: Callable[[], Any]) -> float:
     import cupy
 
     pool = cupy.get_default_memory_pool()
-    cupy.cuda.get_current_stream().synchronize()
+    prob.sync(None)
     pool.free_all_blocks()
     fn()
-    cupy.cuda.get_current_stream().synchronize()
+    prob.sync(None)
     return float(pool.total_bytes())
 
 
@@ -561,7 +543,8 @@ def curvcore_ggn_function(prob: Problem) -> Callable[[list[Any]], Any]:
     return lambda v: f(params, v, x, y)
 
 
-def _torch_mlp(params: Sequence[Any], x: Any) -> Any:
+def torch_mlp(params: Sequence[Any], x: Any) -> Any:
+    """The benchmarks' tanh MLP ``[W1, b1, ...]`` on ``x``, hand-written in torch (the native reference)."""
     import torch
 
     h = x
@@ -572,7 +555,8 @@ def _torch_mlp(params: Sequence[Any], x: Any) -> Any:
     return h
 
 
-def _jax_mlp(params: Sequence[Any], x: Any) -> Any:
+def jax_mlp(params: Sequence[Any], x: Any) -> Any:
+    """The benchmarks' tanh MLP ``[W1, b1, ...]`` on ``x``, hand-written in JAX (the native reference)."""
     import jax.numpy as jnp
 
     h = x
@@ -597,8 +581,8 @@ def native_functions(prob: Problem) -> dict[str, Callable[..., Any]]:
         from torch.func import grad, jvp, vjp
 
         params = tuple(params)
-        f = lambda p: _torch_mlp(p, x)  # noqa: E731
-        lossf = lambda p: F.cross_entropy(_torch_mlp(p, x), y)  # noqa: E731
+        f = lambda p: torch_mlp(p, x)  # noqa: E731
+        lossf = lambda p: F.cross_entropy(torch_mlp(p, x), y)  # noqa: E731
 
         def ggn(v: Sequence[Any]) -> Any:
             out, jv = jvp(f, (params,), (tuple(v),))
@@ -619,11 +603,11 @@ def native_functions(prob: Problem) -> dict[str, Callable[..., Any]]:
         params = list(params)
 
         def lossf(p: Any, xb: Any, yb: Any) -> Any:
-            out = _jax_mlp(p, xb)
+            out = jax_mlp(p, xb)
             return jnp.mean(jax.nn.logsumexp(out, axis=1) - jnp.take_along_axis(out, yb[:, None], axis=1)[:, 0])
 
         def ggn(p: Any, v: Any, xb: Any) -> Any:
-            f = lambda q: _jax_mlp(q, xb)  # noqa: E731
+            f = lambda q: jax_mlp(q, xb)  # noqa: E731
             out, jv = jax.jvp(f, (p,), (v,))
             s = jax.nn.softmax(out, axis=1)
             hjv = (s * jv - s * jnp.sum(s * jv, axis=1, keepdims=True)) / batch

@@ -161,7 +161,7 @@ def _kfac_jax(prob: C.Problem) -> Callable[[list[Any]], Any]:
 
     def loss_fn(params: Any, batch: Any) -> Any:
         xb, yb = batch
-        out = C._jax_mlp(params, xb)
+        out = C.jax_mlp(params, xb)
         kfac_jax.register_softmax_cross_entropy_loss(out, yb)
         return jnp.mean(jax.nn.logsumexp(out, axis=1) - jnp.take_along_axis(out, yb[:, None], axis=1)[:, 0])
 

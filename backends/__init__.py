@@ -5,10 +5,14 @@ builds ``(model, params)`` with identical initial weights on every backend (draw
 with NumPy, then converted), and ``cnn(name)`` the same digits CNN on torch and
 flax; ``asarray`` and ``to_numpy`` move arrays between NumPy and a backend.
 
-Backends: ``numpy``, ``array_api_strict`` and ``cupy`` (the explicit array-API
-MLP of :mod:`curvcore.backends._mlp`), ``torch`` (``nn.Sequential`` wrapped by
-:mod:`curvcore.backends.torch`), ``jax`` (a pure function wrapped by
-:mod:`curvcore.backends.jax`).
+Every backend is one module of this package with the same small interface
+(:class:`~curvcore.backends._adapter.Adapter`: ``probe``, ``namespace``,
+``from_numpy``, ``to_numpy``, ``synchronize``, ``build_mlp``); this module only
+dispatches over them (:func:`adapter`). ``numpy``, ``array_api_strict`` and
+``cupy`` run the explicit array-API MLP of :mod:`curvcore.backends._mlp`,
+``torch`` an ``nn.Sequential`` wrapped by :mod:`curvcore.backends.torch`,
+``jax`` a pure function wrapped by :mod:`curvcore.backends.jax`. A new array
+library is one new module here plus its name in :data:`ALL`.
 """
 
 from __future__ import annotations
@@ -16,76 +20,78 @@ from __future__ import annotations
 import importlib
 import warnings
 from collections.abc import Sequence
+from types import ModuleType
 from typing import Any
 
 import numpy as np
 
+from curvcore._namespace import library_of
 from curvcore.random import register_host_generator
+from curvcore.tree import leaves_of
 
 from ._activations import NAMES as ACTIVATIONS
-from ._activations import check_activation
+from ._adapter import Unavailable
 from ._mlp import ArrayAPIMLP
+from ._weights import INITS, check_dtype, init_params, mlp_params
 from .function import FunctionModel
 
 Array = Any
 
 ALL = ("numpy", "array_api_strict", "torch", "jax", "cupy")
-_ARRAY_API = ("numpy", "array_api_strict", "cupy")
 
 register_host_generator(np.random.default_rng)
-INITS = ("lecun", "he", "uniform")
 
 __all__ = [
-    "ALL", "ACTIVATIONS", "ArrayAPIMLP", "FunctionModel", "available", "asarray", "backend_of", "block_until_ready",
-    "cnn", "init_params", "mlp", "names", "namespace", "to_numpy", "unavailable_reason",
+    "ALL", "ACTIVATIONS", "INITS", "ArrayAPIMLP", "FunctionModel", "adapter", "available", "asarray", "backend_of",
+    "block_until_ready", "cnn", "init_params", "mlp", "names", "namespace", "synchronize", "to_numpy",
+    "unavailable_reason",
 ]
+
+_AVAILABLE: dict[str, bool] = {}
+_ERRORS: dict[str, str] = {}
+_MODULES: dict[str, ModuleType] = {}  # the modules of the available backends, once imported
+
+
+def _check_name(name: str) -> None:
+    if name not in ALL:
+        raise ValueError(f"unknown backend {name!r}; choose one of {', '.join(ALL)}")
 
 
 def _probe(name: str) -> bool:
-    """Whether backend ``name`` imports and can allocate an array here.
+    """Whether backend ``name``'s module imports and its ``probe()`` passes.
 
     ``False`` quietly when its framework is not installed (a
-    ``ModuleNotFoundError`` for the framework itself) or, for CuPy, when
-    there is no usable CUDA device. Any other exception (a bug in an adapter,
-    a broken install) also gives ``False`` but is never silent: a
-    ``RuntimeWarning`` names it, and so does the ``ImportError`` of any later
-    use (:func:`unavailable_reason`).
+    ``ModuleNotFoundError`` for a module named like the backend, e.g.
+    ``jaxlib``) or cannot run here (:class:`Unavailable`: no usable CUDA
+    device). Any other exception (a bug in an adapter, a broken install) also
+    gives ``False`` but is never silent: a ``RuntimeWarning`` names it, and so
+    does the ``ImportError`` of any later use (:func:`unavailable_reason`).
     """
     try:
-        if name == "numpy":
-            return True
-        if name == "array_api_strict":
-            importlib.import_module("array_api_strict")
-            return True
-        if name == "cupy":
-            cp = importlib.import_module("cupy")
-            try:
-                cp.empty(3)
-            except Exception as err:  # no usable CUDA device: not available, not broken
-                _ERRORS[name] = f"no usable CUDA device ({type(err).__name__}: {err})"
-                return False
-            return True
-        importlib.import_module(f"{__name__}.{name}")  # the adapter imports its framework
+        importlib.import_module(f"{__name__}.{name}").probe()
         return True
     except Exception as err:  # reported below, never swallowed
         _ERRORS[name] = f"{type(err).__name__}: {err}"
-        missing = isinstance(err, ModuleNotFoundError) and (err.name or "").split(".")[0] in _FRAMEWORK[name]
-        if not missing:
+        if not _not_installed(err, name):
             warnings.warn(f"curvcore backend {name!r} is installed but failed to load ({_ERRORS[name]}); "
                           "it is reported as unavailable", RuntimeWarning, stacklevel=3)
         return False
 
 
-_FRAMEWORK = {"array_api_strict": ("array_api_strict",), "torch": ("torch",), "jax": ("jax", "jaxlib"),
-              "cupy": ("cupy", "cupy_backends")}
-_AVAILABLE: dict[str, bool] = {}
-_ERRORS: dict[str, str] = {}
+def _not_installed(err: BaseException | None, name: str) -> bool:
+    """Whether ``err`` (or what caused it) says the framework of ``name`` is missing or cannot run here."""
+    while err is not None:
+        if isinstance(err, Unavailable):
+            return True
+        if isinstance(err, ModuleNotFoundError) and (err.name or "").split(".")[0].startswith(name):
+            return True
+        err = err.__cause__
+    return False
 
 
 def available(name: str) -> bool:
     """Whether backend ``name`` is usable here (cached probe)."""
-    if name not in ALL:
-        raise ValueError(f"unknown backend {name!r}; choose one of {', '.join(ALL)}")
+    _check_name(name)
     if name not in _AVAILABLE:
         _AVAILABLE[name] = _probe(name)
     return _AVAILABLE[name]
@@ -101,33 +107,28 @@ def unavailable_reason(name: str) -> str | None:
     return None if available(name) else _ERRORS.get(name, "unknown")
 
 
-def _require(name: str) -> None:
+def adapter(name: str) -> ModuleType:
+    """The module of backend ``name`` (``curvcore.backends.<name>``; see :class:`~curvcore.backends._adapter.Adapter`).
+
+    Raises:
+        ValueError: an unknown backend name.
+        ImportError: the backend is not available here; the message says why and how to install it.
+    """
+    module = _MODULES.get(name)
+    if module is not None:
+        return module
     if not available(name):
         hint = {"cupy": "pip install 'curvcore[cupy]' on a machine with an NVIDIA GPU"}.get(
             name, f"pip install 'curvcore[{name}]'" if name in ("torch", "jax") else f"pip install {name}"
         )
         raise ImportError(f"backend {name!r} is not available here: {unavailable_reason(name)} ({hint})")
+    module = _MODULES[name] = importlib.import_module(f"{__name__}.{name}")
+    return module
 
 
 def namespace(name: str) -> Any:
     """The array-API namespace of a backend (``array_api_compat`` wrapped where needed)."""
-    _require(name)
-    if name == "numpy":
-        import array_api_compat.numpy as xp
-    elif name == "array_api_strict":
-        xp = importlib.import_module("array_api_strict")
-    elif name == "cupy":
-        import array_api_compat.cupy as xp
-    elif name == "torch":
-        import array_api_compat.torch as xp
-    else:
-        xp = importlib.import_module("jax.numpy")
-    return xp
-
-
-def _library_of(array: Any) -> str:
-    mod = type(array).__module__.split(".")[0]
-    return {"jaxlib": "jax"}.get(mod, mod)
+    return adapter(name).namespace()
 
 
 def backend_of(array: Any) -> str:
@@ -136,22 +137,16 @@ def backend_of(array: Any) -> str:
     Raises:
         TypeError: an array of another library.
     """
-    lib = _library_of(array)
+    lib = library_of(array)
     if lib not in ALL:
         raise TypeError(f"arrays of {lib!r} belong to no curvcore backend ({', '.join(ALL)})")
     return lib
 
 
 def to_numpy(array: Any) -> np.ndarray:
-    """A NumPy copy of an array of any backend (moved to host, detached)."""
-    lib = _library_of(array)
-    if lib == "torch":
-        return array.detach().cpu().numpy().copy()
-    if lib == "cupy":
-        return array.get()
-    if lib == "array_api_strict":
-        return np.from_dlpack(array).copy()
-    return np.array(array, copy=True)
+    """A NumPy copy of an array of any backend (moved to host, detached); other values through ``np.array``."""
+    lib = library_of(array)
+    return adapter(lib).to_numpy(array) if lib in ALL else np.array(array, copy=True)
 
 
 def asarray(name: str, array: Any, dtype: str | None = None, device: Any = None) -> Any:
@@ -159,49 +154,11 @@ def asarray(name: str, array: Any, dtype: str | None = None, device: Any = None)
 
     Integer arrays keep an integer dtype (``int64``; ``int32`` on JAX without x64).
     """
-    _require(name)
-    a = np.asarray(to_numpy(array) if not isinstance(array, np.ndarray) and _library_of(array) != "numpy" else array)
+    module = adapter(name)
+    a = np.asarray(array if library_of(array) == "numpy" else to_numpy(array))
     if dtype is not None and np.issubdtype(a.dtype, np.floating):
         a = a.astype(dtype)
-    if name == "numpy":
-        return a.copy()
-    if name == "array_api_strict":
-        xp = namespace(name)
-        return xp.asarray(a.copy())
-    if name == "cupy":
-        cp = importlib.import_module("cupy")
-        if device is not None:
-            with cp.cuda.Device(_cuda_index(device)):
-                return cp.asarray(a)
-        return cp.asarray(a)
-    module = importlib.import_module(f"{__name__}.{name}")
     return module.from_numpy(a, device=device)
-
-
-def _cuda_index(device: Any) -> int:
-    text = str(device)
-    return int(text.split(":")[1]) if ":" in text else 0
-
-
-def init_params(sizes: Sequence[int], seed: int = 0, init: str = "lecun") -> list[np.ndarray]:
-    """Initial ``[W1, b1, ...]`` in float64 NumPy, the same for every backend.
-
-    ``init="lecun"``: ``W ~ N(0, 1/n_in)``; ``"he"``: ``N(0, 2/n_in)``;
-    ``"uniform"``: ``U(-1/sqrt(n_in), 1/sqrt(n_in))`` (PyTorch's default).
-    Biases start at zero for ``lecun``/``he`` and uniform for ``uniform``.
-    """
-    if init not in INITS:
-        raise ValueError(f"unknown init {init!r}; choose one of {', '.join(INITS)}")
-    rng = np.random.default_rng(seed)
-    params: list[np.ndarray] = []
-    for n_in, n_out in zip(sizes[:-1], sizes[1:]):
-        if init == "uniform":
-            bound = 1.0 / np.sqrt(n_in)
-            params += [rng.uniform(-bound, bound, (n_out, n_in)), rng.uniform(-bound, bound, n_out)]
-        else:
-            scale = np.sqrt((2.0 if init == "he" else 1.0) / n_in)
-            params += [scale * rng.standard_normal((n_out, n_in)), np.zeros(n_out)]
-    return params
 
 
 def mlp(
@@ -228,21 +185,9 @@ def mlp(
     Returns:
         ``(model, params)``: a protocol model and ``[W1, b1, ...]`` on the backend.
     """
-    if name not in ALL:
-        raise ValueError(f"unknown backend {name!r}; choose one of {', '.join(ALL)}")
-    check_activation(activation)
-    if dtype not in ("float64", "float32"):
-        raise ValueError(f"dtype must be 'float64' or 'float32', got {dtype!r}")
-    sizes = [int(s) for s in sizes]
-    if len(sizes) < 2 or min(sizes) < 1:
-        raise ValueError(f"sizes must list at least two positive widths, got {sizes}")
-    _require(name)
-    params_np = [p.astype(dtype) for p in init_params(sizes, seed, init)]
-    if name in _ARRAY_API:
-        params = [asarray(name, p, device=device) for p in params_np]
-        return ArrayAPIMLP(sizes, activation, xp=namespace(name)), params
-    module = importlib.import_module(f"{__name__}.{name}")
-    return module.build_mlp(sizes, activation, params_np, device=device)
+    _check_name(name)
+    params_np = mlp_params(sizes, activation, dtype, seed, init)
+    return adapter(name).build_mlp([int(s) for s in sizes], activation, params_np, device=device)
 
 
 def cnn(name: str, channels: int = 4, dtype: str = "float64", seed: int = 0, device: Any = None) -> tuple[Any, Any]:
@@ -264,32 +209,25 @@ def cnn(name: str, channels: int = 4, dtype: str = "float64", seed: int = 0, dev
 
     if name not in ("torch", "jax"):
         raise ValueError(f"cnn: backend must be 'torch' or 'jax', got {name!r}")
-    if dtype not in ("float64", "float32"):
-        raise ValueError(f"dtype must be 'float64' or 'float32', got {dtype!r}")
+    check_dtype(dtype)
     if not isinstance(channels, int) or channels < 1:
         raise ValueError(f"channels must be a positive int, got {channels!r}")
-    _require(name)
+    adapter(name)
     weights = _cnn.init_weights(channels, seed)
     return (_cnn.torch_cnn if name == "torch" else _cnn.flax_cnn)(weights, dtype, device)
 
 
-def block_until_ready(tree: Any) -> Any:
-    """Wait until the device work producing ``tree`` (an array or list of arrays) is done.
+def synchronize(tree: Any) -> Any:
+    """Wait until the device work producing ``tree`` (an array or any nesting of lists/tuples/dicts) is done.
 
     CUDA (torch, CuPy) and JAX calls return before the work finishes; timings
-    must synchronise. A no-op for NumPy and ``array_api_strict``.
+    must synchronise. A no-op for NumPy and ``array_api_strict``. Returns ``tree``.
     """
-    leaves = list(tree) if isinstance(tree, (list, tuple)) else [tree]
-    if not leaves:
-        return tree
-    lib = _library_of(leaves[0])
-    if lib == "jax":
-        importlib.import_module("jax").block_until_ready(leaves)
-    elif lib == "torch" and leaves[0].is_cuda:
-        importlib.import_module("torch").cuda.synchronize(leaves[0].device)
-    elif lib == "cupy":
-        importlib.import_module("cupy").cuda.get_current_stream().synchronize()
-    return tree
+    lib = next((lib for lib in map(library_of, leaves_of(tree)) if lib in ALL), None)
+    return tree if lib is None else adapter(lib).synchronize(tree)
+
+
+block_until_ready = synchronize  # the older name
 
 
 def enable_jax_x64() -> None:

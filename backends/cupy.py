@@ -21,12 +21,14 @@ except ImportError as err:  # pragma: no cover - depends on the machine
         f"with an NVIDIA GPU ({err})"
     ) from err
 
+from ._adapter import Unavailable, parse_device  # noqa: E402
+
 try:
     _N_DEVICES = int(cupy.cuda.runtime.getDeviceCount())
 except Exception as err:  # pragma: no cover - CUDARuntimeError without a driver
-    raise ImportError(f"CuPy is installed but no CUDA device is usable here ({err})") from err
+    raise Unavailable(f"CuPy is installed but no CUDA device is usable here ({err})") from err
 if _N_DEVICES < 1:  # pragma: no cover
-    raise ImportError("CuPy is installed but no CUDA device is present")
+    raise Unavailable("CuPy is installed but no CUDA device is present")
 
 import array_api_compat.cupy as xp  # noqa: E402
 
@@ -34,21 +36,32 @@ from ._mlp import ArrayAPIMLP  # noqa: E402
 
 Array = Any
 
-__all__ = ["build_mlp", "from_numpy", "synchronize", "to_numpy", "xp"]
+__all__ = ["build_mlp", "from_numpy", "namespace", "probe", "synchronize", "to_numpy", "xp"]
+
+
+def probe() -> None:
+    """Raise :class:`~curvcore.backends._adapter.Unavailable` unless an array can be allocated on the GPU."""
+    try:
+        cupy.empty(3)
+    except Exception as err:  # no usable CUDA device: not available, not broken
+        raise Unavailable(f"no usable CUDA device ({type(err).__name__}: {err})") from err
+
+
+def namespace() -> Any:
+    """``array_api_compat.cupy``."""
+    return xp
 
 
 def _index(device: Any) -> int | None:
     """CUDA device index from ``None``, an int, ``"cuda"``, ``"cuda:1"`` or a cupy Device."""
     if device is None:
         return None
-    if isinstance(device, int):
-        return device
     if isinstance(device, cupy.cuda.Device):
         return int(device.id)
-    kind, _, index = str(device).partition(":")
+    kind, index = parse_device(device)
     if kind not in ("cuda", "gpu"):
         raise ValueError(f"CuPy arrays live on CUDA devices; got device {device!r}")
-    return int(index or 0)
+    return index
 
 
 def from_numpy(a: np.ndarray, device: Any = None) -> Array:

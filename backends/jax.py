@@ -46,13 +46,14 @@ from curvcore.methods import init_state
 from curvcore.protocol import Cotangent, LayerRecord, jets_by_jet, linearize_by_composition, resolve_cotangent
 
 from ._activations import LEAKY_SLOPE, check_activation
+from ._adapter import parse_device
 from ._mlp import ArrayAPIMLP
 
 Array = Any
 
 __all__ = [
     "JaxModel", "JitStep", "ModelState", "OptaxState", "as_optax", "build_mlp", "from_equinox", "from_flax",
-    "from_numpy", "jit_step", "mlp_apply", "model_state", "no_tap", "synchronize", "to_numpy",
+    "from_numpy", "jit_step", "mlp_apply", "model_state", "namespace", "no_tap", "probe", "synchronize", "to_numpy",
 ]
 
 register_cond(lambda p: isinstance(p, jax.core.Tracer), lambda pred, t, f, *ops: jax.lax.cond(pred, t, f, *ops))
@@ -485,10 +486,9 @@ def _device(device: Any) -> Any:
     """A jax Device from ``None``, a Device, ``"cpu"``, ``"cuda"``/``"gpu"`` or ``"cuda:1"``."""
     if device is None or not isinstance(device, str):
         return device
-    kind, _, index = device.partition(":")
-    kind = {"cuda": "gpu"}.get(kind, kind)
+    kind, index = parse_device(device)
     try:
-        return jax.devices(kind)[int(index or 0)]
+        return jax.devices({"cuda": "gpu"}.get(kind, kind))[index]
     except (RuntimeError, IndexError) as err:
         raise ValueError(f"JAX has no device {device!r} here (available: {jax.devices()})") from err
 
@@ -513,6 +513,15 @@ def from_numpy(a: np.ndarray, device: Any = None) -> Array:
     # committed to a device (like the outputs of a jitted step and curvcore's own counters), so a
     # compiled program sees the same argument shardings on every call and does not compile twice
     return jax.device_put(a, _device(device) or jax.devices()[0])
+
+
+def probe() -> None:
+    """JAX runs wherever it imports (on CPU at least)."""
+
+
+def namespace() -> Any:
+    """``jax.numpy``."""
+    return jnp
 
 
 def to_numpy(a: Array) -> np.ndarray:

@@ -58,7 +58,8 @@ from ._mlp import ArrayAPIMLP
 
 Array = Any
 
-__all__ = ["Optimizer", "TorchModel", "build_mlp", "from_numpy", "from_torch_loss", "synchronize", "to_numpy"]
+__all__ = ["Optimizer", "TorchModel", "build_mlp", "from_numpy", "from_torch_loss", "namespace", "probe", "synchronize",
+           "to_numpy"]
 
 cc_tree.register_detach(lambda a: isinstance(a, torch.Tensor) and a.requires_grad, lambda a: a.detach())
 
@@ -585,6 +586,15 @@ def from_numpy(a: np.ndarray, device: Any = None) -> Array:
     """A tensor copy of a NumPy array (dtype kept), on ``device``."""
     t = torch.from_numpy(np.array(a, copy=True))
     return t.to(device) if device is not None else t
+
+
+def probe() -> None:
+    """torch runs wherever it imports (on CPU at least)."""
+
+
+def namespace() -> Any:
+    """``array_api_compat.torch``."""
+    return xp_torch
 
 
 def to_numpy(a: Array) -> np.ndarray:

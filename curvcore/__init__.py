@@ -6,7 +6,7 @@
 >>> state = opt.init(params)
 """
 
-from . import losses, methods, tree
+from . import losses, methods, protocol, tree, tree_algebra
 from .curvature import Linearization, ggn_vp, linearization
 from .layers import LayerSpec, Records
 from .methods import REGISTRY
@@ -30,5 +30,6 @@ def __getattr__(name: str):
 
 __all__ = [
     "Adam", "SGD", "LayerRecord", "LayerSpec", "LayerwiseMethod", "Linearization", "Method", "Model", "REGISTRY",
-    "Records", "backends", "get_method", "ggn_vp", "linearization", "load", "losses", "method_names", "save", "tree",
+    "Records", "backends", "get_method", "ggn_vp", "linearization", "load", "losses", "method_names", "protocol", "save", "tree",
+    "tree_algebra",
 ]

@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
-from ._namespace import array_namespace
+from ._namespace import array_namespace, library_of
 from array_api_compat import device as _device
 
 Array = Any
@@ -78,18 +78,12 @@ class NonFiniteError(FloatingPointError, ValueError):
     ``FloatingPointError`` (what the pseudo-Hessian's spec asks for)."""
 
 
-def _library(a: Array) -> str:
-    """A short library name for an array, for error messages."""
-    mod = type(a).__module__.split(".")[0]
-    return {"builtins": "python", "jaxlib": "jax"}.get(mod, mod)
-
-
 def namespace(*arrays: Array, what: str = "arrays") -> Any:
     """``array_namespace`` of several arrays; a mix of libraries is a ``TypeError`` naming them."""
     try:
         return array_namespace(*arrays)
     except TypeError as err:
-        libs = sorted({_library(a) for a in arrays})
+        libs = sorted({library_of(a) for a in arrays})
         raise TypeError(
             f"{what} come from different array libraries ({', '.join(libs)}); "
             "convert them with curvcore.backends.asarray(name, array) first"

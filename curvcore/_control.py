@@ -4,7 +4,7 @@ A method branches on a step counter (CurveBall's lambda rule, ACP's refresh).
 With concrete values this is a plain ``if``; inside ``jax.jit`` the counter is
 abstract, and the JAX adapter registers ``jax.lax.cond`` here. The core never
 imports a framework: backends register their primitive with
-:func:`register_cond`. Loops with a data-dependent exit (Armijo backtracking)
+:func:`register_cond` (:func:`unregister_cond` removes one). Loops with a data-dependent exit (Armijo backtracking)
 go through :func:`while_loop` the same way (:func:`register_while_loop`; the
 JAX adapter registers ``jax.lax.while_loop``).
 """
@@ -25,6 +25,11 @@ def register_cond(applies: Callable[[Any], bool], cond_fn: Callable[..., Any]) -
     _CONDS.append((applies, cond_fn))
 
 
+def unregister_cond(cond_fn: Callable[..., Any]) -> None:
+    """Remove every registration of ``cond_fn`` (made by :func:`register_cond`); unknown ones are ignored."""
+    _CONDS[:] = [entry for entry in _CONDS if entry[1] is not cond_fn]
+
+
 def cond(pred: Any, true_fn: Callable[..., Any], false_fn: Callable[..., Any], *operands: Any) -> Any:
     """``true_fn(*operands) if pred else false_fn(*operands)``, also for a traced ``pred``.
 
@@ -43,6 +48,11 @@ def cond(pred: Any, true_fn: Callable[..., Any], false_fn: Callable[..., Any], *
 def register_while_loop(applies: Callable[[Any], bool], loop_fn: Callable[..., Any]) -> None:
     """Register ``loop_fn(cond_fn, body_fn, init)`` for loop predicates where ``applies(pred)``."""
     _LOOPS.append((applies, loop_fn))
+
+
+def unregister_while_loop(loop_fn: Callable[..., Any]) -> None:
+    """Remove every registration of ``loop_fn`` (made by :func:`register_while_loop`)."""
+    _LOOPS[:] = [entry for entry in _LOOPS if entry[1] is not loop_fn]
 
 
 def while_loop(cond_fn: Callable[[Any], Any], body_fn: Callable[[Any], Any], init: Any) -> Any:

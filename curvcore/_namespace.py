@@ -1,4 +1,5 @@
-"""A cached ``array_namespace``: the namespace depends only on the types of the arrays.
+"""A cached ``array_namespace`` (the namespace depends only on the types of the arrays), and
+:func:`library_of`, the library an array belongs to.
 
 ``array_api_compat.array_namespace`` inspects its arguments on every call
 (tens of microseconds); a step calls it dozens of times, which dominated the
@@ -21,3 +22,13 @@ def array_namespace(*arrays: Any) -> Any:
     if xp is None:
         xp = _CACHE[key] = _lookup(*arrays)
     return xp
+
+
+_LIBRARY_ALIASES = {"builtins": "python", "jaxlib": "jax"}
+
+
+def library_of(array: Any) -> str:
+    """The library of an array's type, by its top-level module: ``"numpy"``, ``"torch"``, ``"jax"``
+    (also for ``jaxlib`` arrays), ``"cupy"``, ``"array_api_strict"``; ``"python"`` for builtins."""
+    mod = type(array).__module__.split(".")[0]
+    return _LIBRARY_ALIASES.get(mod, mod)

@@ -21,7 +21,7 @@ from typing import Any, NamedTuple
 
 from . import tree
 from .losses import get as get_loss
-from .protocol import Array, flat_model, linearize
+from .protocol import Array, Loss, Model, flat_model, linearize
 
 __all__ = ["Linearization", "ggn_vp", "ggn_vp_at", "linearization"]
 
@@ -40,12 +40,12 @@ class Linearization(NamedTuple):
     vjp: Callable[[Array], Any]
 
 
-def linearization(model: Any, params: Any, x: Array) -> Linearization:
+def linearization(model: Model, params: Any, x: Array) -> Linearization:
     """``Linearization`` of ``model`` at ``params`` on the batch ``x`` (one forward pass)."""
     return Linearization(*linearize(model, params, x))
 
 
-def ggn_vp_at(lin: Linearization, loss: Any, y: Array, v: Any, plus: Array | None = None) -> tuple[Any, Array, Array]:
+def ggn_vp_at(lin: Linearization, loss: Loss, y: Array, v: Any, plus: Array | None = None) -> tuple[Any, Array, Array]:
     """``(J^T (H_L J v + plus), J v, H_L J v)`` at an existing linearisation.
 
     ``plus`` is an output-space cotangent added before the backward pass
@@ -57,7 +57,7 @@ def ggn_vp_at(lin: Linearization, loss: Any, y: Array, v: Any, plus: Array | Non
     return lin.vjp(HJv if plus is None else HJv + plus), Jv, HJv
 
 
-def ggn_vp(model: Any, loss: Any, params: Any, x: Array, y: Array, v: Any,
+def ggn_vp(model: Model, loss: Loss | str, params: Any, x: Array, y: Array, v: Any,
            linearization: Linearization | None = None) -> Any:
     """The GGN-vector product ``J^T H_L J v``, in the structure of ``params``.
 

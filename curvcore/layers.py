@@ -20,11 +20,11 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 from ._namespace import array_namespace
 
-from .protocol import Array, Cotangent, resolve_cotangent
+from .protocol import Array, Cotangent, LayerModel, Model, RecordsModel, resolve_cotangent
 
 __all__ = ["LayerSpec", "Records", "layer_specs", "mlp_specs", "records", "rows", "weight_matrix",
            "matrix_to_weight", "bias_vector", "positions"]
@@ -103,13 +103,13 @@ def mlp_specs(params: Sequence[Array]) -> list[LayerSpec]:
     return specs
 
 
-def layer_specs(model: Any, params: Sequence[Array]) -> list[LayerSpec]:
+def layer_specs(model: Model | None, params: Sequence[Array]) -> list[LayerSpec]:
     """``model.layer_specs(params)`` when the model has it, else :func:`mlp_specs` (``model`` may be None)."""
     own = getattr(model, "layer_specs", None)
     return list(own(params)) if own is not None else mlp_specs(params)
 
 
-def records(model: Any, params: Sequence[Array], x: Array, cotangent: Cotangent,
+def records(model: LayerModel | RecordsModel, params: Sequence[Array], x: Array, cotangent: Cotangent,
             specs: Sequence[LayerSpec] | None = None, chain: bool = False) -> Records:
     """One recorded pass: ``model.records`` if the model has it, else its ``layers`` read as an MLP.
 

@@ -1,7 +1,13 @@
-"""The model protocol.
+"""The model and loss protocols.
 
 Every curvature method in curvcore talks to a model only through the
-primitives below, so one method implementation serves every backend.
+primitives below, so one method implementation serves every backend. The
+protocols are split by what a method needs: every model is a :class:`Model`
+(``forward``, ``jvp``, ``vjp``); the layer-wise methods need a
+:class:`LayerModel` (``layers``) or a :class:`RecordsModel` (``layer_specs``,
+``records``); the pseudo-Hessian a :class:`JetModel` (``jet``). A method lists
+what it needs beyond :class:`Model` in ``needs`` (:data:`LAYERS`, :data:`JET`),
+checked by :func:`provides` at the step's boundary. Losses are :class:`Loss`.
 
 Params are any pytree of arrays (:mod:`curvcore.tree`); a model's primitives
 take and return params in the structure the model uses (a list for the
@@ -14,9 +20,13 @@ Methods never mutate them: every helper returns new lists.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Any, NamedTuple, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, NamedTuple, Protocol, runtime_checkable
 
 from array_api_compat import array_namespace
+
+if TYPE_CHECKING:  # layers imports this module
+    from .layers import LayerSpec, Records
+    from .tree import TreeDef
 
 
 Array = Any  # an array of any array-API library (numpy, torch, jax, cupy, ...)
@@ -58,32 +68,27 @@ Cotangent = Array | Callable[[Array], Array]
 
 @runtime_checkable
 class Model(Protocol):
-    """The primitives a backend adapter provides.
+    """The primitives every model provides: ``forward``, ``jvp`` and ``vjp`` (all a method like SGD,
+    Adam or CurveBall needs).
 
-    Optional primitive (not checked by ``isinstance(model, Model)``; call it
-    through :func:`linearize`, which falls back to ``jvp``/``vjp``):
-    ``linearize(params, x) -> (f, jvp_fn, pullback)`` runs ONE forward pass;
-    ``jvp_fn(tangent) = J tangent`` then propagates only the tangent through
-    the cached activations and derivatives, and ``pullback(u) = J^T u`` (a
-    params-like list) is a backward sweep over the same cached forward. A
-    method needing ``J z``, ``J^T u`` and ``J dz`` at one point pays
-    1 forward + 2 tangent propagations + 1 backward, where separate
-    ``jvp``/``vjp``/``jvp`` calls redo the forward three times.
+    Optional primitive (call it through :func:`linearize`, which falls back to
+    ``jvp``/``vjp``): ``linearize(params, x) -> (f, jvp_fn, pullback)`` runs
+    ONE forward pass; ``jvp_fn(tangent) = J tangent`` then propagates only the
+    tangent through the cached activations and derivatives, and
+    ``pullback(u) = J^T u`` (a params-like list) is a backward sweep over the
+    same cached forward. A method needing ``J z``, ``J^T u`` and ``J dz`` at
+    one point pays 1 forward + 2 tangent propagations + 1 backward, where
+    separate ``jvp``/``vjp``/``jvp`` calls redo the forward three times.
 
-    Optional primitive (call it through :func:`jets`, which falls back to
-    ``forward`` and ``jet``): ``jets(params, x) -> (f, jet_fn)`` runs ONE
-    forward pass and caches what Taylor mode needs (the layer inputs and the
-    activation derivatives up to order 3); ``jet_fn(tangent, order)`` returns
-    ``[d1, ..., d_order]`` (order <= 3) pushing only the Taylor coefficients.
-    A params-list ``tangent`` may hold ``None`` for tensors where it is zero:
-    a direction supported on layer k costs no work below layer k.
+    Optional attributes: ``xp`` (the array namespace of the model's arrays),
+    ``validate`` (value checks of the primitives called directly; inside a
+    method step the method's ``validate`` decides), ``step_scope()`` (model
+    state such as BatchNorm buffers, see :class:`curvcore.Method`), ``names``
+    (readable names of the params tensors for messages).
 
-    Attributes:
-        xp: the array namespace of the model's arrays
-            (``array_api_compat.array_namespace`` of its params).
+    ``isinstance(model, Model)`` works; methods check their needs with the
+    faster :func:`satisfies`.
     """
-
-    xp: Any
 
     def forward(self, params: Params, x: Array) -> Array:
         """Return the output ``f(params, x)`` of shape ``(B, ...)``."""
@@ -97,6 +102,11 @@ class Model(Protocol):
         """Return ``(f, pullback)`` with ``pullback(u) = J^T u`` (a params-like list)."""
         ...
 
+
+@runtime_checkable
+class LayerModel(Model, Protocol):
+    """A model that records its dense layers in a pass (ESN, MK, and the layer-wise methods on an MLP)."""
+
     def layers(self, params: Params, x: Array, out_cotangent: Cotangent) -> list[LayerRecord]:
         """Return one :class:`LayerRecord` per dense layer, input to output.
 
@@ -107,7 +117,105 @@ class Model(Protocol):
         ...
 
 
-def linearize(model: Any, params: Params, x: Array) -> tuple[Array, Callable[[Params], Array],
+@runtime_checkable
+class RecordsModel(Model, Protocol):
+    """A model that names its dense and convolution layers and records any of them in one pass
+    (the torch and flax/equinox adapters; see :mod:`curvcore.layers`)."""
+
+    def layer_specs(self, params: Params) -> list[LayerSpec]:
+        """The model's layers (:class:`~curvcore.layers.LayerSpec`), in call order."""
+        ...
+
+    def records(self, params: Params, x: Array, cotangent: Cotangent, specs: Sequence[LayerSpec] | None = None,
+                chain: bool = False) -> Records:
+        """One forward and one backward pass recording the layers of ``specs``
+        (:class:`~curvcore.layers.Records`)."""
+        ...
+
+
+@runtime_checkable
+class JetModel(Model, Protocol):
+    """A model with Taylor-mode derivatives along a direction (the pseudo-Hessian).
+
+    Optional primitive (call it through :func:`jets`, which falls back to
+    ``forward`` and ``jet``): ``jets(params, x) -> (f, jet_fn)`` runs ONE
+    forward pass and caches what Taylor mode needs (the layer inputs and the
+    activation derivatives up to order 3); ``jet_fn(tangent, order)`` returns
+    ``[d1, ..., d_order]`` (order <= 3) pushing only the Taylor coefficients.
+    A params-list ``tangent`` may hold ``None`` for tensors where it is zero:
+    a direction supported on layer k costs no work below layer k.
+    """
+
+    def jet(self, params: Params, x: Array, tangent: Params, order: int) -> list[Array]:
+        """``[f, d1, ..., d_order]`` with ``d_k = d^k/dt^k f(params + t tangent)`` at 0 (order 1, 2 or 3)."""
+        ...
+
+
+@runtime_checkable
+class Loss(Protocol):
+    """A loss on the model output with its derivatives in closed form (:mod:`curvcore.losses`).
+
+    ``f`` is the output ``(B, ...)``, ``y`` the targets; the reduction over the
+    batch (and its ``1/B``) is the loss's own.
+    """
+
+    def value(self, f: Array, y: Array) -> Array:
+        """The loss, a 0-d array."""
+        ...
+
+    def grad(self, f: Array, y: Array) -> Array:
+        """``dL/df``, shaped like ``f``."""
+        ...
+
+    def hvp(self, f: Array, y: Array, v: Array) -> Array:
+        """``H_L v`` with ``H_L = d^2 L / df^2``, shaped like ``f``."""
+        ...
+
+
+class Primitive(str):
+    """The name of an optional model primitive (``"layers"``, ``"jet"``), as a method lists it in its ``needs``,
+    carrying the protocols that provide it: a model satisfying any of them has it."""
+
+    protocols: tuple[type, ...]
+
+    def __new__(cls, name: str, *protocols: type) -> Primitive:
+        obj = super().__new__(cls, name)
+        obj.protocols = protocols
+        return obj
+
+
+LAYERS = Primitive("layers", LayerModel, RecordsModel)
+JET = Primitive("jet", JetModel)
+PRIMITIVES = {p: p for p in (LAYERS, JET)}
+
+_MEMBERS: dict[type, tuple[str, ...]] = {}
+
+
+def members(protocol: type) -> tuple[str, ...]:
+    """The methods a protocol requires (its own and those of the protocols it extends)."""
+    names = _MEMBERS.get(protocol)
+    if names is None:
+        names = _MEMBERS[protocol] = tuple(sorted({
+            name for klass in protocol.__mro__ if Protocol in klass.__bases__
+            for name, value in vars(klass).items() if callable(value) and not name.startswith("_")}))
+    return names
+
+
+def satisfies(model: object, protocol: type) -> bool:
+    """Whether ``model`` has every method of ``protocol`` (``isinstance`` without its cost: a step checks this)."""
+    return all(callable(getattr(model, name, None)) for name in members(protocol))
+
+
+def provides(model: object, need: str) -> bool:
+    """Whether ``model`` provides the primitive ``need`` (a :class:`Primitive` or its name): it satisfies one of
+    the protocols that carry it (a model with ``records`` provides ``"layers"``)."""
+    primitive = need if isinstance(need, Primitive) else PRIMITIVES.get(need)
+    if primitive is None:
+        return callable(getattr(model, need, None))
+    return any(satisfies(model, protocol) for protocol in primitive.protocols)
+
+
+def linearize(model: Model, params: Params, x: Array) -> tuple[Array, Callable[[Params], Array],
                                                              Callable[[Array], Params]]:
     """``(f, jvp_fn, pullback)``: ``jvp_fn(t) = J t``, ``pullback(u) = J^T u`` at ``params``.
 
@@ -123,7 +231,7 @@ def linearize(model: Any, params: Params, x: Array) -> tuple[Array, Callable[[Pa
     return linearize_by_composition(model, params, x)
 
 
-def linearize_by_composition(model: Any, params: Params, x: Array) -> tuple[Array, Callable[[Params], Array],
+def linearize_by_composition(model: Model, params: Params, x: Array) -> tuple[Array, Callable[[Params], Array],
                                                                             Callable[[Array], Params]]:
     """``(f, jvp_fn, pullback)`` from ``model.vjp`` and one ``model.jvp`` per tangent (no shared forward)."""
     out, pullback = model.vjp(params, x)
@@ -137,7 +245,7 @@ def linearize_by_composition(model: Any, params: Params, x: Array) -> tuple[Arra
 JetFn = Callable[[Params, int], list]
 
 
-def jets(model: Any, params: Params, x: Array) -> tuple[Array, JetFn]:
+def jets(model: JetModel, params: Params, x: Array) -> tuple[Array, JetFn]:
     """``(f, jet_fn)``: ``jet_fn(tangent, order) = [d1, ..., d_order]``, ``d_k = d^k/dt^k f(params + t tangent)`` at 0.
 
     Calls ``model.jets(params, x)`` (the optional primitive: one forward pass,
@@ -151,7 +259,7 @@ def jets(model: Any, params: Params, x: Array) -> tuple[Array, JetFn]:
     return jets_by_jet(model, params, x)
 
 
-def jets_by_jet(model: Any, params: Params, x: Array) -> tuple[Array, JetFn]:
+def jets_by_jet(model: JetModel, params: Params, x: Array) -> tuple[Array, JetFn]:
     """``(f, jet_fn)`` from ``model.forward`` and one ``model.jet`` per call (``None`` entries filled with zeros)."""
     out = model.forward(params, x)
 
@@ -204,8 +312,8 @@ def checked_pullback(out: Array, pull: Callable[[Array], tuple]) -> Callable[[Ar
     return pullback
 
 
-# the tree algebra lives in curvcore.tree; these names stay importable from here
-from .tree import (  # noqa: E402,F401
+# the tree algebra lives in curvcore.tree_algebra; these names stay importable from here
+from .tree_algebra import (  # noqa: E402,F401
     tree_add, tree_axpy, tree_dot, tree_map, tree_norm, tree_scale, tree_size, tree_sub, tree_zeros_like,
 )
 
@@ -220,7 +328,7 @@ _PRIMITIVES = ("forward", "jvp", "vjp", "linearize", "jet", "jets", "layers", "r
 class _FlatModel:
     """A model over flat params lists, for a model whose own params are a pytree (see :func:`flat_model`)."""
 
-    def __init__(self, model: Any, treedef: Any):
+    def __init__(self, model: Model, treedef: TreeDef):
         from . import tree
 
         self.model, self.treedef, self.xp = model, treedef, getattr(model, "xp", None)
@@ -277,7 +385,7 @@ class _FlatModel:
         return self.model.step_scope()
 
 
-def flat_model(model: Any, treedef: Any) -> Any:
+def flat_model(model: Model, treedef: TreeDef) -> Model:
     """``model`` itself when its params are a plain list, else a view whose primitives take flat lists."""
     return model if treedef.kind == "list" else _FlatModel(model, treedef)
 
@@ -294,7 +402,7 @@ class _ReducedModel:
     method all-reduces only the ones it uses (the parameters it does not precondition).
     """
 
-    def __init__(self, model: Any):
+    def __init__(self, model: Model):
         from . import _reduce
 
         self.model, self.xp, self._sums = model, getattr(model, "xp", None), _reduce.param_sums
@@ -316,7 +424,7 @@ class _ReducedModel:
         return out, jvp_fn, lambda u: self._sums(pull(u))
 
 
-def reduced_model(model: Any) -> Any:
+def reduced_model(model: Model) -> Model:
     """``model`` itself in one process; under a data-parallel reducer, a view whose pullbacks are all-reduced."""
     from ._reduce import current
 

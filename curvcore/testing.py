@@ -105,7 +105,8 @@ def check_model(model: Any, params: Sequence[Array], x: Array, y: Array | None =
 
     Args:
         model: the protocol model (``forward``, ``jvp``, ``vjp``; optional
-            ``linearize``, ``layers`` and ``jet``; attribute ``xp``).
+            ``linearize``, ``layers`` and ``jet``; attribute ``xp``, else the
+            namespace of ``params``).
         params: its params list.
         x: a batch, ``(B, n_in)``.
         y: targets; with ``loss`` the layer check uses the loss gradient as
@@ -129,10 +130,11 @@ def check_model(model: Any, params: Sequence[Array], x: Array, y: Array | None =
     """
     import numpy as np
 
+    from ._namespace import array_namespace
     from .backends import to_numpy
     from .losses import get as get_loss
 
-    xp = model.xp
+    xp = getattr(model, "xp", None) or array_namespace(*params)  # ``xp`` is an optional attribute of a model
     snapshot, x_before = [to_numpy(p) for p in params], to_numpy(x)
     np_dtype = snapshot[0].dtype
     eps = float(np.finfo(np_dtype).eps)

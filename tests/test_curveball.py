@@ -495,13 +495,13 @@ def jax_cond():
 
     try:
         import curvcore.backends.jax  # noqa: F401  (registers lax.cond)
-        entry = None
+        cond_fn = None
     except Exception:
-        entry = (lambda p: isinstance(p, jax.core.Tracer), lambda pred, t, f, *ops: jax.lax.cond(pred, t, f, *ops))
-        _control._CONDS.append(entry)
+        cond_fn = lambda pred, t, f, *ops: jax.lax.cond(pred, t, f, *ops)  # noqa: E731
+        _control.register_cond(lambda p: isinstance(p, jax.core.Tracer), cond_fn)
     yield jax
-    if entry is not None:
-        _control._CONDS.remove(entry)
+    if cond_fn is not None:
+        _control.unregister_cond(cond_fn)
 
 
 @pytest.mark.parametrize("auto", [True, False])

@@ -40,8 +40,8 @@ from .._checks import (
 from .._reduce import current, param_sums
 from ..layers import LayerSpec, Records, layer_specs, records
 from ..losses import get as get_loss
-from ..protocol import Array, flat_model, reduced_model
-from ..tree import tree_norm
+from ..protocol import LAYERS, Array, LayerModel, Loss, Model, RecordsModel, flat_model, provides, reduced_model
+from ..tree_algebra import tree_norm
 
 
 @contextmanager
@@ -69,12 +69,23 @@ class Method:
     fields shaped like params, returned in the params' tree structure).
 
     Attributes:
-        validate: check inputs for NaN/Inf (and labels for range) at every
-            step (default True), and raise on a non-finite result. Set it to
-            False in benchmarks: value checks force a device sync. Inside
+        validate: the one switch of value checks in a step (default True):
+            check inputs for NaN/Inf (and labels for range) and raise on a
+            non-finite result. It governs the whole step: the model's
+            primitives and the loss called inside follow it, whatever the
+            model's own ``validate`` (which only applies to primitives called
+            directly, outside a step, such as :func:`curvcore.ggn_vp`). Set it
+            to False in benchmarks: value checks force a device sync. Inside
             ``jax.jit`` value checks are skipped automatically.
-        needs: protocol primitives the method uses beyond forward/jvp/vjp
-            (``"layers"``, ``"jet"``); the CLI and the test suite read it.
+        needs: the optional model primitives the method uses beyond
+            :class:`~curvcore.protocol.Model`'s forward/jvp/vjp:
+            :data:`~curvcore.protocol.LAYERS` (a
+            :class:`~curvcore.protocol.LayerModel` or
+            :class:`~curvcore.protocol.RecordsModel`),
+            :data:`~curvcore.protocol.JET` (a :class:`~curvcore.protocol.JetModel`).
+            They compare equal to their names (``"layers"``, ``"jet"``); the step
+            checks them (:func:`~curvcore.protocol.provides`), the CLI and the
+            test suite read them.
     """
 
     validate: bool = True
@@ -83,17 +94,17 @@ class Method:
     param_fields: tuple[str, ...] = ()
 
     # -- to implement --------------------------------------------------------
-    def init_flat(self, params: list[Array], model: Any = None) -> Any:  # pragma: no cover - abstract
+    def init_flat(self, params: list[Array], model: Model | None = None) -> Any:  # pragma: no cover - abstract
         """The initial state for flat ``params``."""
         raise NotImplementedError
 
-    def flat_step(self, model: Any, loss: Any, params: list[Array], state: Any, x: Array, y: Array,
+    def flat_step(self, model: Model, loss: Loss, params: list[Array], state: Any, x: Array, y: Array,
                   **kwargs: Any) -> tuple[list[Array], Any, dict]:  # pragma: no cover - abstract
         """One step over flat params (inputs already validated)."""
         raise NotImplementedError
 
     # -- the public API ------------------------------------------------------
-    def init(self, params: Any, model: Any = None) -> Any:
+    def init(self, params: Any, model: Model | None = None) -> Any:
         """The initial state for ``params`` (any pytree of float32/float64 arrays).
 
         Args:
@@ -112,7 +123,7 @@ class Method:
         flat = self.init_flat(leaves, None if model is None else flat_model(model, treedef))
         return self._tree_state(flat, treedef)
 
-    def step(self, model: Any, loss: Any, params: Any, state: Any, x: Array, y: Array, **kwargs: Any):
+    def step(self, model: Model, loss: Loss | str, params: Any, state: Any, x: Array, y: Array, **kwargs: Any):
         """One step: ``(new_params, new_state, info)``, params in the structure given.
 
         Raises:
@@ -130,8 +141,7 @@ class Method:
             flat_state = self._flat_state(state, leaves, treedef)
             fmodel = reduced_model(flat_model(model, treedef))
             for need in self.needs:
-                if not callable(getattr(fmodel, need, None)) and not (need == "layers" and callable(
-                        getattr(fmodel, "records", None))):
+                if not provides(fmodel, need):
                     raise TypeError(f"{type(self).__name__} needs model.{need}(...); "
                                     f"{type(model).__name__} does not provide it")
             xp = check_batch(leaves, x, y, validate=self.validate)
@@ -180,7 +190,7 @@ class Method:
 
     # -- the non-finite guard ------------------------------------------------
     def _keep_finite(self, xp: Any, old: list[Array], old_state: Any, new: list[Array], new_state: Any,
-                     info: dict, model: Any = None) -> tuple[list[Array], Any, dict]:
+                     info: dict, model: Model | None = None) -> tuple[list[Array], Any, dict]:
         """Raise (eager, ``validate``) or select the old params and state when the step is not finite."""
         finite = all_finite([*new, info["loss"]])
         info["finite"] = finite
@@ -195,7 +205,7 @@ class Method:
 
         return [select(n, o) for n, o in zip(new, old)], tree.map_leaves(select, new_state, old_state), info
 
-    def _not_finite_message(self, new: list[Array], loss_value: Array, model: Any) -> str:
+    def _not_finite_message(self, new: list[Array], loss_value: Array, model: Model | None) -> str:
         """Which quantity of a non-finite step is bad (the loss, the update of which parameter tensors)."""
         names = _param_names(model, new)
         bad = [names[i] for i, p in enumerate(new) if concrete_bool(all_finite([p])) is False]
@@ -209,7 +219,7 @@ class Method:
         return f"{type(self).__name__}: the step is not finite: {'; '.join(parts)}; the params are left unchanged"
 
 
-def _param_names(model: Any, params: Sequence[Array]) -> list[str]:
+def _param_names(model: Model | None, params: Sequence[Array]) -> list[str]:
     """Readable names of the parameter tensors for messages: the model's ``names``, else
     ``params[i] (<layer> weight|bias)`` from its layer structure where it has one."""
     names = getattr(model, "names", None)
@@ -227,7 +237,7 @@ def _param_names(model: Any, params: Sequence[Array]) -> list[str]:
     return labels
 
 
-def init_state(method: Any, params: Any, model: Any = None) -> Any:
+def init_state(method: Any, params: Any, model: Model | None = None) -> Any:
     """``method.init(params, model)``, or ``method.init(params)`` for a method whose ``init`` takes no model.
 
     The wrappers (torch ``Optimizer``, ``jit_step``, ``as_optax``) call this,
@@ -252,13 +262,13 @@ def check_flag(name: str, value: Any) -> bool:
     return value
 
 
-def value_and_grad(model: Any, loss: Any, params: Sequence[Array], x: Array, y: Array) -> tuple[Array, list[Array], Array]:
+def value_and_grad(model: Model, loss: Loss, params: Sequence[Array], x: Array, y: Array) -> tuple[Array, list[Array], Array]:
     """One forward and one VJP: ``(L, g, out)`` with ``g = J^T dL/df``."""
     out, pullback = model.vjp(params, x)
     return loss.value(out, y), pullback(loss.grad(out, y)), out
 
 
-def loss_and_records(model: Any, loss: Any, params: Sequence[Array], x: Array, y: Array) -> tuple[Array, list]:
+def loss_and_records(model: LayerModel, loss: Loss, params: Sequence[Array], x: Array, y: Array) -> tuple[Array, list]:
     """One forward + one backward: ``(L, records)`` with ``g = dL/dz`` of the batch-mean loss (MLP layers)."""
     recs = model.layers(params, x, lambda out: loss.grad(out, y))
     return loss.value(recs[-1].h, y), recs
@@ -307,13 +317,13 @@ class LayerwiseMethod(Method):
     instead.
     """
 
-    needs = ("layers",)
+    needs = (LAYERS,)
     preconditions: tuple[str, ...] = ("dense",)
     chain: bool = False
     strict: bool = False
     lr: float
 
-    def layer_candidates(self, params: Sequence[Array], model: Any) -> list[LayerSpec]:
+    def layer_candidates(self, params: Sequence[Array], model: Model | None) -> list[LayerSpec]:
         """The layers of the model this method can precondition (kind and a bias), in spec order.
 
         Raises:
@@ -330,19 +340,19 @@ class LayerwiseMethod(Method):
                              "PseudoHessian, SGD, Adam)")
         return kept
 
-    def _check_strict(self, params: Sequence[Array], model: Any, kept: Sequence[LayerSpec], why: str) -> None:
+    def _check_strict(self, params: Sequence[Array], model: Model | None, kept: Sequence[LayerSpec], why: str) -> None:
         rest = self._others(params, model, kept)
         if rest:
             raise ValueError(f"{type(self).__name__}(strict=True): {', '.join(rest)} {why} "
                              f"({' and '.join(self.preconditions)} layers"
                              f"{', output chain' if self.chain else ''}); it would take a plain gradient step")
 
-    def _others(self, params: Sequence[Array], model: Any, kept: Sequence[LayerSpec]) -> list[str]:
+    def _others(self, params: Sequence[Array], model: Model | None, kept: Sequence[LayerSpec]) -> list[str]:
         owned = {i for s in kept for i in s.tensors()}
         names = getattr(model, "names", None) or [f"params[{i}]" for i in range(len(params))]
         return [names[i] for i in range(len(params)) if i not in owned]
 
-    def record(self, model: Any, loss: Any, params: Sequence[Array], x: Array, y: Array,
+    def record(self, model: LayerModel | RecordsModel, loss: Loss, params: Sequence[Array], x: Array, y: Array,
                specs: Sequence[LayerSpec]) -> tuple[Array, Records]:
         """One recorded pass with the loss gradient as cotangent: ``(L, records)``; checks coverage."""
         rec = records(model, params, x, lambda out: loss.grad(out, y), specs, chain=self.chain)

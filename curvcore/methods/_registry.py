@@ -72,6 +72,11 @@ def register(name: str, cls: type, *, compare: dict | None = None, test: dict | 
     return spec
 
 
+def unregister(name: str) -> None:
+    """Remove a method from the registry (one registered for a session or a test); unknown names are ignored."""
+    REGISTRY.pop(name, None)
+
+
 def get(name: str) -> MethodSpec:
     """The spec of a registered method; ``ValueError`` lists the names on a miss."""
     try:

@@ -30,8 +30,8 @@ from ..curvature import ggn_vp_at, linearization
 from .._control import cond
 from .._linalg import pinv
 from .._reduce import batch_vdot
-from ..protocol import Array
-from ..tree import tree_add, tree_dot, tree_map, tree_scale
+from ..protocol import Array, Loss, Model
+from ..tree_algebra import tree_add, tree_dot, tree_map, tree_scale
 from ._base import Method, step_info, zero_count
 from ._registry import register
 
@@ -197,14 +197,14 @@ class CurveBall(Method):
     state_type = CurveBallState
     param_fields = ("z",)
 
-    def init_flat(self, params: Sequence[Array], model: Any = None) -> CurveBallState:
+    def init_flat(self, params: Sequence[Array], model: Model | None = None) -> CurveBallState:
         """``z = 0`` like params, ``lam`` = the constructor's, ``count = 0``."""
         p0 = params[0]
         xp = array_namespace(*params)
         lam = xp.asarray(self.lam, dtype=p0.dtype, device=device(p0))
         return CurveBallState(z=tree_map(xp.zeros_like, params), lam=lam, count=zero_count(params))
 
-    def flat_step(self, model: Any, loss: Any, params: Sequence[Array], state: CurveBallState, x: Array, y: Array):
+    def flat_step(self, model: Model, loss: Loss, params: Sequence[Array], state: CurveBallState, x: Array, y: Array):
         """One CurveBall step.
 
         Returns:

@@ -6,8 +6,8 @@ from collections.abc import Sequence
 from typing import Any, NamedTuple
 
 from .._checks import check_interval, check_nonnegative, check_positive
-from ..protocol import Array
-from ..tree import tree_axpy, tree_norm, tree_scale, tree_sub, tree_zeros_like
+from ..protocol import Array, Loss, Model
+from ..tree_algebra import tree_axpy, tree_norm, tree_scale, tree_sub, tree_zeros_like
 from ._base import Method, check_grads_finite, step_info, value_and_grad, zero_count
 from ._registry import register
 
@@ -43,11 +43,11 @@ class SGD(Method):
     state_type = SGDState
     param_fields = ("v",)
 
-    def init_flat(self, params: Sequence[Array], model: Any = None) -> SGDState:
+    def init_flat(self, params: Sequence[Array], model: Model | None = None) -> SGDState:
         """Zero momentum, count 0."""
         return SGDState(v=tree_zeros_like(params), count=zero_count(params))
 
-    def flat_step(self, model: Any, loss: Any, params: Sequence[Array], state: SGDState, x: Array, y: Array):
+    def flat_step(self, model: Model, loss: Loss, params: Sequence[Array], state: SGDState, x: Array, y: Array):
         """One SGD step; ``info``: ``loss``, ``step_norm``, ``grad_norm``."""
         value, g, _ = value_and_grad(model, loss, params, x, y)
         check_grads_finite(g, self.validate)
