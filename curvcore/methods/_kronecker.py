@@ -16,8 +16,11 @@ with an output factor ``L`` (``n_out x n_out``) and an input factor ``R``:
   correction ``-ΔW ā`` (thesis eq 6.2.3-6.2.5);
 * **CenteredSGD**: ACP with the covariance replaced by ``I``, ``α = 1``, ``ε = 0``.
 
-This module holds the pieces they share: the joint gradient, the factors,
-the damped Kronecker solve, the refresh schedule, and the centring.
+This module holds the pieces they share: the joint gradient, the factor
+builders (``A`` from layer inputs, convolution patches included; ``G`` from
+output vectors: empirical, type-2 or Monte-Carlo), the damped Kronecker solve,
+the refresh schedule, the centring with its bias correction, and the step
+template :class:`KroneckerMethod` the three methods fill in.
 """
 
 from __future__ import annotations
@@ -32,9 +35,12 @@ from .._namespace import array_namespace
 
 from .._control import cond
 from .._linalg import eigh
+from .._checks import check_shapes
 from .._reduce import batch_gram, batch_max, batch_mean, batch_size, batch_sum, current, global_count
-from ..layers import LayerSpec, bias_vector, matrix_to_weight, positions, rows
+from ..layers import LayerSpec, Records, bias_vector, matrix_to_weight, positions, records, rows
 from ..protocol import Array, LayerRecord
+from ..random import host_generator
+from ._base import LayerwiseMethod, check_grads_finite, method_errors, n_preconditioned, step_info, zero_count
 
 # ---------------------------------------------------------------------------
 # errors and small helpers
@@ -150,6 +156,60 @@ def output_factor(gs: Sequence[Array], scale: float) -> Array:
     return total * scale
 
 
+def empirical_vectors(rec: Records) -> tuple[list[list[Array]], float]:
+    """Empirical Fisher: ``δ = B g`` from the step's own records, ``G = B Σ g_rowsᵀ g_rows`` (no extra pass)."""
+    return [[r.g for r in rec.layers]], float(examples(rec.layers[0]))
+
+
+def pulled_back_vectors(model: Any, params: Sequence[Array], x: Array, rec: Records,
+                        cotangents: Sequence[Array]) -> list[list[Array]]:
+    """For each output cotangent, one backward pass: the recorded ``g`` of every layer of ``rec``."""
+    return [[r.g for r in records(model, params, x, u, rec.specs).layers] for u in cotangents]
+
+
+def type2_vectors(model: Any, loss: Any, params: Sequence[Array], x: Array, y: Array,
+                  rec: Records) -> tuple[list[list[Array]], float]:
+    """Type-2 (exact GGN): one pass per column ``U_c = R[:, c] / B`` of ``R Rᵀ = H``, ``G = Σ_c g_cᵀ g_c``."""
+    if rec.out.ndim != 2:
+        raise ValueError(f"KFAC: fisher='type-2' needs outputs (B, C), got {tuple(rec.out.shape)}; use "
+                         "'empirical' or 'mc' for outputs with positions")
+    return pulled_back_vectors(model, params, x, rec, loss.hessian_sqrt(rec.out, y)), 1.0
+
+
+def mc_cotangents(loss: Any, out: Array, seed: Sequence[int], samples: int) -> list[Array]:
+    """``loss.grad(out, ỹ_m)`` at ``samples`` targets per example sampled from the model.
+
+    MSE: ``ỹ = f + N(0, I)``; CE: ``ỹ ~ softmax(f)`` by inverse-CDF sampling
+    (array-API code on uniform draws). The uniform and normal draws come from
+    the host generator (:func:`curvcore.random.host_generator`, NumPy's
+    ``default_rng(seed)``), for the whole batch, so every backend and every
+    data-parallel rank (its rows of the batch) sees the same targets.
+
+    Raises:
+        ValueError: a loss other than MSE and CE, or outputs that are not ``(B, C)``.
+    """
+    name = getattr(loss, "name", None)
+    if name not in ("mse", "ce") or out.ndim != 2:
+        raise ValueError(f"KFAC: fisher='mc' supports the losses 'mse' and 'ce' on outputs (B, C), got {loss!r} "
+                         f"and outputs {tuple(out.shape)}")
+    xp, dev = array_namespace(out), device(out)
+    rng = host_generator(seed)
+    B, C = out.shape
+    shard = slice(current().rank * B, (current().rank + 1) * B)  # each rank's rows of the whole batch's draws
+
+    def draw(fn: Callable[[tuple[int, int]], Any], width: int) -> Array:
+        return xp.asarray(fn((batch_size(out), width))[shard], dtype=out.dtype, device=dev)
+
+    cots = []
+    for _ in range(samples):
+        if name == "mse":
+            cots.append(loss.grad(out, out + draw(rng.standard_normal, C)))
+            continue
+        below = xp.astype(xp.cumulative_sum(loss.softmax(out), axis=1) < draw(rng.random, 1), xp.int64)
+        cots.append(loss.grad(out, xp.minimum(xp.sum(below, axis=1), xp.asarray(C - 1, dtype=xp.int64, device=dev))))
+    return cots
+
+
 def damped(F: Array, damping: float) -> Array:
     """``F + damping I``."""
     xp = array_namespace(F)
@@ -230,3 +290,145 @@ def layer_state_shapes(params: Sequence[Array], specs: Sequence[LayerSpec],
 def positions_of(rec: LayerRecord) -> int:
     """``S`` of a record (positions per example)."""
     return positions(rec.a)
+
+
+def whiten(G: Array, U: Array, d: Array) -> Array:
+    """``G U diag(1/d) Uᵀ``, two products (the form for an ``α`` that changes every step)."""
+    xp = array_namespace(G)
+    return xp.matmul(xp.matmul(G, U) / d, xp.matrix_transpose(U))
+
+
+def whitening_matrix(U: Array, d: Array) -> Array:
+    """``P = U diag(1/d) Uᵀ`` ``(n, n)``, cached at a refresh so a step costs one product ``G P``.
+
+    A ``d`` with an entry ``<= 0`` (singular) gives NaN everywhere without a
+    division by zero; the step's own check names the problem.
+    """
+    xp = array_namespace(U)
+    positive = d > 0
+    P = xp.matmul(U / xp.where(positive, d, xp.ones_like(d)), xp.matrix_transpose(U))
+    return xp.where(xp.all(positive), P, xp.full_like(P, float("nan")))
+
+
+def whiten_cached(G: Array, P: Array, U: Array, d: Array) -> Array:
+    """``G P`` with the cached ``P = U diag(1/d) Uᵀ``, or :func:`whiten` when ``P`` is NaN (not computed
+    at a refresh: a state from ``init`` or edited by hand). Through :func:`cond`, so it traces under jit."""
+    xp = array_namespace(G)
+    return cond(xp.isnan(P[0, 0]), lambda G: whiten(G, U, d), lambda G: xp.matmul(G, P), G)
+
+
+# ---------------------------------------------------------------------------
+# the step template
+# ---------------------------------------------------------------------------
+
+
+class KroneckerMethod(LayerwiseMethod):
+    """One step of the family; a member chooses its factors by filling in four hooks.
+
+    Per step: check the per-layer state against the params, one recorded pass
+    (``g = ∂L/∂z`` and the layer inputs), refresh the per-layer factors when
+    ``count % refresh_every == 0`` (``refresh_every = None``: no factors),
+    then per layer ``ΔΘ = layer_step(...)`` in the joint ``[W_mat b]`` layout;
+    parameters outside preconditioned layers take ``-lr g``.
+
+    Hooks:
+        ``factor_shapes(n_out, D)``: ``{state field: shape}`` of one layer's factors.
+        ``initial_factor(field, xp, n_out, D, dtype, device)``: what ``init`` stores.
+        ``refresh_factors(model, loss, params, x, y, rec, count, **kw)``: the new
+        factors of each recorded layer (``[{field: array}]`` in ``rec`` order).
+        ``layer_step(xp, k, record, factors)``: ``(ΔΘ, extras)`` of layer ``k``.
+        ``step_extras(xp, state, refreshed, extras, **kw)``: more ``info`` entries.
+    """
+
+    refresh_every: int | None = None
+
+    def factor_shapes(self, n_out: int, D: int) -> dict[str, tuple[int, ...]]:
+        return {}
+
+    def initial_factor(self, field: str, xp: Any, n_out: int, D: int, dtype: Any, dev: Any) -> Array:
+        raise NotImplementedError  # pragma: no cover - a member with factors defines it
+
+    def refresh_factors(self, model: Any, loss: Any, params: Sequence[Array], x: Array, y: Array, rec: Records,
+                        count: Array, **kw: Any) -> list[dict[str, Array]]:
+        raise NotImplementedError  # pragma: no cover - a member with factors defines it
+
+    def layer_step(self, xp: Any, k: int, rec: LayerRecord, factors: dict[str, Array]) -> tuple[Array, dict]:
+        raise NotImplementedError  # pragma: no cover - abstract
+
+    def step_extras(self, xp: Any, state: Any, refreshed: Array, extras: list[dict], **kw: Any) -> dict[str, Array]:
+        return {}
+
+    def check_step_inputs(self, params: Sequence[Array], x: Array, **kw: Any) -> None:
+        """Check the step's extra inputs (ACP's ``cov_batch``) before anything runs; here: none allowed.
+
+        Raises:
+            TypeError: a keyword the method does not take.
+        """
+        if kw:
+            raise TypeError(f"{self._name}.step() got unexpected keyword arguments: {', '.join(sorted(kw))}")
+
+    @property
+    def _name(self) -> str:
+        return type(self).__name__
+
+    def _fields(self) -> tuple[str, ...]:
+        return tuple(self.factor_shapes(1, 1))
+
+    def init_flat(self, params: Sequence[Array], model: Any = None) -> Any:
+        """Count 0 (the first step refreshes) and each layer's initial factors."""
+        xp = array_namespace(*params)
+        dt, dev = params[0].dtype, device(params[0])
+        dims = [joint_dims(params, s) for s in self.layer_candidates(params, model)]
+        return self.state_type(count=zero_count(params), **{
+            f: [self.initial_factor(f, xp, n_out, D, dt, dev) for n_out, D in dims] for f in self._fields()})
+
+    def flat_step(self, model: Any, loss: Any, params: Sequence[Array], state: Any, x: Array, y: Array,
+                  **kw: Any) -> tuple[list[Array], Any, dict[str, Array]]:
+        """The step of the class docstring; ``info``: ``loss`` (before), ``step_norm``,
+        ``refreshed`` (members with factors), ``n_preconditioned`` and the member's extras."""
+        xp = array_namespace(params[0])
+        specs = self.layer_candidates(params, model)
+        with method_errors(self._name):
+            for f in self._fields():
+                shapes = layer_state_shapes(params, specs, lambda o, d: self.factor_shapes(o, d)[f])
+                check_shapes(f"state.{f}", getattr(state, f), shapes, unit="layers")
+            self.check_step_inputs(params, x, **kw)
+        value, rec = self.record(model, loss, params, x, y, specs)
+        with method_errors(self._name):
+            check_grads_finite([r.g for r in rec.layers], self.validate)
+        slot = {s.weight: i for i, s in enumerate(specs)}
+        factors, refreshed = self._scheduled_factors(xp, model, loss, params, x, y, rec, state, slot, **kw)
+        deltas: dict[int, Array] = {}
+        extras = []
+        for sp, r in zip(rec.specs, rec.layers):
+            i = slot[sp.weight]
+            step, more = self.layer_step(xp, i, r, {f: factors[f][i] for f in factors})
+            deltas.update(split_joint(step, sp, params))
+            extras.append(more)
+        info = step_info(value, self.all_deltas(params, rec.grads, deltas, self.lr),
+                         **({} if refreshed is None else {"refreshed": refreshed}),
+                         **self.step_extras(xp, state, refreshed, extras, **kw),
+                         n_preconditioned=n_preconditioned(xp, rec, params[0]))
+        new_state = state._replace(count=state.count + 1, **factors)
+        return self.assemble(params, rec.grads, deltas), new_state, info
+
+    def _scheduled_factors(self, xp: Any, model: Any, loss: Any, params: Sequence[Array], x: Array, y: Array,
+                           rec: Records, state: Any, slot: dict[int, int],
+                           **kw: Any) -> tuple[dict[str, list], Array | None]:
+        """The factors this step uses (refreshed or kept, :func:`refresh_every`) and the ``refreshed`` flag."""
+        fields = self._fields()
+        if self.refresh_every is None:
+            return {}, None
+
+        def refresh(*_: Any) -> tuple[dict[str, list], Array]:
+            new = {f: list(getattr(state, f)) for f in fields}
+            fresh = self.refresh_factors(model, loss, params, x, y, rec, state.count, **kw)
+            for sp, layer in zip(rec.specs, fresh):
+                for f in fields:
+                    new[f][slot[sp.weight]] = layer[f]
+            return new, flag(xp, 1.0, params[0])
+
+        def keep(*kept: list) -> tuple[dict[str, list], Array]:
+            return {f: list(v) for f, v in zip(fields, kept)}, flag(xp, 0.0, params[0])
+
+        return refresh_every(state.count, self.refresh_every, refresh, keep, *[getattr(state, f) for f in fields])
