@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 from array_api_compat import device
 
@@ -36,8 +36,8 @@ from .._namespace import array_namespace
 from .._control import cond
 from .._linalg import eigh
 from .._checks import check_shapes
-from .._reduce import batch_gram, batch_max, batch_mean, batch_size, batch_sum, current, global_count
-from ..layers import LayerSpec, Records, bias_vector, matrix_to_weight, positions, records, rows
+from .._reduce import batch_gram, batch_max, batch_mean, batch_size, current, global_count, param_sums
+from ..layers import LayerSpec, Records, bias_vector, matrix_to_weight, positions, records, rows, weight_matrix
 from ..protocol import Array, LayerRecord
 from ..random import host_generator
 from ._base import LayerwiseMethod, check_grads_finite, method_errors, n_preconditioned, step_info, zero_count
@@ -99,11 +99,22 @@ def refresh_every(count: Array, every: int, refresh: Callable[..., Any], keep: C
 # ---------------------------------------------------------------------------
 
 
-def joint_gradient(rec: LayerRecord) -> Array:
-    """``∇_Θ L = g_rowsᵀ [a_rows, 1]`` ``(n_out, D + 1)``: the weight gradient and, last, the bias gradient."""
-    xp = array_namespace(rec.g)
-    g, a = rows(rec.g), rows(rec.a)
-    return xp.concat([batch_gram(g, a), batch_sum(g)[:, None]], axis=1)
+class LayerGradient(NamedTuple):
+    """A recorded layer's gradient of the batch loss: ``W`` as its ``(n_out, D)`` matrix and ``b`` ``(n_out,)``."""
+
+    W: Array
+    b: Array
+
+    def joint(self) -> Array:
+        """``∇_Θ L = g_rowsᵀ [a_rows, 1]`` ``(n_out, D + 1)``: the weight gradient and, last, the bias gradient."""
+        return array_namespace(self.W).concat([self.W, self.b[:, None]], axis=1)
+
+
+def layer_gradients(rec: Records) -> list[LayerGradient]:
+    """Per recorded layer, ``∇W = g_rowsᵀ a_rows`` and ``∇b = Σ g`` taken from the pass's own parameter
+    gradients (no second product), summed over processes in data-parallel training."""
+    flat = param_sums([rec.grads[i] for s in rec.specs for i in (s.weight, s.bias)])
+    return [LayerGradient(weight_matrix(flat[2 * k], s), bias_vector(flat[2 * k + 1])) for k, s in enumerate(rec.specs)]
 
 
 def split_joint(M: Array, spec: LayerSpec, params: Sequence[Array]) -> dict[int, Array]:
@@ -121,11 +132,10 @@ def joint_dims(params: Sequence[Array], spec: LayerSpec) -> tuple[int, int]:
     return n_out, math.prod(int(d) for d in W.shape) // n_out
 
 
-def centered_gradient(rec: LayerRecord) -> tuple[Array, Array, Array]:
-    """``(a_bar, G_hat, g_hat)``: mean input over rows, ``g_rowsᵀ (a_rows - a_bar)`` and ``Σ g``."""
-    a, g = rows(rec.a), rows(rec.g)
-    a_bar = batch_mean(a)
-    return a_bar, batch_gram(g, a - a_bar), batch_sum(g)
+def centered_gradient(rec: LayerRecord, grad: LayerGradient) -> tuple[Array, Array, Array]:
+    """``(a_bar, G_hat, g_hat)``: mean input over rows, ``g_rowsᵀ (a_rows - a_bar) = ∇W - ĝ a_barᵀ`` and ``ĝ = Σ g``."""
+    a_bar = batch_mean(rows(rec.a))
+    return a_bar, grad.W - grad.b[:, None] * a_bar[None, :], grad.b
 
 
 def examples(rec: LayerRecord) -> int:
@@ -336,7 +346,8 @@ class KroneckerMethod(LayerwiseMethod):
         ``initial_factor(field, xp, n_out, D, dtype, device)``: what ``init`` stores.
         ``refresh_factors(model, loss, params, x, y, rec, count, **kw)``: the new
         factors of each recorded layer (``[{field: array}]`` in ``rec`` order).
-        ``layer_step(xp, k, record, factors)``: ``(ΔΘ, extras)`` of layer ``k``.
+        ``layer_step(xp, k, record, grad, factors)``: ``(ΔΘ, extras)`` of layer ``k`` (``grad``:
+        its :class:`LayerGradient`).
         ``step_extras(xp, state, refreshed, extras, **kw)``: more ``info`` entries.
     """
 
@@ -352,7 +363,8 @@ class KroneckerMethod(LayerwiseMethod):
                         count: Array, **kw: Any) -> list[dict[str, Array]]:
         raise NotImplementedError  # pragma: no cover - a member with factors defines it
 
-    def layer_step(self, xp: Any, k: int, rec: LayerRecord, factors: dict[str, Array]) -> tuple[Array, dict]:
+    def layer_step(self, xp: Any, k: int, rec: LayerRecord, grad: LayerGradient,
+                   factors: dict[str, Array]) -> tuple[Array, dict]:
         raise NotImplementedError  # pragma: no cover - abstract
 
     def step_extras(self, xp: Any, state: Any, refreshed: Array, extras: list[dict], **kw: Any) -> dict[str, Array]:
@@ -400,9 +412,9 @@ class KroneckerMethod(LayerwiseMethod):
         factors, refreshed = self._scheduled_factors(xp, model, loss, params, x, y, rec, state, slot, **kw)
         deltas: dict[int, Array] = {}
         extras = []
-        for sp, r in zip(rec.specs, rec.layers):
+        for sp, r, grad in zip(rec.specs, rec.layers, layer_gradients(rec)):
             i = slot[sp.weight]
-            step, more = self.layer_step(xp, i, r, {f: factors[f][i] for f in factors})
+            step, more = self.layer_step(xp, i, r, grad, {f: factors[f][i] for f in factors})
             deltas.update(split_joint(step, sp, params))
             extras.append(more)
         info = step_info(value, self.all_deltas(params, rec.grads, deltas, self.lr),

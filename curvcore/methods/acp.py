@@ -196,10 +196,11 @@ class ACP(kr.KroneckerMethod):
         n = C.shape[0]
         return xp.concat([Us, kr.whitening_matrix(Us[:n, :], self.alpha * Us[n, :] + self.eps)], axis=0)
 
-    def layer_step(self, xp: Any, k: int, rec: LayerRecord, factors: dict[str, Array]) -> tuple[Array, dict]:
+    def layer_step(self, xp: Any, k: int, rec: LayerRecord, grad: kr.LayerGradient,
+                   factors: dict[str, Array]) -> tuple[Array, dict]:
         """``(ΔΘ, {"alpha": α})`` of one layer (spec §2): ``ΔW = -lr Ĝ P``, ``Δb = -(lr/α) ĝ - ΔW ā``."""
         s, U, P = factors["s"], factors["U"], factors["P"]
-        a_bar, G_hat, g_hat = kr.centered_gradient(rec)
+        a_bar, G_hat, g_hat = kr.centered_gradient(rec, grad)
         if self.alpha == "adaptive":
             alpha = kr.per_example_alpha(rec)
             positive = alpha > 0

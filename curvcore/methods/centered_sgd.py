@@ -51,9 +51,10 @@ class CenteredSGD(kr.KroneckerMethod):
         self.lr, self.bias_correction = lr, check_flag("bias_correction", bias_correction)
         self.strict = check_flag("strict", strict)
 
-    def layer_step(self, xp: Any, k: int, rec: LayerRecord, factors: dict[str, Array]) -> tuple[Array, dict]:
+    def layer_step(self, xp: Any, k: int, rec: LayerRecord, grad: kr.LayerGradient,
+                   factors: dict[str, Array]) -> tuple[Array, dict]:
         """``ΔW = -lr Ĝ``, ``Δb = -lr ĝ`` (``- ΔW ā`` with ``bias_correction``), joined as ``[ΔW Δb]``."""
-        a_bar, G_hat, g_hat = kr.centered_gradient(rec)
+        a_bar, G_hat, g_hat = kr.centered_gradient(rec, grad)
         dW, db = kr.centered_step(self.lr, G_hat, g_hat, a_bar, 1.0, None, self.bias_correction)
         return xp.concat([dW, db[:, None]], axis=1), {}
 

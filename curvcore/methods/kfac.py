@@ -132,9 +132,10 @@ class KFAC(kr.KroneckerMethod):
             inverses = kr.owned(lambda M, what: inv_psd(M, what), tasks)
         return [{"A_inv": inverses[2 * k], "G_inv": inverses[2 * k + 1]} for k in range(len(factors))]
 
-    def layer_step(self, xp: Any, k: int, rec: LayerRecord, factors: dict[str, Array]) -> tuple[Array, dict]:
+    def layer_step(self, xp: Any, k: int, rec: LayerRecord, grad: kr.LayerGradient,
+                   factors: dict[str, Array]) -> tuple[Array, dict]:
         """``ΔΘ = -lr (G + √d I)⁻¹ ∇_Θ L (A + √d I)⁻¹`` with the cached inverses."""
-        return -self.lr * kr.kron_solve(factors["G_inv"], kr.joint_gradient(rec), factors["A_inv"]), {}
+        return -self.lr * kr.kron_solve(factors["G_inv"], grad.joint(), factors["A_inv"]), {}
 
     def kronecker_factors(self, model: Any, loss: Any, params: Any, x: Array, y: Array,
                           count: int = 0) -> list[tuple[Any, Array, Array]]:
