@@ -51,12 +51,12 @@ def test_acp_cached_preconditioner_is_the_inverse_damped_covariance(backend, alp
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("bias_correction", [True, False])
 def test_acp_steps_with_the_cached_preconditioner_equal_the_eigen_formula(backend, bias_correction):
-    """Between refreshes, -lr G_hat P (cached) = -lr (G_hat U) diag(1/(alpha s + eps)) U^T (P = NaN: recomputed)."""
+    """Between refreshes, -lr G_hat P (cached) = -lr (G_hat U) diag(1/(alpha s + eps)) U^T (P = 0: recomputed)."""
     model, params, x, y, loss = make_problem(backend, SIZES, "tanh", "mse", batch=10, seed=4, shift=0.7)
     opt = cc.ACP(lr=0.2, eps=0.03, alpha=0.5, refresh_every=3, bias_correction=bias_correction)
     state = opt.init(params)
     for step in range(5):  # counts 0..4: refreshes at 0 and 3
-        slow_state = state._replace(P=[P * float("nan") for P in state.P])
+        slow_state = state._replace(P=[P * 0 for P in state.P])
         fast, state_next, info = opt.step(model, loss, params, state, x, y)
         slow, _, _ = opt.step(model, loss, params, slow_state, x, y)
         for k, (a, b) in enumerate(zip(to_np(fast), to_np(slow))):
@@ -73,7 +73,7 @@ def test_acp_adaptive_alpha_keeps_no_cached_preconditioner():
 
 
 def test_acp_singular_cached_preconditioner_still_raises_the_named_error():
-    """eps = 0 with a rank-deficient covariance: the cached P is NaN and the step names the problem."""
+    """eps = 0 with a rank-deficient covariance: no P is cached and the step names the problem."""
     model, params, x, y, loss = make_problem("numpy", SIZES, "tanh", "ce", batch=4, seed=3)
     opt = cc.ACP(eps=0.0, refresh_every=5)
     with pytest.raises(ValueError, match="ACP: alpha\\*C \\+ eps\\*I is singular"):

@@ -311,20 +311,22 @@ def whiten(G: Array, U: Array, d: Array) -> Array:
 def whitening_matrix(U: Array, d: Array) -> Array:
     """``P = U diag(1/d) Uᵀ`` ``(n, n)``, cached at a refresh so a step costs one product ``G P``.
 
-    A ``d`` with an entry ``<= 0`` (singular) gives NaN everywhere without a
-    division by zero; the step's own check names the problem.
+    A ``d`` with an entry ``<= 0`` (singular) gives zeros ("not computed",
+    :func:`whiten_cached`) without a division by zero; the step's own check
+    names the problem.
     """
     xp = array_namespace(U)
     positive = d > 0
     P = xp.matmul(U / xp.where(positive, d, xp.ones_like(d)), xp.matrix_transpose(U))
-    return xp.where(xp.all(positive), P, xp.full_like(P, float("nan")))
+    return xp.where(xp.all(positive), P, xp.zeros_like(P))
 
 
 def whiten_cached(G: Array, P: Array, U: Array, d: Array) -> Array:
-    """``G P`` with the cached ``P = U diag(1/d) Uᵀ``, or :func:`whiten` when ``P`` is NaN (not computed
-    at a refresh: a state from ``init`` or edited by hand). Through :func:`cond`, so it traces under jit."""
+    """``G P`` with the cached ``P = U diag(1/d) Uᵀ``, or :func:`whiten` when ``P`` was not computed at a
+    refresh (zeros: a state from ``init`` or edited by hand; a computed ``P`` is positive definite, so
+    ``P[0, 0] > 0``). Through :func:`cond`, so it traces under jit."""
     xp = array_namespace(G)
-    return cond(xp.isnan(P[0, 0]), lambda G: whiten(G, U, d), lambda G: xp.matmul(G, P), G)
+    return cond(P[0, 0] > 0, lambda G: xp.matmul(G, P), lambda G: whiten(G, U, d), G)
 
 
 # ---------------------------------------------------------------------------

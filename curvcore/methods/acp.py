@@ -47,8 +47,8 @@ class ACPState(NamedTuple):
     statistics-batch mean ``mu_k`` (for inspection) and, for a constant ``alpha``, the
     preconditioner ``P_k = U_k diag(1/(alpha s_k + eps)) U_k^T`` ``(n_in, n_in)`` computed at the
     refresh (``(0, 0)`` for ``alpha="adaptive"``, whose preconditioner changes every step). A
-    ``P_k`` of NaN (``init``'s) is not used: the step computes it from ``s_k, U_k``; set it so
-    after editing ``s`` or ``U`` by hand. Memory ``2 sum_k n_in^2`` (``sum_k n_in^2`` adaptive)."""
+    ``P_k`` of zeros (``init``'s) is not used: the step computes it from ``s_k, U_k``; set it to
+    zeros after editing ``s`` or ``U`` by hand. Memory ``2 sum_k n_in^2`` (``sum_k n_in^2`` adaptive)."""
 
     count: Any
     s: list
@@ -128,11 +128,9 @@ class ACP(kr.KroneckerMethod):
         return {"s": (D,), "U": (D, D), "mu": (D,), "P": cached}
 
     def initial_factor(self, field: str, xp: Any, n_out: int, D: int, dtype: Any, dev: Any) -> Array:
-        """``s = 0``, ``U = I``, ``mu = 0``, ``P = NaN`` (not computed; the first step refreshes)."""
+        """``s = 0``, ``U = I``, ``mu = 0``, ``P = 0`` (not computed; the first step refreshes)."""
         shape = self.factor_shapes(n_out, D)[field]
-        if field == "U":
-            return xp.eye(D, dtype=dtype, device=dev)
-        return xp.full(shape, float("nan") if field == "P" else 0.0, dtype=dtype, device=dev)
+        return xp.eye(D, dtype=dtype, device=dev) if field == "U" else xp.zeros(shape, dtype=dtype, device=dev)
 
     def needs_refresh(self, state: ACPState) -> bool:
         """Whether the next ``step`` refreshes the covariance (then pass ``cov_batch``).
