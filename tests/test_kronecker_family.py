@@ -1,4 +1,4 @@
-"""The Kronecker family (K-FAC, ACP, CenteredSGD in ``curvcore.methods._kronecker``): the cached fast paths
+"""The Kronecker family (K-FAC, ACP, CenteredSGD on ``curvcore.methods.kronecker``): the cached fast paths
 against the slow formulas in float64, the owner map of data-parallel refreshes, and the module layout.
 
 The slow references are dense NumPy: ``inv(alpha C + eps I)`` from the layer inputs of a NumPy MLP,
@@ -17,7 +17,7 @@ import curvcore as cc
 from acp_reference import layer_inputs, to_np
 from cases import make_problem
 from curvcore._reduce import Reducer, reducing
-from curvcore.methods import _kronecker as kr
+from curvcore.methods import _kronecker, kronecker as kr
 from reference import assert_rel
 
 SIZES = [5, 7, 6, 3]
@@ -145,12 +145,16 @@ def test_kfac_default_refresh_is_every_ten_steps():
 def test_family_methods_import_only_the_family_module():
     """kfac, acp and centered_sgd are choices of factors: none imports another method module."""
     folder = pathlib.Path(kr.__file__).parent
-    methods = {p.stem for p in folder.glob("*.py") if not p.stem.startswith("_")}
+    methods = {p.stem for p in folder.glob("*.py") if not p.stem.startswith("_")} - {"kronecker"}
     for name in ("kfac", "acp", "centered_sgd"):
         imported = set()
         for node in ast.walk(ast.parse((folder / f"{name}.py").read_text())):
             if isinstance(node, ast.ImportFrom) and node.level == 1:
                 imported |= {node.module} if node.module else {a.name for a in node.names}
-        assert "_kronecker" in imported and not imported & methods, (name, imported)
+        assert "kronecker" in imported and not imported & methods, (name, imported)
         assert issubclass(getattr(cc, {"kfac": "KFAC", "acp": "ACP", "centered_sgd": "CenteredSGD"}[name]),
                           kr.KroneckerMethod)
+
+
+def test_the_family_module_keeps_its_private_name():
+    assert _kronecker.owned is kr.owned and _kronecker.KroneckerMethod is kr.KroneckerMethod

@@ -1,6 +1,6 @@
 """ACP: the amortized covariance preconditioner (T. George, MSc thesis, 2017, ch. 6, Alg 4).
 
-A member of the Kronecker-factored family (:mod:`._kronecker`): K-FAC with the
+A member of the Kronecker-factored family (:mod:`.kronecker`): K-FAC with the
 output factor replaced by ``α I``, the input covariance whitened and the
 gradient centred (thesis eqs 6.2.3-6.2.5).
 """
@@ -15,7 +15,7 @@ from .._namespace import array_namespace
 from .._checks import check_finite, check_int, check_nonnegative, check_positive, concrete_bool, namespace
 from ..layers import Records, records
 from ..protocol import Array, LayerRecord
-from . import _kronecker as kr
+from . import kronecker as kr
 from ._base import check_flag
 from ._registry import register
 

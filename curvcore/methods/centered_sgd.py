@@ -1,6 +1,6 @@
 """Centered gradient descent (T. George, MSc thesis, 2017, §6.3.1, Alg 3): the centring part of ACP alone.
 
-A member of the Kronecker-factored family (:mod:`._kronecker`): ACP with the
+A member of the Kronecker-factored family (:mod:`.kronecker`): ACP with the
 input covariance replaced by ``I``, ``α = 1`` and ``ε = 0``.
 """
 
@@ -10,7 +10,7 @@ from typing import Any, NamedTuple
 
 from .._checks import check_positive
 from ..protocol import Array, LayerRecord
-from . import _kronecker as kr
+from . import kronecker as kr
 from ._base import check_flag
 from ._registry import register
 

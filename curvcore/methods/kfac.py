@@ -19,7 +19,7 @@ from .. import tree
 from ..layers import Records, records
 from ..losses import get as get_loss
 from ..protocol import Array, LayerRecord, flat_model
-from . import _kronecker as kr
+from . import kronecker as kr
 from ._base import check_flag, method_errors
 from ._registry import register
 
