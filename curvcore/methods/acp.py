@@ -1,6 +1,6 @@
 """ACP: the amortized covariance preconditioner (T. George, MSc thesis, 2017, ch. 6, Alg 4).
 
-A member of the Kronecker-factored family (:mod:`._kronecker`): K-FAC with the
+A member of the Kronecker-factored family (:mod:`.kronecker`): K-FAC with the
 output factor replaced by ``α I``, the input covariance whitened and the
 gradient centred (thesis eqs 6.2.3-6.2.5).
 """
@@ -10,16 +10,13 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any, NamedTuple
 
-from array_api_compat import device
-
 from .._namespace import array_namespace
 
-from .._checks import check_finite, check_int, check_nonnegative, check_positive, check_shapes, concrete_bool, namespace
-from ..layers import records
+from .._checks import check_finite, check_int, check_nonnegative, check_positive, concrete_bool, namespace
+from ..layers import Records, records
 from ..protocol import Array, LayerRecord
-from . import _kronecker as kr
-from ._base import (LayerwiseMethod, check_flag, check_grads_finite, method_errors, n_preconditioned, step_info,
-                    zero_count)
+from . import kronecker as kr
+from ._base import check_flag
 from ._registry import register
 
 
@@ -46,16 +43,21 @@ def check_extra_batch(name: str, params: Sequence[Array], x: Array, extra: Array
 
 class ACPState(NamedTuple):
     """``count`` (completed updates, 0-d int) and, per layer k, the eigendecomposition
-    ``C_k = U_k diag(s_k) U_k^T`` of the input covariance from the last refresh and the
-    statistics-batch mean ``mu_k`` (for inspection). Memory ``sum_k n_in^2``."""
+    ``C_k = U_k diag(s_k) U_k^T`` of the input covariance from the last refresh, the
+    statistics-batch mean ``mu_k`` (for inspection) and, for a constant ``alpha``, the
+    preconditioner ``P_k = U_k diag(1/(alpha s_k + eps)) U_k^T`` ``(n_in, n_in)`` computed at the
+    refresh (``(0, 0)`` for ``alpha="adaptive"``, whose preconditioner changes every step). A
+    ``P_k`` of zeros (``init``'s) is not used: the step computes it from ``s_k, U_k``; set it to
+    zeros after editing ``s`` or ``U`` by hand. Memory ``2 sum_k n_in^2`` (``sum_k n_in^2`` adaptive)."""
 
     count: Any
     s: list
     U: list
     mu: list
+    P: list
 
 
-class ACP(LayerwiseMethod):
+class ACP(kr.KroneckerMethod):
     """Amortized covariance preconditioner (thesis eqs 6.2.4, 6.2.5, §6.3.2, Alg 4).
 
     Per dense layer, with the update minibatch's input mean ``a_bar``, centered
@@ -80,10 +82,12 @@ class ACP(LayerwiseMethod):
     The branch goes through :func:`curvcore._control.cond` on the counter, so the
     step is ``jax.jit``-able (``cov_batch=None`` vs an array traces twice).
 
-    Cost per step: one forward + one backward (``model.layers``), plus
-    ``O(n_out n_in^2)`` per layer; a refresh adds one forward + backward with a
-    zero cotangent on ``cov_batch`` (none when it is ``None``) and one ``eigh``
-    of ``n_in x n_in`` per layer.
+    Cost per step: one forward + one backward (``model.layers``), plus per layer
+    ``n_out n_in^2`` multiply-adds (``G_hat P`` with the cached ``P``; twice that
+    for ``alpha="adaptive"``: ``(G_hat U) diag(1/d) U^T``); a refresh adds one
+    forward + backward with a zero cotangent on ``cov_batch`` (none when it is
+    ``None``), one ``eigh`` of ``n_in x n_in`` per layer and, for a constant
+    ``alpha``, the product ``P = U diag(1/d) U^T``.
 
     Args:
         lr: learning rate > 0.
@@ -118,17 +122,15 @@ class ACP(LayerwiseMethod):
         self.refresh_every, self.bias_correction = refresh_every, bias_correction
         self.strict = check_flag("strict", strict)
 
-    def init_flat(self, params: Sequence[Array], model: Any = None) -> ACPState:
-        """Count 0 (the first step refreshes), ``s = 0``, ``U = I``, ``mu = 0`` per dense layer."""
-        xp = array_namespace(*params)
-        dt, dev = params[0].dtype, device(params[0])
-        s, U, mu = [], [], []
-        for spec in self.layer_candidates(params, model):
-            n_in = kr.joint_dims(params, spec)[1]
-            s.append(xp.zeros((n_in,), dtype=dt, device=dev))
-            U.append(xp.eye(n_in, dtype=dt, device=dev))
-            mu.append(xp.zeros((n_in,), dtype=dt, device=dev))
-        return ACPState(count=zero_count(params), s=s, U=U, mu=mu)
+    def factor_shapes(self, n_out: int, D: int) -> dict[str, tuple[int, ...]]:
+        """Per layer: ``s`` ``(n_in,)``, ``U`` ``(n_in, n_in)``, ``mu`` ``(n_in,)``, ``P`` (class docstring)."""
+        cached = (0, 0) if self.alpha == "adaptive" else (D, D)
+        return {"s": (D,), "U": (D, D), "mu": (D,), "P": cached}
+
+    def initial_factor(self, field: str, xp: Any, n_out: int, D: int, dtype: Any, dev: Any) -> Array:
+        """``s = 0``, ``U = I``, ``mu = 0``, ``P = 0`` (not computed; the first step refreshes)."""
+        shape = self.factor_shapes(n_out, D)[field]
+        return xp.eye(D, dtype=dtype, device=dev) if field == "U" else xp.zeros(shape, dtype=dtype, device=dev)
 
     def needs_refresh(self, state: ACPState) -> bool:
         """Whether the next ``step`` refreshes the covariance (then pass ``cov_batch``).
@@ -159,56 +161,44 @@ class ACP(LayerwiseMethod):
             TypeError: mixed libraries or dtypes.
             FloatingPointError: the layer gradients overflowed.
         """
-        xp = array_namespace(params[0])
-        specs = self.layer_candidates(params, model)
-        with method_errors("ACP"):
-            dims = kr.layer_state_shapes(params, specs, lambda o, d: (d,))
-            check_shapes("state.s", state.s, dims, unit="layers")
-            check_shapes("state.U", state.U, [(n, n) for (n,) in dims], unit="layers")
-            check_shapes("state.mu", state.mu, dims, unit="layers")
-            if cov_batch is not None:
-                check_extra_batch("cov_batch", params, x, cov_batch, self.validate)
-        value, rec = self.record(model, loss, params, x, y, specs)
-        with method_errors("ACP"):
-            check_grads_finite([r.g for r in rec.layers], self.validate)
-        one, zero = kr.flag(xp, 1.0, params[0]), kr.flag(xp, 0.0, params[0])
-        slot = {sp.weight: i for i, sp in enumerate(specs)}
+        return super().flat_step(model, loss, params, state, x, y, cov_batch=cov_batch)
 
-        def refresh(*_: Any) -> tuple[list, list, list, Array]:
-            src = rec if cov_batch is None else records(model, params, cov_batch,
-                                                        lambda out: array_namespace(out).zeros_like(out), rec.specs)
-            s, U, mu = list(state.s), list(state.U), list(state.mu)
-            covs = [kr.input_covariance(r.a) for r in src.layers]
-            eigs = kr.owned(lambda C, what: kr.covariance_eig(C), [(C, sp.describe()) for (C, _), sp in
-                                                                     zip(covs, src.specs)],
-                            lambda C: (C.shape[0] + 1, C.shape[1]))
-            for sp, (_, m), Us in zip(src.specs, covs, eigs):
-                i = slot[sp.weight]
-                s[i], U[i], mu[i] = Us[-1, :], Us[:-1, :], m
-            return s, U, mu, one
+    def check_step_inputs(self, params: Sequence[Array], x: Array, cov_batch: Array | None = None) -> None:
+        if cov_batch is not None:
+            check_extra_batch("cov_batch", params, x, cov_batch, self.validate)
 
-        def keep(s: list, U: list, mu: list) -> tuple[list, list, list, Array]:
-            return list(s), list(U), list(mu), zero
+    def refresh_factors(self, model: Any, loss: Any, params: Sequence[Array], x: Array, y: Array, rec: Records,
+                        count: Array, cov_batch: Array | None = None) -> list[dict[str, Array]]:
+        """Per recorded layer ``eigh(C)`` of the input covariance on ``cov_batch`` (else ``x``), its mean
+        and the cached ``P`` (one owner per layer in data-parallel training)."""
+        src = rec if cov_batch is None else records(model, params, cov_batch,
+                                                    lambda out: array_namespace(out).zeros_like(out), rec.specs)
+        covs = [kr.input_covariance(r.a) for r in src.layers]
+        n_cached = 0 if self.alpha == "adaptive" else 1
+        stacked = kr.owned(lambda C, what: self._eig_and_preconditioner(C), [(C, sp.describe()) for (C, _), sp in
+                                                                              zip(covs, src.specs)],
+                           lambda C: ((1 + n_cached) * C.shape[0] + 1, C.shape[1]))
+        out = []
+        for (C, mu), Us in zip(covs, stacked):
+            n = C.shape[0]
+            P = Us[n + 1:, :] if n_cached else Us[:0, :0]
+            out.append({"s": Us[n, :], "U": Us[:n, :], "mu": mu, "P": P})
+        return out
 
-        s, U, mu, refreshed = kr.refresh_every(state.count, self.refresh_every, refresh, keep,
-                                               state.s, state.U, state.mu)
-        deltas: dict[int, Array] = {}
-        alphas = []
-        for sp, r in zip(rec.specs, rec.layers):
-            i = slot[sp.weight]
-            dW, db, alpha = self._layer_step(xp, i, r, s[i], U[i])
-            deltas.update(kr.split_joint(xp.concat([dW, db[:, None]], axis=1), sp, params))
-            alphas.append(alpha)
-        alpha_all = xp.stack(alphas)
-        info = step_info(value, self.all_deltas(params, rec.grads, deltas, self.lr), refreshed=refreshed,
-                         cov_from_minibatch=refreshed if cov_batch is None else zero,
-                         alpha_min=xp.min(alpha_all), alpha_max=xp.max(alpha_all), count=state.count,
-                         n_preconditioned=n_preconditioned(xp, rec, params[0]))
-        return self.assemble(params, rec.grads, deltas), ACPState(count=state.count + 1, s=s, U=U, mu=mu), info
+    def _eig_and_preconditioner(self, C: Array) -> Array:
+        """``[U; s]`` of :func:`kr.covariance_eig`, and below, for a constant ``alpha``, ``P`` rows."""
+        Us = kr.covariance_eig(C)
+        if self.alpha == "adaptive":
+            return Us
+        xp = array_namespace(C)
+        n = C.shape[0]
+        return xp.concat([Us, kr.whitening_matrix(Us[:n, :], self.alpha * Us[n, :] + self.eps)], axis=0)
 
-    def _layer_step(self, xp: Any, k: int, rec: LayerRecord, s: Array, U: Array) -> tuple[Array, Array, Array]:
-        """``(dW, db, alpha)`` of one layer (spec §2)."""
-        a_bar, G_hat, g_hat = kr.centered_gradient(rec)
+    def layer_step(self, xp: Any, k: int, rec: LayerRecord, grad: kr.LayerGradient,
+                   factors: dict[str, Array]) -> tuple[Array, dict]:
+        """``(ΔΘ, {"alpha": α})`` of one layer (spec §2): ``ΔW = -lr Ĝ P``, ``Δb = -(lr/α) ĝ - ΔW ā``."""
+        s, U, P = factors["s"], factors["U"], factors["P"]
+        a_bar, G_hat, g_hat = kr.centered_gradient(rec, grad)
         if self.alpha == "adaptive":
             alpha = kr.per_example_alpha(rec)
             positive = alpha > 0
@@ -219,12 +209,20 @@ class ACP(LayerwiseMethod):
             inv_alpha = 1 / self.alpha
         d = alpha * s + self.eps
         self._check_nonsingular(xp, k, d, positive)
-        if positive is not None:  # alpha = 0 (all g = 0): G_hat = 0, avoid 0/0
+        if positive is None:
+            precondition = lambda G: kr.whiten_cached(G, P, U, d)  # noqa: E731 - G P, P = U diag(1/d) U^T
+        else:  # alpha = 0 (all g = 0): G_hat = 0, avoid 0/0
             d = xp.where(positive, d, xp.ones_like(d))
-        dW, db = kr.centered_step(self.lr, G_hat, g_hat, a_bar, inv_alpha,
-                                  lambda G: xp.matmul(xp.matmul(G, U) / d, xp.matrix_transpose(U)),
-                                  self.bias_correction)
-        return dW, db, alpha
+            precondition = lambda G: kr.whiten(G, U, d)  # noqa: E731
+        dW, db = kr.centered_step(self.lr, G_hat, g_hat, a_bar, inv_alpha, precondition, self.bias_correction)
+        return xp.concat([dW, db[:, None]], axis=1), {"alpha": alpha}
+
+    def step_extras(self, xp: Any, state: ACPState, refreshed: Array, extras: list[dict],
+                    cov_batch: Array | None = None) -> dict[str, Array]:
+        """``cov_from_minibatch``, ``alpha_min``, ``alpha_max`` and ``count`` (docstring of :meth:`flat_step`)."""
+        alphas = xp.stack([e["alpha"] for e in extras])
+        return {"cov_from_minibatch": refreshed if cov_batch is None else kr.flag(xp, 0.0, refreshed),
+                "alpha_min": xp.min(alphas), "alpha_max": xp.max(alphas), "count": state.count}
 
     def covariance_eigs(self, model: Any, params: Sequence[Array], x: Array) -> list[tuple[Array, Array, Array]]:
         """What a refresh stores for each preconditioned layer on inputs ``x``: ``(s, U, mu)``.

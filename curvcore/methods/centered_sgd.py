@@ -1,21 +1,17 @@
 """Centered gradient descent (T. George, MSc thesis, 2017, §6.3.1, Alg 3): the centring part of ACP alone.
 
-A member of the Kronecker-factored family (:mod:`._kronecker`): ACP with the
+A member of the Kronecker-factored family (:mod:`.kronecker`): ACP with the
 input covariance replaced by ``I``, ``α = 1`` and ``ε = 0``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from typing import Any, NamedTuple
 
-from .._namespace import array_namespace
-
 from .._checks import check_positive
-from ..protocol import Array
-from . import _kronecker as kr
-from ._base import (LayerwiseMethod, check_flag, check_grads_finite, method_errors, n_preconditioned, step_info,
-                    zero_count)
+from ..protocol import Array, LayerRecord
+from . import kronecker as kr
+from ._base import check_flag
 from ._registry import register
 
 
@@ -25,7 +21,7 @@ class CenteredSGDState(NamedTuple):
     count: Any
 
 
-class CenteredSGD(LayerwiseMethod):
+class CenteredSGD(kr.KroneckerMethod):
     """Centered gradient descent: the centering part of ACP alone (Alg 3).
 
     Per dense layer, with the minibatch input mean ``a_bar``::
@@ -55,30 +51,12 @@ class CenteredSGD(LayerwiseMethod):
         self.lr, self.bias_correction = lr, check_flag("bias_correction", bias_correction)
         self.strict = check_flag("strict", strict)
 
-    def init_flat(self, params: Sequence[Array], model: Any = None) -> CenteredSGDState:
-        """Count 0 (checks that the model has dense layers)."""
-        self.layer_candidates(params, model)
-        return CenteredSGDState(count=zero_count(params))
-
-    def flat_step(self, model: Any, loss: Any, params: Sequence[Array], state: CenteredSGDState, x: Array,
-                  y: Array) -> tuple[list[Array], CenteredSGDState, dict[str, Array]]:
-        """One centered step; ``info``: ``loss`` (before), ``step_norm``, ``n_preconditioned``.
-
-        Raises:
-            FloatingPointError: the layer gradients overflowed.
-        """
-        xp = array_namespace(params[0])
-        value, rec = self.record(model, loss, params, x, y, self.layer_candidates(params, model))
-        with method_errors("CenteredSGD"):
-            check_grads_finite([r.g for r in rec.layers], self.validate)
-        deltas: dict[int, Array] = {}
-        for spec, r in zip(rec.specs, rec.layers):
-            a_bar, G_hat, g_hat = kr.centered_gradient(r)
-            dW, db = kr.centered_step(self.lr, G_hat, g_hat, a_bar, 1.0, None, self.bias_correction)
-            deltas.update(kr.split_joint(xp.concat([dW, db[:, None]], axis=1), spec, params))
-        info = step_info(value, self.all_deltas(params, rec.grads, deltas, self.lr),
-                         n_preconditioned=n_preconditioned(xp, rec, params[0]))
-        return self.assemble(params, rec.grads, deltas), CenteredSGDState(count=state.count + 1), info
+    def layer_step(self, xp: Any, k: int, rec: LayerRecord, grad: kr.LayerGradient,
+                   factors: dict[str, Array]) -> tuple[Array, dict]:
+        """``ΔW = -lr Ĝ``, ``Δb = -lr ĝ`` (``- ΔW ā`` with ``bias_correction``), joined as ``[ΔW Δb]``."""
+        a_bar, G_hat, g_hat = kr.centered_gradient(rec, grad)
+        dW, db = kr.centered_step(self.lr, G_hat, g_hat, a_bar, 1.0, None, self.bias_correction)
+        return xp.concat([dW, db[:, None]], axis=1), {}
 
 
 register(
