@@ -14,11 +14,10 @@ import numpy as np
 import pytest
 
 import curvcore as cc
-from acp_reference import layer_inputs, to_np
 from cases import make_problem
 from curvcore._reduce import Reducer, reducing
 from curvcore.methods import _kronecker, kronecker as kr
-from reference import assert_rel
+from reference import assert_rel, layer_inputs, to_np
 
 SIZES = [5, 7, 6, 3]
 BACKENDS = [b for b in ("numpy", "torch") if cc.backends.available(b)]
