@@ -9,11 +9,13 @@ from array_api_compat import device
 
 from .._namespace import array_namespace
 
-from .._checks import check_choice, check_interval, check_nonnegative, check_positive, check_shapes
-from .._reduce import batch_mean
+from .._checks import check_choice, check_interval, check_nonnegative, check_positive, check_shapes, concrete_bool
+from .._linalg import eigh
+from .._reduce import batch_any, batch_gram, batch_mean, batch_size
 from ..protocol import Array
 from . import _layerwise as lw
 from ._base import check_flag, check_grads_finite, count_as_float, zero_count
+from ._ema import ema_moments
 from ._registry import register
 
 VARIANTS = ("newton", "saddle_free", "randomized")
@@ -33,6 +35,125 @@ class ESNState(NamedTuple):
     R: list
     m: list
     P: list
+
+
+# ---------------------------------------------------------------------------
+# "newton" and "saddle_free" (corrected ICLR eq 17, eq 21): batch means of per-sample closed forms
+# ---------------------------------------------------------------------------
+
+
+def closed_form(terms: lw.Terms, variant: str, eps: float) -> tuple[list[Array], list[Array]]:
+    """``[N_1, η_1, ..., N_n, η_n]`` (batch mean) and per-layer degenerate masks (B,), per sample:
+
+        N_k = ρ_k ĝ_k a_kᵀ / γ_k
+        η_k = ∓(ρ_k s_k / γ_k) ĝ_k + [k=n] q      (- for "newton", + for "saddle_free")
+
+    A sample whose ``γ_k`` is ``<= eps`` contributes 0 to that layer (mask True).
+    """
+    sign = -1.0 if variant == "newton" else 1.0
+    n = len(terms.ghat)
+    direction: list[Array] = []
+    masks: list[Array] = []
+    for k, (ghat, a, rho) in enumerate(zip(terms.ghat, terms.a, terms.rho)):
+        w_coef, bad = lw.weight_coef(ghat, rho, 0.0, eps)[:2]
+        eta = batch_mean(ghat * (sign * lw.sq_norm(a) * w_coef)[:, None])
+        if k == n - 1:
+            eta = eta + batch_mean(terms.q)
+        direction += [lw.weight_mean(ghat, w_coef, a), eta]
+        masks.append(bad)
+    return direction, masks
+
+
+def first_zero_gradient(terms: lw.Terms, eps: float) -> tuple[int, int] | None:
+    """``(k, p)`` (1-based layer, 0-based sample) of the first ``γ_k <= eps`` with ``k >= 2``, or None.
+
+    Returns None as well while tracing (abstract values).
+    """
+    xp = array_namespace(terms.ghat[0])
+    for k in range(1, len(terms.ghat)):
+        bad = lw.sq_norm(terms.ghat[k]) <= eps
+        if concrete_bool(batch_any(bad)):
+            return k + 1, int(xp.argmax(xp.astype(bad, xp.int32)))
+    return None
+
+
+# ---------------------------------------------------------------------------
+# "randomized" (ICLR eqs 24, 26; A.6): expectations and the per-layer solves
+# ---------------------------------------------------------------------------
+
+
+class Moments(NamedTuple):
+    """Expectations of one layer: ``C = E[ĝĝᵀ]``, ``R = E[ρ ĝ aᵀ]``, ``m = E[a]``, ``P = E[aaᵀ]``.
+
+    ``P`` is only needed by the Sylvester solver (``None`` otherwise).
+    """
+
+    C: Array
+    R: Array
+    m: Array
+    P: Array | None
+
+
+def batch_moments(ghat: Array, a: Array, rho: Array, second_moment: bool) -> Moments:
+    """Batch-mean estimates of one layer's :class:`Moments` (B = 1: the rank-one spot estimate)."""
+    B = batch_size(ghat)
+    P = batch_gram(a, a) / B if second_moment else None
+    return Moments(batch_gram(ghat, ghat) / B, batch_gram(ghat * rho[:, None], a) / B, batch_mean(a), P)
+
+
+def _shifted(C: Array, damping: float) -> Array:
+    xp = array_namespace(C)
+    return C + damping * xp.eye(C.shape[0], dtype=C.dtype, device=device(C))
+
+
+def _singular(den_min: Array, den_max: Array, eps: float, layer: int, what: str) -> Array:
+    """``ValueError`` naming the layer when the system is singular (``den_min <= eps den_max``); else the
+    0-d mask, abstract inside ``jax.jit``, where :func:`_nan_where` turns the solution into NaN instead."""
+    singular = den_min <= eps * den_max
+    if concrete_bool(singular):
+        raise ValueError(
+            f"ESN randomized: the system of layer {layer} ({what}) is singular; use damping > 0"
+        )
+    return singular
+
+
+def _nan_where(singular: Array, N: Array) -> Array:
+    """NaN where the system was singular, so the step's guard keeps the old params (``info["finite"]`` False)."""
+    xp = array_namespace(N)
+    return xp.where(singular, xp.full_like(N, float("nan")), N)
+
+
+def solve_identity(C: Array, R: Array, damping: float, eps: float, layer: int) -> Array:
+    """ICLR eq 26: ``N = (δI + C)⁻¹ R``.
+
+    With ``δ > 0`` a plain solve; with ``δ = 0`` an eigendecomposition that
+    raises ``ValueError`` naming the layer when ``C`` is singular
+    (``σ_min <= eps σ_max``; NaN inside ``jax.jit``).
+    """
+    xp = array_namespace(C, R)
+    if damping > 0:
+        return xp.linalg.solve(_shifted(C, damping), R)
+    sigma, U = eigh(C)
+    singular = _singular(xp.min(sigma), xp.max(xp.abs(sigma)), eps, layer, "E[ĝĝᵀ]")
+    coef = xp.matmul(xp.matrix_transpose(U), R) / sigma[:, None]
+    return _nan_where(singular, xp.matmul(U, coef))
+
+
+def solve_sylvester(C: Array, V: Array, R: Array, damping: float, eps: float, layer: int) -> Array:
+    """ICLR eq 24: ``(δI + C) N + N V = R`` with ``V = Var(a)``, via two eigendecompositions.
+
+    ``δI + C = UΣUᵀ``, ``V = QΘQᵀ``: ``N = U [(UᵀRQ)_ij / (Σ_i + Θ_j)] Qᵀ``
+    (denominators >= δ since ``V`` is PSD). With ``δ = 0`` a singular system
+    raises ``ValueError`` naming the layer (NaN inside ``jax.jit``).
+    """
+    xp = array_namespace(C, V, R)
+    sigma, U = eigh(_shifted(C, damping))
+    theta, Q = eigh(V)
+    den = sigma[:, None] + theta[None, :]
+    singular = None if damping > 0 else _singular(xp.min(den), xp.max(xp.abs(den)), eps, layer, "Sylvester operator")
+    rot = xp.matmul(xp.matmul(xp.matrix_transpose(U), R), Q)
+    N = xp.matmul(xp.matmul(U, rot / den), xp.matrix_transpose(Q))
+    return N if singular is None else _nan_where(singular, N)
 
 
 class ESN(lw.ChainMethod):
@@ -156,7 +277,7 @@ class ESN(lw.ChainMethod):
         """
         xp = array_namespace(params[0])
         if self.variant == "newton":
-            bad = lw.first_zero_gradient(terms, self.eps)
+            bad = first_zero_gradient(terms, self.eps)
             if bad is not None:
                 raise ValueError(f"ESN newton: backpropagated gradient of layer {bad[0]} is zero for sample {bad[1]}; "
                                  "the exact Newton direction does not exist")
@@ -164,7 +285,7 @@ class ESN(lw.ChainMethod):
         if self.variant == "randomized":
             d, state = self.randomized(terms, rec, state, params, candidates)
         else:
-            d, masks = lw.closed_form(terms, self.variant, 0.0, self.eps)
+            d, masks = closed_form(terms, self.variant, self.eps)
             state = state._replace(t=state.t + 1)
         damping = self.damping if self.variant == "randomized" else 0.0
         extras = {"lam_mean": lw.mean_rho(terms.rho), "skipped": lw.count(masks, zero_count(params)),
@@ -197,20 +318,20 @@ class ESN(lw.ChainMethod):
         d: list[Array] = []
         n = len(terms.ghat)
         for k in range(n):
-            mom = lw.batch_moments(terms.ghat[k], terms.a[k], terms.rho[k], sylvester)
+            mom = batch_moments(terms.ghat[k], terms.a[k], terms.rho[k], sylvester)
             if ema:
                 i = slot[rec.specs[k].weight]
-                old = lw.Moments(C[i], R[i], m[i], P[i] if sylvester else None)
-                raw, mom = lw.ema_moments(old, mom, self.beta, tf)
+                old = Moments(C[i], R[i], m[i], P[i] if sylvester else None)
+                raw, mom = ema_moments(old, mom, self.beta, tf)
                 C[i], R[i], m[i] = raw.C, raw.R, raw.m
                 if sylvester:
                     P[i] = raw.P
             check_grads_finite([mom.C, mom.R], self.validate)
             if sylvester:
                 V = mom.P - mom.m[:, None] * mom.m[None, :]
-                N = lw.solve_sylvester(mom.C, V, mom.R, self.damping, self.eps, k + 1)
+                N = solve_sylvester(mom.C, V, mom.R, self.damping, self.eps, k + 1)
             else:
-                N = lw.solve_identity(mom.C, mom.R, self.damping, self.eps, k + 1)
+                N = solve_identity(mom.C, mom.R, self.damping, self.eps, k + 1)
             eta = xp.matmul(N, mom.m)
             if self.granular and k == n - 1:
                 eta = eta + batch_mean(terms.q)
