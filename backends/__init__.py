@@ -14,12 +14,14 @@ MLP of :mod:`curvcore.backends._mlp`), ``torch`` (``nn.Sequential`` wrapped by
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import warnings
 from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 
+from curvcore._linalg import register_cho_solve
 from curvcore.random import register_host_generator
 
 from ._activations import NAMES as ACTIVATIONS
@@ -33,6 +35,17 @@ ALL = ("numpy", "array_api_strict", "torch", "jax", "cupy")
 _ARRAY_API = ("numpy", "array_api_strict", "cupy")
 
 register_host_generator(np.random.default_rng)
+
+
+def _scipy_cho_solve(A: Array, B: Array) -> Array:
+    """``A^{-1} B`` by SciPy's Cholesky for NumPy arrays (:func:`curvcore._linalg.cho_solve`; imported on first use)."""
+    sla = importlib.import_module("scipy.linalg")
+    return sla.cho_solve(sla.cho_factor(A, lower=True, check_finite=False), B, check_finite=False)
+
+
+if importlib.util.find_spec("scipy") is not None:  # else NumPy's SPD solves fall back to xp.linalg.solve
+    register_cho_solve(lambda a: isinstance(a, np.ndarray), _scipy_cho_solve)
+
 INITS = ("lecun", "he", "uniform")
 
 __all__ = [

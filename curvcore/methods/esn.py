@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Sequence
 from typing import Any, NamedTuple
 
@@ -10,8 +11,8 @@ from array_api_compat import device
 from .._namespace import array_namespace
 
 from .._checks import check_choice, check_interval, check_nonnegative, check_positive, check_shapes, concrete_bool
-from .._linalg import eigh
-from .._reduce import batch_any, batch_gram, batch_mean, batch_size
+from .._linalg import cho_solve, eigh
+from .._reduce import batch_any, batch_gram, batch_mean, batch_size, current
 from ..protocol import Array
 from . import _layerwise as lw
 from ._base import check_flag, check_grads_finite, count_as_float, zero_count
@@ -19,7 +20,7 @@ from ._ema import ema_moments
 from ._registry import register
 
 VARIANTS = ("newton", "saddle_free", "randomized")
-_RANDOMIZED_DEFAULTS = {"damping": 1.0, "solver": "identity", "estimator": "batch", "beta": 0.99, "granular": False}
+RANDOMIZED_ONLY = ("damping", "solver", "estimator", "beta", "granular")  # hyperparameters of "randomized" alone
 
 
 class ESNState(NamedTuple):
@@ -126,17 +127,55 @@ def _nan_where(singular: Array, N: Array) -> Array:
 def solve_identity(C: Array, R: Array, damping: float, eps: float, layer: int) -> Array:
     """ICLR eq 26: ``N = (δI + C)⁻¹ R``.
 
-    With ``δ > 0`` a plain solve; with ``δ = 0`` an eigendecomposition that
-    raises ``ValueError`` naming the layer when ``C`` is singular
+    With ``δ > 0`` a Cholesky solve (NaN if ``δI + C`` is not numerically
+    positive definite); with ``δ = 0`` an eigendecomposition that raises
+    ``ValueError`` naming the layer when ``C`` is singular
     (``σ_min <= eps σ_max``; NaN inside ``jax.jit``).
     """
     xp = array_namespace(C, R)
     if damping > 0:
-        return xp.linalg.solve(_shifted(C, damping), R)
+        return cho_solve(_shifted(C, damping), R)
     sigma, U = eigh(C)
     singular = _singular(xp.min(sigma), xp.max(xp.abs(sigma)), eps, layer, "E[ĝĝᵀ]")
     coef = xp.matmul(xp.matrix_transpose(U), R) / sigma[:, None]
     return _nan_where(singular, xp.matmul(U, coef))
+
+
+def batch_system(ghat: Array) -> bool:
+    """Whether :func:`solve_identity_batch` takes the B x B system: ``B < n_out`` and the whole batch in this process."""
+    return ghat.shape[0] < ghat.shape[1] and not current().distributed
+
+
+def solve_identity_batch(ghat: Array, a: Array, rho: Array, damping: float, validate: bool) -> Array:
+    """ICLR eq 26 with batch expectations from the samples, by Cholesky on the smaller system (``δ > 0``):
+
+        N = (δI + ĜᵀĜ/B)⁻¹ Ĝᵀ diag(ρ) A / B,   Ĝ (δI + ĜᵀĜ/B)⁻¹ = (δI + ĜĜᵀ/B)⁻¹ Ĝ   (push-through)
+
+    (``Ĝ`` the (B, n_out) per-sample gradients, ``A`` the (B, n_in) inputs).
+    The system is ``n_out x n_out`` or, where :func:`batch_system`, ``B x B``
+    (Woodbury); its right-hand sides are ``Ĝ`` (then ``N = (ρ ⊙ ĜS⁻¹)ᵀA/B``)
+    or ``diag(ρ)A`` (``n_in`` columns), whichever is narrower. Equals
+    :func:`solve_identity` on the batch moments; the cost is
+    ``B m M + m³/3 + 2 m² min(M, n_in) + B n_out n_in`` with ``m, M`` the
+    smaller and larger of ``B, n_out`` (the moments' route: ``m = n_out``, ``n_in`` columns).
+
+    Raises:
+        FloatingPointError: the Gram matrix overflowed (``validate``, eager).
+    """
+    xp = array_namespace(ghat, a, rho)
+    B, n_out, n_in = batch_size(ghat), ghat.shape[1], a.shape[1]
+    weights = (rho / B)[:, None]
+    if batch_system(ghat):
+        K = _shifted(xp.matmul(ghat, xp.matrix_transpose(ghat)) / B, damping)
+        check_grads_finite([K], validate, "the batch Gram matrix ĜĜᵀ/B")
+        if n_out <= n_in:
+            return batch_gram(cho_solve(K, ghat) * weights, a)
+        return batch_gram(ghat, cho_solve(K, a * weights))
+    S = _shifted(batch_gram(ghat, ghat) / B, damping)
+    check_grads_finite([S], validate, "the Gram matrix ĜᵀĜ/B")
+    if B <= n_in:
+        return batch_gram(xp.matrix_transpose(cho_solve(S, xp.matrix_transpose(ghat))) * weights, a)
+    return cho_solve(S, batch_gram(ghat * weights, a))
 
 
 def solve_sylvester(C: Array, V: Array, R: Array, damping: float, eps: float, layer: int) -> Array:
@@ -192,9 +231,11 @@ class ESN(lw.ChainMethod):
 
     Cost per step: one forward + one backward (``model.layers``), plus one
     matmul per layer (``newton``/``saddle_free``, ≈ an SGD step) or, for
-    ``randomized``, the Gram matrices ``O(B n_k²)`` and an ``n_k x n_k`` solve
-    (two eigendecompositions for Sylvester). ``reg_grad`` adds one backward
-    sweep of matmuls (no model call).
+    ``randomized``, a Gram matrix and a Cholesky solve per layer: with batch
+    expectations on the smaller of the ``n_k x n_k`` and ``B x B`` systems
+    (:func:`solve_identity_batch`), with EMAs on ``n_k x n_k``; two
+    eigendecompositions for Sylvester, one for ``damping=0``. ``reg_grad``
+    adds one backward sweep of matmuls (no model call).
 
     Args:
         lr: learning rate > 0.
@@ -230,7 +271,8 @@ class ESN(lw.ChainMethod):
             raise ValueError(f"granular must be True or False, got {granular!r}")
         given = {"damping": damping, "solver": solver, "estimator": estimator, "beta": beta, "granular": granular}
         if variant != "randomized":
-            changed = [k for k, v in given.items() if v != _RANDOMIZED_DEFAULTS[k]]
+            defaults = inspect.signature(ESN.__init__).parameters
+            changed = [k for k in RANDOMIZED_ONLY if given[k] != defaults[k].default]
             if changed:
                 raise ValueError(f"{', '.join(changed)} only apply to variant='randomized', not {variant!r}")
         if reg_grad is None:
@@ -315,10 +357,14 @@ class ESN(lw.ChainMethod):
         t = state.t + 1
         tf = count_as_float(t, params[0])
         C, R, m, P = (list(v) for v in (state.C, state.R, state.m, state.P))
+        from_samples = not ema and not sylvester and self.damping > 0
         d: list[Array] = []
-        n = len(terms.ghat)
-        for k in range(n):
-            mom = batch_moments(terms.ghat[k], terms.a[k], terms.rho[k], sylvester)
+        for k, (ghat, a, rho) in enumerate(zip(terms.ghat, terms.a, terms.rho)):
+            if from_samples:
+                N, mean_a = solve_identity_batch(ghat, a, rho, self.damping, self.validate), batch_mean(a)
+                d += [N, xp.matmul(N, mean_a)]
+                continue
+            mom = batch_moments(ghat, a, rho, sylvester)
             if ema:
                 i = slot[rec.specs[k].weight]
                 old = Moments(C[i], R[i], m[i], P[i] if sylvester else None)
@@ -326,17 +372,19 @@ class ESN(lw.ChainMethod):
                 C[i], R[i], m[i] = raw.C, raw.R, raw.m
                 if sylvester:
                     P[i] = raw.P
-            check_grads_finite([mom.C, mom.R], self.validate)
-            if sylvester:
-                V = mom.P - mom.m[:, None] * mom.m[None, :]
-                N = solve_sylvester(mom.C, V, mom.R, self.damping, self.eps, k + 1)
-            else:
-                N = solve_identity(mom.C, mom.R, self.damping, self.eps, k + 1)
-            eta = xp.matmul(N, mom.m)
-            if self.granular and k == n - 1:
-                eta = eta + batch_mean(terms.q)
-            d += [N, eta]
+            N = self._solve_moments(mom, k + 1)
+            d += [N, xp.matmul(N, mom.m)]
+        if self.granular:
+            d[-1] = d[-1] + batch_mean(terms.q)
         return d, ESNState(t, C, R, m, P)
+
+    def _solve_moments(self, mom: Moments, layer: int) -> Array:
+        """Eq 26, or eq 24 for ``solver="sylvester"``, from one layer's expectations."""
+        check_grads_finite([mom.C, mom.R], self.validate)
+        if self.solver == "sylvester":
+            V = mom.P - mom.m[:, None] * mom.m[None, :]
+            return solve_sylvester(mom.C, V, mom.R, self.damping, self.eps, layer)
+        return solve_identity(mom.C, mom.R, self.damping, self.eps, layer)
 
 
 register("esn", ESN, compare={"lr": 0.3}, test={"lr": 0.01},
