@@ -41,6 +41,7 @@ import numpy as np
 from curvcore import tree as cc_tree
 from curvcore._checks import check_params_and_x, in_step, value_checks_on
 from curvcore._control import register_cond, register_while_loop
+from curvcore._linalg import register_cho_solve
 from curvcore.layers import check_cotangent_shape
 from curvcore.methods import init_state
 from curvcore.protocol import Cotangent, LayerRecord, jets_by_jet, linearize_by_composition, resolve_cotangent
@@ -58,6 +59,8 @@ __all__ = [
 
 register_cond(lambda p: isinstance(p, jax.core.Tracer), lambda pred, t, f, *ops: jax.lax.cond(pred, t, f, *ops))
 register_while_loop(lambda p: isinstance(p, jax.core.Tracer), lambda c, b, v: jax.lax.while_loop(c, b, v))
+register_cho_solve(lambda a: isinstance(a, (jax.Array, jax.core.Tracer)),
+                   lambda A, B: jax.scipy.linalg.cho_solve(jax.scipy.linalg.cho_factor(A, lower=True), B))
 
 
 def _jax_tree(tree: Any) -> bool:

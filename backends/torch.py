@@ -48,6 +48,7 @@ import torch
 from torch import nn
 
 from curvcore import tree as cc_tree
+from curvcore._linalg import register_cho_solve
 from curvcore._checks import check_params_and_x, check_same_structure, in_step, register_all_finite, value_checks_on
 from curvcore.layers import LayerSpec, Records, check_cotangent_shape, output_cotangent
 from curvcore.protocol import Cotangent, LayerRecord, jets_by_jet, linearize_by_composition
@@ -62,6 +63,7 @@ __all__ = ["Optimizer", "TorchModel", "build_mlp", "from_numpy", "from_torch_los
            "to_numpy"]
 
 cc_tree.register_detach(lambda a: isinstance(a, torch.Tensor) and a.requires_grad, lambda a: a.detach())
+register_cho_solve(lambda a: isinstance(a, torch.Tensor), lambda A, B: torch.cholesky_solve(B, torch.linalg.cholesky(A)))
 
 
 def _all_finite(tensors: Sequence[Array]) -> Array:

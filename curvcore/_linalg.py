@@ -2,15 +2,15 @@
 
 The standard has ``eigh``, ``solve``, ``pinv``, ``cholesky`` and ``inv``; the
 functions here wrap them with the checks the methods need (symmetrisation,
-clear errors). Where the standard lacks a routine (triangular solves,
-``cho_solve``), a native one is used per library, with ``xp.linalg.solve`` as
-the fallback (as array-api-extra delegates).
+NaN in -> NaN out, clear errors). The standard has no triangular solve, so a
+symmetric positive-definite solve uses the library's own Cholesky solve, which
+the backends register (:func:`register_cho_solve`, as they register control
+flow with :mod:`curvcore._control`), with ``xp.linalg.solve`` as the fallback.
 """
 
 from __future__ import annotations
 
-import importlib
-import sys
+from collections.abc import Callable
 from typing import Any
 
 import array_api_compat
@@ -53,14 +53,6 @@ def eigh(A: Array) -> tuple[Array, Array]:
     return _poison(res.eigenvalues, finite), _poison(res.eigenvectors, finite)
 
 
-def solve(A: Array, b: Array) -> Array:
-    """``A^{-1} b`` for a square ``A`` and a vector or matrix ``b``."""
-    xp = array_namespace(A, b)
-    if b.ndim == 1:
-        return xp.linalg.solve(A, b[:, None])[:, 0]
-    return xp.linalg.solve(A, b)
-
-
 def pinv(A: Array, rtol: float) -> Array:
     """Moore-Penrose pseudo-inverse with relative cutoff ``rtol`` (NaN for non-finite ``A``)."""
     clean, finite = _finite_or_zero(A)
@@ -68,43 +60,81 @@ def pinv(A: Array, rtol: float) -> Array:
 
 
 # ---------------------------------------------------------------------------
-# symmetric positive-definite solves: native routines where the standard lacks them
+# symmetric positive-definite solves: the library's Cholesky solve where a backend registers one
 # ---------------------------------------------------------------------------
 
+_CHO_SOLVES: list[tuple[Callable[[Any], bool], Callable[[Array, Array], Array]]] = []
 
-def _native_cho_solve(xp: Any, A: Array, B: Array) -> Array | None:
-    """``A^{-1} B`` by a Cholesky factorisation with the library's own routine, or ``None``.
 
-    Delegation as in array-api-extra (``_linalg.py::kron``) and STYLE §3:
-    numpy -> ``scipy.linalg.cho_factor/cho_solve``; torch -> ``torch.linalg.cholesky`` +
-    ``torch.cholesky_solve``; jax -> ``jax.scipy.linalg``; cupy -> ``cupyx.scipy.linalg``
-    triangular solves. The framework modules are taken from ``sys.modules`` (they are
-    loaded already, since ``A`` is one of their arrays), never imported by the core.
+def register_cho_solve(applies: Callable[[Any], bool], cho_solve_fn: Callable[[Array, Array], Array]) -> None:
+    """Register ``cho_solve_fn(A, B) -> A^{-1} B`` (Cholesky factor, two triangular solves) for ``A`` where ``applies(A)``.
+
+    ``A`` is (n, n) symmetric positive definite and ``B`` (n, k). For an ``A``
+    that is not positive definite the routine may raise a ``LinAlgError`` (NumPy,
+    SciPy, torch) or return NaN (JAX); :func:`cho_solve` turns either into NaN.
     """
-    if array_api_compat.is_numpy_namespace(xp):
-        sla = importlib.import_module("scipy.linalg")
-        return sla.cho_solve(sla.cho_factor(A, lower=True, check_finite=False), B, check_finite=False)
-    if array_api_compat.is_torch_namespace(xp):
-        torch = sys.modules["torch"]
-        return torch.cholesky_solve(B, torch.linalg.cholesky(A))
-    if array_api_compat.is_jax_namespace(xp):
-        jsl = importlib.import_module("jax.scipy.linalg")
-        return jsl.cho_solve(jsl.cho_factor(A, lower=True), B)
-    if array_api_compat.is_cupy_namespace(xp):
-        csl = importlib.import_module("cupyx.scipy.linalg")
-        L = xp.linalg.cholesky(A)
-        y = csl.solve_triangular(L, B, lower=True)
-        return csl.solve_triangular(L, y, lower=True, trans="T")
-    return None
+    _CHO_SOLVES.append((applies, cho_solve_fn))
+
+
+def _is_linalg_error(err: BaseException) -> bool:
+    """Whether ``err`` is a library's ``LinAlgError`` (``numpy.linalg``/SciPy, ``torch.linalg``; named, not imported)."""
+    return any(c.__name__.endswith("LinAlgError") for c in type(err).__mro__)
+
+
+def _checked_solve(A: Array, B: Array) -> Array:
+    """The fallback: ``xp.linalg.solve`` (LU), NaN unless ``xp.linalg.cholesky(A)`` succeeds (``A`` positive definite)."""
+    xp = array_namespace(A, B)
+    L = xp.linalg.cholesky(A)  # raises a LinAlgError or gives NaN where A is not positive definite
+    return _poison(xp.linalg.solve(A, B), xp.all(xp.isfinite(L)))
+
+
+def cho_solver(A: Array) -> Callable[[Array, Array], Array]:
+    """The routine :func:`cho_solve` uses for ``A``: the one a backend registered, else a checked ``xp.linalg.solve``."""
+    return next((fn for applies, fn in _CHO_SOLVES if applies(A)), _checked_solve)
+
+
+def cho_solve(A: Array, b: Array) -> Array:
+    """``A^{-1} b`` for a symmetric positive-definite ``A``; NaN where ``A`` is not finite or not positive definite.
+
+    Uses the Cholesky solve a backend registered for ``A`` (SciPy for NumPy,
+    ``torch.cholesky_solve``, ``jax.scipy.linalg.cho_solve``), else
+    ``xp.linalg.solve`` after ``xp.linalg.cholesky`` as the positive-definiteness
+    check. Never raises for a bad ``A``: the NaN reaches the
+    step's non-finite guard, inside ``jax.jit`` and out.
+
+    Args:
+        A: (n, n) symmetric positive-definite matrix.
+        b: (n,) vector or (n, k) matrix.
+    """
+    xp = array_namespace(A, b)
+    vector = b.ndim == 1
+    B = b[:, None] if vector else b
+    try:  # a non-finite A fails the factorisation (NaN pivot) or gives NaN; the scale below covers the rest
+        X = cho_solver(A)(A, B)
+    except Exception as err:
+        if not _is_linalg_error(err):
+            raise
+        X = xp.full_like(B, float("nan"))
+    X = X * _one_if_finite(A, X)
+    return X[:, 0] if vector else X
+
+
+def _one_if_finite(A: Array, like: Array) -> Array:
+    """0-d: 1 where every entry of ``A`` is finite, else NaN, in ``like``'s dtype (device-side: no host sync).
+
+    One reduction over ``A`` and a scalar multiply of the result: cheaper than a
+    masked copy of either (``max |A|`` propagates NaN and Inf).
+    """
+    xp = array_namespace(A, like)
+    one = xp.ones((), dtype=like.dtype, device=array_api_compat.device(like))
+    return xp.where(xp.isfinite(xp.max(xp.abs(A))), one, one * float("nan"))
 
 
 def solve_psd(A: Array, b: Array, what: str = "matrix") -> Array:
-    """``A^{-1} b`` for a symmetric positive-definite ``A`` (Cholesky where the library has it).
+    """``A^{-1} b`` for a symmetric positive-definite ``A`` (:func:`cho_solve`) that raises instead of giving NaN.
 
-    The fallback for other array-API libraries (``array_api_strict``) is
-    ``xp.linalg.solve``. Outside ``jax.jit`` a failed factorisation or a
-    non-finite result raises ``ValueError`` naming ``what``; inside ``jit``
-    (JAX gives NaN instead of raising) the caller sees NaN.
+    Outside ``jax.jit`` a non-finite result raises ``ValueError`` naming
+    ``what``; inside ``jit`` the caller sees NaN.
 
     Args:
         A: (n, n) symmetric positive-definite matrix.
@@ -112,20 +142,13 @@ def solve_psd(A: Array, b: Array, what: str = "matrix") -> Array:
         what: a name for ``A`` in error messages.
 
     Raises:
-        ValueError: ``A`` is not (numerically) positive definite.
+        ValueError: ``A`` is not (numerically) positive definite or not finite.
     """
-    xp = array_namespace(A, b)
-    vector = b.ndim == 1
-    B = b[:, None] if vector else b
-    try:
-        X = _native_cho_solve(xp, A, B)
-        if X is None:
-            X = xp.linalg.solve(A, B)
-    except Exception as err:  # LinAlgError (numpy/scipy, torch) or a backend's singular-matrix error
-        raise ValueError(f"{what} is not positive definite ({type(err).__name__}: {err})") from None
+    X = cho_solve(A, b)
+    xp = array_namespace(X)
     if concrete_bool(xp.all(xp.isfinite(X))) is False:
-        raise ValueError(f"{what} is not positive definite (the solve gave NaN or Inf)")
-    return X[:, 0] if vector else X
+        raise ValueError(f"{what} is not positive definite (the Cholesky solve gave NaN or Inf)")
+    return X
 
 
 def inv_psd(A: Array, what: str = "matrix") -> Array:

@@ -269,10 +269,3 @@ def cubic_solve(g: Array, H: Array, d: Array, lam: float, active: Array) -> tupl
     ok = xp.where(any_p, n_pd, is_pd(E))
     eta, status = _select(ok, eta, g, H, d, lam, active)
     return eta, xp.where(any_p & (status == OK), r, xp.zeros_like(r)), status
-
-
-def model_value(eta: Array, g: Array, H: Array, d: Array, lam: float) -> Array:
-    """``m(eta) = -g.eta + 1/2 eta.H.eta + lam/6 ||D eta||^3``."""
-    xp = array_namespace(eta, g, H)
-    de = xp.sqrt(xp.sum((d * eta) ** 2))
-    return -xp.sum(g * eta) + xp.sum(eta * _mv(H, eta)) / 2 + lam * de * de * de / 6

@@ -1,6 +1,8 @@
-"""Per-layer math shared by ESN and MK (spec ``shared/spec/esn_mk.md``), as pure functions.
+"""What ESN and MK share (spec ``esn_mk.md``), as pure functions: records -> per-sample terms.
 
-Everything here works on the protocol's layer records (``LayerRecord``) and
+The per-sample gradients, the penalty weights ``ρ``, the regularised
+backward sweep, the granular term and the batch means are here; each
+method's own equations are in :mod:`.esn` and :mod:`.mk`. Everything here works on the protocol's layer records (``LayerRecord``) and
 plain arrays, over the array API. Notation (spec §1), per sample ``p`` and
 layer ``k = 1..n`` (list index ``k - 1``):
 
@@ -24,12 +26,12 @@ from .._namespace import array_namespace
 from array_api_compat import device as _dev
 
 from .._checks import check_nonnegative, concrete_bool
-from .._linalg import eigh
-from .._reduce import batch_any, batch_gram, batch_mean, batch_size, batch_sum
+from .._reduce import batch_gram, batch_mean, batch_size, batch_sum
 from ..layers import LayerSpec, Records, matrix_to_weight, weight_matrix
 from ..losses import MSE, CrossEntropy
 from ..protocol import Array, LayerRecord
 from ._base import LayerwiseMethod, check_grads_finite, n_preconditioned, step_info
+from ._ema import debias, ema, ema_moments  # noqa: F401  (re-exported: the old home of the EMA helpers)
 
 
 class Terms(NamedTuple):
@@ -266,61 +268,28 @@ def check_loss(loss: Any) -> None:
 
 
 # ---------------------------------------------------------------------------
-# closed forms (newton, saddle_free, MK), batch mean of per-sample steps
+# pieces of the closed forms (ESN newton/saddle_free, MK): batch means of per-sample steps
 # ---------------------------------------------------------------------------
+
+
+def weight_coef(ghat: Array, rho: Array, mu: float, eps: float) -> tuple[Array, Array, Array, Array]:
+    """The per-sample coefficient of ``ĝ aᵀ`` in ``N_k`` and what the bias formulas reuse.
+
+    Returns ``(ρ/(μρ + γ), μρ + γ <= eps, ρ/γ, γ)`` with ``γ = ||ĝ||²`` (B,) each
+    (``μ = 0`` for ESN's ``ρ/γ``). The ratio is formed from ``ρ/γ``
+    (:func:`damped_ratio`), so per-sample gradients whose squared norms
+    overflow still give a finite coefficient; a masked sample's coefficient is 0.
+    """
+    g_norm = norm(ghat)
+    gamma = g_norm * g_norm  # for the masks only (an overflow to inf is still > eps)
+    rho_rel = per_gamma(rho, g_norm)
+    coef, bad = damped_ratio(rho_rel, mu * rho + gamma, mu, eps)
+    return coef, bad, rho_rel, gamma
 
 
 def weight_mean(ghat: Array, coef: Array, a: Array) -> Array:
     """``(1/B) Σ_p coef_p ĝ_p a_pᵀ``: one matmul, shape like ``W``."""
     return batch_gram(ghat * coef[:, None], a) / batch_size(ghat)
-
-
-def closed_form(terms: Terms, variant: str, mu: float, eps: float) -> tuple[list[Array], list[Array]]:
-    """Direction ``[N_1, η_1, ..., N_n, η_n]`` (batch mean) and per-layer degenerate masks (B,).
-
-    ``newton``:  ``N_k = ρ ĝ aᵀ/γ``, ``η_k = -(ρ s/γ) ĝ + [k=n] q`` (spec §2, corrected eq 17);
-    ``saddle_free``: the same with ``+(ρ s/γ) ĝ`` (ICLR eq 21);
-    ``mk``: ``N_k = ρ ĝ aᵀ/(μρ + γ)``, ``η_k = c ĝ/(μc + γ)``, ``c = ρ s + [k=n] ĝ_nᵀq`` (MK eq 42).
-    A sample whose denominator is ``<= eps`` contributes 0 to that layer (mask True).
-    The ratios are formed from ``ρ/γ`` and ``c/γ`` (:func:`damped_ratio`), so
-    per-sample gradients whose squared norms overflow still give a finite direction.
-    """
-    n = len(terms.ghat)
-    direction: list[Array] = []
-    masks: list[Array] = []
-    for k in range(n):
-        ghat, a, rho = terms.ghat[k], terms.a[k], terms.rho[k]
-        g_norm, s = norm(ghat), sq_norm(a)
-        gamma = g_norm * g_norm  # for the masks only (an overflow to inf is still > eps)
-        last = k == n - 1
-        rho_rel = per_gamma(rho, g_norm)
-        w_coef, w_bad = damped_ratio(rho_rel, mu * rho + gamma, mu, eps)
-        if variant == "mk":
-            c = rho * s + (terms.gq if last else 0.0)
-            b_coef, b_bad = damped_ratio(rho_rel * s + (terms.gq_rel if last else 0.0), mu * c + gamma, mu, eps)
-            eta = batch_mean(ghat * b_coef[:, None])
-            bad = w_bad | b_bad
-        else:
-            sign = -1.0 if variant == "newton" else 1.0
-            b_coef = sign * s * w_coef
-            eta = batch_mean(ghat * b_coef[:, None]) + (batch_mean(terms.q) if last else 0.0)
-            bad = w_bad
-        direction += [weight_mean(ghat, w_coef, a), eta]
-        masks.append(bad)
-    return direction, masks
-
-
-def first_zero_gradient(terms: Terms, eps: float) -> tuple[int, int] | None:
-    """``(k, p)`` (1-based layer, 0-based sample) of the first ``γ_k <= eps`` with ``k >= 2``, or None.
-
-    Returns None as well while tracing (abstract values).
-    """
-    xp = array_namespace(terms.ghat[0])
-    for k in range(1, len(terms.ghat)):
-        bad = sq_norm(terms.ghat[k]) <= eps
-        if concrete_bool(batch_any(bad)):
-            return k + 1, int(xp.argmax(xp.astype(bad, xp.int32)))
-    return None
 
 
 def count(masks: Sequence[Array], like: Array) -> Array:
@@ -338,101 +307,6 @@ def mean_rho(rho: Sequence[Array]) -> Array:
     for r in rho[1:]:
         total = total + batch_mean(r)
     return total / len(rho)
-
-
-# ---------------------------------------------------------------------------
-# randomized ESN (ICLR eqs 24, 26; A.6): expectations and the per-layer solves
-# ---------------------------------------------------------------------------
-
-
-class Moments(NamedTuple):
-    """Expectations of one layer: ``C = E[ĝĝᵀ]``, ``R = E[ρ ĝ aᵀ]``, ``m = E[a]``, ``P = E[aaᵀ]``.
-
-    ``P`` is only needed by the Sylvester solver (``None`` otherwise).
-    """
-
-    C: Array
-    R: Array
-    m: Array
-    P: Array | None
-
-
-def batch_moments(ghat: Array, a: Array, rho: Array, second_moment: bool) -> Moments:
-    """Batch-mean estimates of one layer's :class:`Moments` (B = 1: the rank-one spot estimate)."""
-    B = batch_size(ghat)
-    P = batch_gram(a, a) / B if second_moment else None
-    return Moments(batch_gram(ghat, ghat) / B, batch_gram(ghat * rho[:, None], a) / B, batch_mean(a), P)
-
-
-def ema(old: Array, new: Array, beta: float) -> Array:
-    """``β old + (1 - β) new``."""
-    return beta * old + (1 - beta) * new
-
-
-def debias(value: Array, beta: float, t: Array) -> Array:
-    """Adam-style bias correction ``value / (1 - β^t)`` (``t >= 1`` a float 0-d array)."""
-    return value / (1 - beta**t)
-
-
-def ema_moments(old: Moments, new: Moments, beta: float, t: Array) -> tuple[Moments, Moments]:
-    """``(raw EMAs to store, bias-corrected EMAs to use)`` (spec §3.5, ``t`` the new step count)."""
-    raw = Moments(*(None if v is None else ema(o, v, beta) for o, v in zip(old, new)))
-    return raw, Moments(*(None if v is None else debias(v, beta, t) for v in raw))
-
-
-def _shifted(C: Array, damping: float) -> Array:
-    xp = array_namespace(C)
-    return C + damping * xp.eye(C.shape[0], dtype=C.dtype, device=_dev(C))
-
-
-def _singular(den_min: Array, den_max: Array, eps: float, layer: int, what: str) -> Array:
-    """``ValueError`` naming the layer when the system is singular (``den_min <= eps den_max``); else the
-    0-d mask, abstract inside ``jax.jit``, where :func:`_nan_where` turns the solution into NaN instead."""
-    singular = den_min <= eps * den_max
-    if concrete_bool(singular):
-        raise ValueError(
-            f"ESN randomized: the system of layer {layer} ({what}) is singular; use damping > 0"
-        )
-    return singular
-
-
-def _nan_where(singular: Array, N: Array) -> Array:
-    """NaN where the system was singular, so the step's guard keeps the old params (``info["finite"]`` False)."""
-    xp = array_namespace(N)
-    return xp.where(singular, xp.full_like(N, float("nan")), N)
-
-
-def solve_identity(C: Array, R: Array, damping: float, eps: float, layer: int) -> Array:
-    """ICLR eq 26: ``N = (δI + C)⁻¹ R``.
-
-    With ``δ > 0`` a plain solve; with ``δ = 0`` an eigendecomposition that
-    raises ``ValueError`` naming the layer when ``C`` is singular
-    (``σ_min <= eps σ_max``; NaN inside ``jax.jit``).
-    """
-    xp = array_namespace(C, R)
-    if damping > 0:
-        return xp.linalg.solve(_shifted(C, damping), R)
-    sigma, U = eigh(C)
-    singular = _singular(xp.min(sigma), xp.max(xp.abs(sigma)), eps, layer, "E[ĝĝᵀ]")
-    coef = xp.matmul(xp.matrix_transpose(U), R) / sigma[:, None]
-    return _nan_where(singular, xp.matmul(U, coef))
-
-
-def solve_sylvester(C: Array, V: Array, R: Array, damping: float, eps: float, layer: int) -> Array:
-    """ICLR eq 24: ``(δI + C) N + N V = R`` with ``V = Var(a)``, via two eigendecompositions.
-
-    ``δI + C = UΣUᵀ``, ``V = QΘQᵀ``: ``N = U [(UᵀRQ)_ij / (Σ_i + Θ_j)] Qᵀ``
-    (denominators >= δ since ``V`` is PSD). With ``δ = 0`` a singular system
-    raises ``ValueError`` naming the layer (NaN inside ``jax.jit``).
-    """
-    xp = array_namespace(C, V, R)
-    sigma, U = eigh(_shifted(C, damping))
-    theta, Q = eigh(V)
-    den = sigma[:, None] + theta[None, :]
-    singular = None if damping > 0 else _singular(xp.min(den), xp.max(xp.abs(den)), eps, layer, "Sylvester operator")
-    rot = xp.matmul(xp.matmul(xp.matrix_transpose(U), R), Q)
-    N = xp.matmul(xp.matmul(U, rot / den), xp.matrix_transpose(Q))
-    return N if singular is None else _nan_where(singular, N)
 
 
 class ChainMethod(LayerwiseMethod):

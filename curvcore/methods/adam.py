@@ -5,12 +5,11 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any, NamedTuple
 
-from .._namespace import array_namespace
-
 from .._checks import check_interval, check_nonnegative, check_positive
 from ..protocol import Array
-from ..tree import tree_map, tree_sub, tree_zeros_like
+from ..tree import tree_scale, tree_sub, tree_zeros_like
 from ._base import Method, check_grads_finite, count_as_float, step_info, value_and_grad, zero_count
+from ._ema import adam_direction
 from ._registry import register
 
 
@@ -51,16 +50,11 @@ class Adam(Method):
 
     def flat_step(self, model: Any, loss: Any, params: Sequence[Array], state: AdamState, x: Array, y: Array):
         """One Adam step; ``info``: ``loss``, ``step_norm``."""
-        xp = array_namespace(params[0])
         value, g, _ = value_and_grad(model, loss, params, x, y)
         check_grads_finite(g, self.validate)
-        b1, b2 = self.betas
         count = state.count + 1
-        t = count_as_float(count, params[0])
-        m = tree_map(lambda mi, gi: b1 * mi + (1 - b1) * gi, state.m, g)
-        v = tree_map(lambda vi, gi: b2 * vi + (1 - b2) * gi * gi, state.v, g)
-        c1, c2 = 1 - b1**t, 1 - b2**t
-        delta = tree_map(lambda mi, vi: self.lr * (mi / c1) / (xp.sqrt(vi / c2) + self.eps), m, v)
+        u, m, v = adam_direction(g, state.m, state.v, self.betas, self.eps, count_as_float(count, params[0]))
+        delta = tree_scale(u, self.lr)
         return tree_sub(params, delta), AdamState(m=m, v=v, count=count), step_info(value, delta)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Sequence
 from typing import Any, NamedTuple
 
@@ -9,15 +10,17 @@ from array_api_compat import device
 
 from .._namespace import array_namespace
 
-from .._checks import check_choice, check_interval, check_nonnegative, check_positive, check_shapes
-from .._reduce import batch_mean
+from .._checks import check_choice, check_interval, check_nonnegative, check_positive, check_shapes, concrete_bool
+from .._linalg import cho_solve, eigh
+from .._reduce import batch_any, batch_gram, batch_mean, batch_size, current
 from ..protocol import Array
 from . import _layerwise as lw
 from ._base import check_flag, check_grads_finite, count_as_float, zero_count
+from ._ema import ema_moments
 from ._registry import register
 
 VARIANTS = ("newton", "saddle_free", "randomized")
-_RANDOMIZED_DEFAULTS = {"damping": 1.0, "solver": "identity", "estimator": "batch", "beta": 0.99, "granular": False}
+RANDOMIZED_ONLY = ("damping", "solver", "estimator", "beta", "granular")  # hyperparameters of "randomized" alone
 
 
 class ESNState(NamedTuple):
@@ -33,6 +36,163 @@ class ESNState(NamedTuple):
     R: list
     m: list
     P: list
+
+
+# ---------------------------------------------------------------------------
+# "newton" and "saddle_free" (corrected ICLR eq 17, eq 21): batch means of per-sample closed forms
+# ---------------------------------------------------------------------------
+
+
+def closed_form(terms: lw.Terms, variant: str, eps: float) -> tuple[list[Array], list[Array]]:
+    """``[N_1, η_1, ..., N_n, η_n]`` (batch mean) and per-layer degenerate masks (B,), per sample:
+
+        N_k = ρ_k ĝ_k a_kᵀ / γ_k
+        η_k = ∓(ρ_k s_k / γ_k) ĝ_k + [k=n] q      (- for "newton", + for "saddle_free")
+
+    A sample whose ``γ_k`` is ``<= eps`` contributes 0 to that layer (mask True).
+    """
+    sign = -1.0 if variant == "newton" else 1.0
+    n = len(terms.ghat)
+    direction: list[Array] = []
+    masks: list[Array] = []
+    for k, (ghat, a, rho) in enumerate(zip(terms.ghat, terms.a, terms.rho)):
+        w_coef, bad = lw.weight_coef(ghat, rho, 0.0, eps)[:2]
+        eta = batch_mean(ghat * (sign * lw.sq_norm(a) * w_coef)[:, None])
+        if k == n - 1:
+            eta = eta + batch_mean(terms.q)
+        direction += [lw.weight_mean(ghat, w_coef, a), eta]
+        masks.append(bad)
+    return direction, masks
+
+
+def first_zero_gradient(terms: lw.Terms, eps: float) -> tuple[int, int] | None:
+    """``(k, p)`` (1-based layer, 0-based sample) of the first ``γ_k <= eps`` with ``k >= 2``, or None.
+
+    Returns None as well while tracing (abstract values).
+    """
+    xp = array_namespace(terms.ghat[0])
+    for k in range(1, len(terms.ghat)):
+        bad = lw.sq_norm(terms.ghat[k]) <= eps
+        if concrete_bool(batch_any(bad)):
+            return k + 1, int(xp.argmax(xp.astype(bad, xp.int32)))
+    return None
+
+
+# ---------------------------------------------------------------------------
+# "randomized" (ICLR eqs 24, 26; A.6): expectations and the per-layer solves
+# ---------------------------------------------------------------------------
+
+
+class Moments(NamedTuple):
+    """Expectations of one layer: ``C = E[ĝĝᵀ]``, ``R = E[ρ ĝ aᵀ]``, ``m = E[a]``, ``P = E[aaᵀ]``.
+
+    ``P`` is only needed by the Sylvester solver (``None`` otherwise).
+    """
+
+    C: Array
+    R: Array
+    m: Array
+    P: Array | None
+
+
+def batch_moments(ghat: Array, a: Array, rho: Array, second_moment: bool) -> Moments:
+    """Batch-mean estimates of one layer's :class:`Moments` (B = 1: the rank-one spot estimate)."""
+    B = batch_size(ghat)
+    P = batch_gram(a, a) / B if second_moment else None
+    return Moments(batch_gram(ghat, ghat) / B, batch_gram(ghat * rho[:, None], a) / B, batch_mean(a), P)
+
+
+def _shifted(C: Array, damping: float) -> Array:
+    xp = array_namespace(C)
+    return C + damping * xp.eye(C.shape[0], dtype=C.dtype, device=device(C))
+
+
+def _singular(den_min: Array, den_max: Array, eps: float, layer: int, what: str) -> Array:
+    """``ValueError`` naming the layer when the system is singular (``den_min <= eps den_max``); else the
+    0-d mask, abstract inside ``jax.jit``, where :func:`_nan_where` turns the solution into NaN instead."""
+    singular = den_min <= eps * den_max
+    if concrete_bool(singular):
+        raise ValueError(
+            f"ESN randomized: the system of layer {layer} ({what}) is singular; use damping > 0"
+        )
+    return singular
+
+
+def _nan_where(singular: Array, N: Array) -> Array:
+    """NaN where the system was singular, so the step's guard keeps the old params (``info["finite"]`` False)."""
+    xp = array_namespace(N)
+    return xp.where(singular, xp.full_like(N, float("nan")), N)
+
+
+def solve_identity(C: Array, R: Array, damping: float, eps: float, layer: int) -> Array:
+    """ICLR eq 26: ``N = (δI + C)⁻¹ R``.
+
+    With ``δ > 0`` a Cholesky solve (NaN if ``δI + C`` is not numerically
+    positive definite); with ``δ = 0`` an eigendecomposition that raises
+    ``ValueError`` naming the layer when ``C`` is singular
+    (``σ_min <= eps σ_max``; NaN inside ``jax.jit``).
+    """
+    xp = array_namespace(C, R)
+    if damping > 0:
+        return cho_solve(_shifted(C, damping), R)
+    sigma, U = eigh(C)
+    singular = _singular(xp.min(sigma), xp.max(xp.abs(sigma)), eps, layer, "E[ĝĝᵀ]")
+    coef = xp.matmul(xp.matrix_transpose(U), R) / sigma[:, None]
+    return _nan_where(singular, xp.matmul(U, coef))
+
+
+def batch_system(ghat: Array) -> bool:
+    """Whether :func:`solve_identity_batch` takes the B x B system: ``B < n_out`` and the whole batch in this process."""
+    return ghat.shape[0] < ghat.shape[1] and not current().distributed
+
+
+def solve_identity_batch(ghat: Array, a: Array, rho: Array, damping: float, validate: bool) -> Array:
+    """ICLR eq 26 with batch expectations from the samples, by Cholesky on the smaller system (``δ > 0``):
+
+        N = (δI + ĜᵀĜ/B)⁻¹ Ĝᵀ diag(ρ) A / B,   Ĝ (δI + ĜᵀĜ/B)⁻¹ = (δI + ĜĜᵀ/B)⁻¹ Ĝ   (push-through)
+
+    (``Ĝ`` the (B, n_out) per-sample gradients, ``A`` the (B, n_in) inputs).
+    The system is ``n_out x n_out`` or, where :func:`batch_system`, ``B x B``
+    (Woodbury); its right-hand sides are ``Ĝ`` (then ``N = (ρ ⊙ ĜS⁻¹)ᵀA/B``)
+    or ``diag(ρ)A`` (``n_in`` columns), whichever is narrower. Equals
+    :func:`solve_identity` on the batch moments; the cost is
+    ``B m M + m³/3 + 2 m² min(M, n_in) + B n_out n_in`` with ``m, M`` the
+    smaller and larger of ``B, n_out`` (the moments' route: ``m = n_out``, ``n_in`` columns).
+
+    Raises:
+        FloatingPointError: the Gram matrix overflowed (``validate``, eager).
+    """
+    xp = array_namespace(ghat, a, rho)
+    B, n_out, n_in = batch_size(ghat), ghat.shape[1], a.shape[1]
+    weights = (rho / B)[:, None]
+    if batch_system(ghat):
+        K = _shifted(xp.matmul(ghat, xp.matrix_transpose(ghat)) / B, damping)
+        check_grads_finite([K], validate, "the batch Gram matrix ĜĜᵀ/B")
+        if n_out <= n_in:
+            return batch_gram(cho_solve(K, ghat) * weights, a)
+        return batch_gram(ghat, cho_solve(K, a * weights))
+    S = _shifted(batch_gram(ghat, ghat) / B, damping)
+    check_grads_finite([S], validate, "the Gram matrix ĜᵀĜ/B")
+    if B <= n_in:
+        return batch_gram(xp.matrix_transpose(cho_solve(S, xp.matrix_transpose(ghat))) * weights, a)
+    return cho_solve(S, batch_gram(ghat * weights, a))
+
+
+def solve_sylvester(C: Array, V: Array, R: Array, damping: float, eps: float, layer: int) -> Array:
+    """ICLR eq 24: ``(δI + C) N + N V = R`` with ``V = Var(a)``, via two eigendecompositions.
+
+    ``δI + C = UΣUᵀ``, ``V = QΘQᵀ``: ``N = U [(UᵀRQ)_ij / (Σ_i + Θ_j)] Qᵀ``
+    (denominators >= δ since ``V`` is PSD). With ``δ = 0`` a singular system
+    raises ``ValueError`` naming the layer (NaN inside ``jax.jit``).
+    """
+    xp = array_namespace(C, V, R)
+    sigma, U = eigh(_shifted(C, damping))
+    theta, Q = eigh(V)
+    den = sigma[:, None] + theta[None, :]
+    singular = None if damping > 0 else _singular(xp.min(den), xp.max(xp.abs(den)), eps, layer, "Sylvester operator")
+    rot = xp.matmul(xp.matmul(xp.matrix_transpose(U), R), Q)
+    N = xp.matmul(xp.matmul(U, rot / den), xp.matrix_transpose(Q))
+    return N if singular is None else _nan_where(singular, N)
 
 
 class ESN(lw.ChainMethod):
@@ -71,9 +231,11 @@ class ESN(lw.ChainMethod):
 
     Cost per step: one forward + one backward (``model.layers``), plus one
     matmul per layer (``newton``/``saddle_free``, ≈ an SGD step) or, for
-    ``randomized``, the Gram matrices ``O(B n_k²)`` and an ``n_k x n_k`` solve
-    (two eigendecompositions for Sylvester). ``reg_grad`` adds one backward
-    sweep of matmuls (no model call).
+    ``randomized``, a Gram matrix and a Cholesky solve per layer: with batch
+    expectations on the smaller of the ``n_k x n_k`` and ``B x B`` systems
+    (:func:`solve_identity_batch`), with EMAs on ``n_k x n_k``; two
+    eigendecompositions for Sylvester, one for ``damping=0``. ``reg_grad``
+    adds one backward sweep of matmuls (no model call).
 
     Args:
         lr: learning rate > 0.
@@ -109,7 +271,8 @@ class ESN(lw.ChainMethod):
             raise ValueError(f"granular must be True or False, got {granular!r}")
         given = {"damping": damping, "solver": solver, "estimator": estimator, "beta": beta, "granular": granular}
         if variant != "randomized":
-            changed = [k for k, v in given.items() if v != _RANDOMIZED_DEFAULTS[k]]
+            defaults = inspect.signature(ESN.__init__).parameters
+            changed = [k for k in RANDOMIZED_ONLY if given[k] != defaults[k].default]
             if changed:
                 raise ValueError(f"{', '.join(changed)} only apply to variant='randomized', not {variant!r}")
         if reg_grad is None:
@@ -156,7 +319,7 @@ class ESN(lw.ChainMethod):
         """
         xp = array_namespace(params[0])
         if self.variant == "newton":
-            bad = lw.first_zero_gradient(terms, self.eps)
+            bad = first_zero_gradient(terms, self.eps)
             if bad is not None:
                 raise ValueError(f"ESN newton: backpropagated gradient of layer {bad[0]} is zero for sample {bad[1]}; "
                                  "the exact Newton direction does not exist")
@@ -164,7 +327,7 @@ class ESN(lw.ChainMethod):
         if self.variant == "randomized":
             d, state = self.randomized(terms, rec, state, params, candidates)
         else:
-            d, masks = lw.closed_form(terms, self.variant, 0.0, self.eps)
+            d, masks = closed_form(terms, self.variant, self.eps)
             state = state._replace(t=state.t + 1)
         damping = self.damping if self.variant == "randomized" else 0.0
         extras = {"lam_mean": lw.mean_rho(terms.rho), "skipped": lw.count(masks, zero_count(params)),
@@ -194,28 +357,34 @@ class ESN(lw.ChainMethod):
         t = state.t + 1
         tf = count_as_float(t, params[0])
         C, R, m, P = (list(v) for v in (state.C, state.R, state.m, state.P))
+        from_samples = not ema and not sylvester and self.damping > 0
         d: list[Array] = []
-        n = len(terms.ghat)
-        for k in range(n):
-            mom = lw.batch_moments(terms.ghat[k], terms.a[k], terms.rho[k], sylvester)
+        for k, (ghat, a, rho) in enumerate(zip(terms.ghat, terms.a, terms.rho)):
+            if from_samples:
+                N, mean_a = solve_identity_batch(ghat, a, rho, self.damping, self.validate), batch_mean(a)
+                d += [N, xp.matmul(N, mean_a)]
+                continue
+            mom = batch_moments(ghat, a, rho, sylvester)
             if ema:
                 i = slot[rec.specs[k].weight]
-                old = lw.Moments(C[i], R[i], m[i], P[i] if sylvester else None)
-                raw, mom = lw.ema_moments(old, mom, self.beta, tf)
+                old = Moments(C[i], R[i], m[i], P[i] if sylvester else None)
+                raw, mom = ema_moments(old, mom, self.beta, tf)
                 C[i], R[i], m[i] = raw.C, raw.R, raw.m
                 if sylvester:
                     P[i] = raw.P
-            check_grads_finite([mom.C, mom.R], self.validate)
-            if sylvester:
-                V = mom.P - mom.m[:, None] * mom.m[None, :]
-                N = lw.solve_sylvester(mom.C, V, mom.R, self.damping, self.eps, k + 1)
-            else:
-                N = lw.solve_identity(mom.C, mom.R, self.damping, self.eps, k + 1)
-            eta = xp.matmul(N, mom.m)
-            if self.granular and k == n - 1:
-                eta = eta + batch_mean(terms.q)
-            d += [N, eta]
+            N = self._solve_moments(mom, k + 1)
+            d += [N, xp.matmul(N, mom.m)]
+        if self.granular:
+            d[-1] = d[-1] + batch_mean(terms.q)
         return d, ESNState(t, C, R, m, P)
+
+    def _solve_moments(self, mom: Moments, layer: int) -> Array:
+        """Eq 26, or eq 24 for ``solver="sylvester"``, from one layer's expectations."""
+        check_grads_finite([mom.C, mom.R], self.validate)
+        if self.solver == "sylvester":
+            V = mom.P - mom.m[:, None] * mom.m[None, :]
+            return solve_sylvester(mom.C, V, mom.R, self.damping, self.eps, layer)
+        return solve_identity(mom.C, mom.R, self.damping, self.eps, layer)
 
 
 register("esn", ESN, compare={"lr": 0.3}, test={"lr": 0.01},

@@ -10,6 +10,7 @@ from array_api_compat import device
 from .._namespace import array_namespace
 
 from .._checks import check_nonnegative, check_positive
+from .._reduce import batch_mean
 from ..protocol import Array
 from . import _layerwise as lw
 from ._base import check_flag, zero_count
@@ -97,10 +98,35 @@ class MK(lw.ChainMethod):
                   candidates: Sequence[Any]) -> tuple[list[Array], MKState, dict[str, Array]]:
         """The MK direction ``d = [N_1, η_1, ...]`` over the chain (update ``params - lr d``), new state, extras."""
         xp = array_namespace(params[0])
-        d, masks = lw.closed_form(terms, "mk", self.mu, self.eps)
+        d, masks = mk_direction(terms, self.mu, self.eps)
         extras = {"lam_mean": lw.mean_rho(terms.rho), "skipped": lw.count(masks, zero_count(params)),
                   "mu": xp.asarray(self.mu, dtype=params[0].dtype, device=device(params[0]))}
         return d, MKState(state.t + 1), extras
+
+
+def mk_direction(terms: lw.Terms, mu: float, eps: float) -> tuple[list[Array], list[Array]]:
+    """MK eq 42 as the batch mean of per-sample steps: ``[N_1, η_1, ..., N_n, η_n]`` and per-layer masks (B,).
+
+        N_k = ρ_k ĝ_k a_kᵀ / (μ ρ_k + γ_k)
+        η_k = c_k ĝ_k / (μ c_k + γ_k),   c_k = ρ_k s_k + [k=n] ĝ_nᵀ q
+
+    A sample whose denominator ``μρ_k + γ_k`` or ``μc_k + γ_k`` is ``<= eps``
+    contributes 0 to that layer (mask True). ``c/γ`` is formed as
+    ``(ρ/γ) s + [k=n] ĝ_nᵀq/γ`` (:func:`~._layerwise.damped_ratio`), so
+    per-sample gradients whose squared norms overflow still give a finite step.
+    """
+    n = len(terms.ghat)
+    direction: list[Array] = []
+    masks: list[Array] = []
+    for k, (ghat, a, rho) in enumerate(zip(terms.ghat, terms.a, terms.rho)):
+        last = k == n - 1
+        w_coef, w_bad, rho_rel, gamma = lw.weight_coef(ghat, rho, mu, eps)
+        s = lw.sq_norm(a)
+        c = rho * s + (terms.gq if last else 0.0)
+        b_coef, b_bad = lw.damped_ratio(rho_rel * s + (terms.gq_rel if last else 0.0), mu * c + gamma, mu, eps)
+        direction += [lw.weight_mean(ghat, w_coef, a), batch_mean(ghat * b_coef[:, None])]
+        masks.append(w_bad | b_bad)
+    return direction, masks
 
 
 register("mk", MK, compare={"lr": 0.5}, test={"lr": 0.01}, losses=("mse", "ce"),

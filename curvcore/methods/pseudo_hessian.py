@@ -31,6 +31,7 @@ from ..protocol import Array, jets
 from ..tree import tree_dot, tree_map, tree_norm, tree_size, tree_zeros_like
 from . import _cubic
 from ._base import Method, check_grads_finite, count_as_float, step_info, value_and_grad, zero_count
+from ._ema import adam_direction
 from ._registry import register
 
 GROUPS = ("tensor", "layer", "wb", "one", "scalar")
@@ -155,13 +156,7 @@ class PseudoHessian(Method):
         if self.direction == "momentum":
             m = tree_map(lambda mi, gi: self.momentum * mi + gi, state.m, g)
             return m, m, state.v, t
-        b1, b2 = self.betas
-        tf = count_as_float(t, g[0])
-        m = tree_map(lambda mi, gi: b1 * mi + (1 - b1) * gi, state.m, g)
-        v = tree_map(lambda vi, gi: b2 * vi + (1 - b2) * gi * gi, state.v, g)
-        c1, c2 = 1 - b1**tf, 1 - b2**tf
-        xp = array_namespace(g[0])
-        u = tree_map(lambda mi, vi: (mi / c1) / (xp.sqrt(vi / c2) + self.eps), m, v)
+        u, m, v = adam_direction(g, state.m, state.v, self.betas, self.eps, count_as_float(t, g[0]))
         return u, m, v, t
 
     # -- the step --------------------------------------------------------------
