@@ -147,6 +147,36 @@ def _presharded_case(mesh) -> str | None:
     return _mismatch(runs[True][STEPS], runs[False][STEPS], "CurveBall on pre-sharded inputs")
 
 
+def _model_state_case(mesh) -> str | None:
+    """A flax net with BatchNorm and Dropout: the state comes back replicated, and the running mean (the
+    mean of the devices' batch means) equals the one-device running mean; ``None`` if so."""
+    import flax.linen as nn
+    import jax
+    import jax.numpy as jnp
+
+    from curvcore.backends import jax as cj
+
+    class Net(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            z = nn.BatchNorm(use_running_average=False, momentum=0.5)(nn.Dense(7)(x))
+            return nn.Dense(10)(nn.Dropout(0.2, deterministic=False)(jnp.tanh(z)))
+
+    b = _problem("mlp")[2][0]
+    x, y = cj.from_numpy(b["x"]), cj.from_numpy(b["y"])
+    means = {}
+    for step_mesh in (None, mesh):
+        variables = jax.tree_util.tree_map(lambda a: a.astype(jnp.float64), Net().init(jax.random.key(0), x[:2]))
+        model, params = cj.from_flax(Net(), variables, rngs=jax.random.key(1))
+        step = cj.jit_step(cc.SGD(), model, cc.losses.CrossEntropy(), mesh=step_mesh)
+        step(params, cc.SGD().init(params), x, y)
+        leaves = jax.tree_util.tree_leaves(model.state)
+        if step_mesh is not None and not all(a.sharding.is_fully_replicated for a in leaves):
+            return f"the model state is not replicated: {[a.sharding for a in leaves]}"
+        means[step_mesh is None] = np.asarray(model.state.collections["batch_stats"]["BatchNorm_0"]["mean"])
+    return _mismatch(means[False], means[True], "the BatchNorm running mean")
+
+
 def _error_cases(mesh) -> dict[str, str]:
     """Bad setups that need two devices: ``{case: 'ErrorType: message' (or what happened instead)}``."""
     import jax
@@ -194,6 +224,7 @@ def main(out_path: str) -> None:
         warnings.simplefilter("ignore")  # the layer-wise methods' "preconditions 2 of 4 tensors" on the CNN
         mismatches, found = _equality_cases(mesh)
         result = {"mismatches": mismatches, "collectives": found, "presharded": _presharded_case(mesh),
+                  "model state": _model_state_case(mesh),
                   "errors": _error_cases(mesh), "example": _example()}
     Path(out_path).write_text(json.dumps(result))
 
@@ -207,8 +238,9 @@ def main(out_path: str) -> None:
 def two_devices(tmp_path_factory) -> dict:
     """Run the two-device process once; what it found."""
     out = tmp_path_factory.mktemp("jax_mesh") / "result.json"
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2", "JAX_PLATFORMS": "cpu",
-           "OMP_NUM_THREADS": "1"}
+    # 2 host devices; LLVM optimizations off: they speed up the (tiny) generated code, not the HLO checked here
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2 --xla_backend_optimization_level=0",
+           "JAX_PLATFORMS": "cpu", "OMP_NUM_THREADS": "1"}
     done = subprocess.run([sys.executable, __file__, str(out)], capture_output=True, text=True, env=env,
                           timeout=TIMEOUT_S, cwd=ROOT)
     assert done.returncode == 0, done.stderr[-5000:]
@@ -235,6 +267,10 @@ def test_only_all_reduces_and_never_a_per_sample_array(two_devices, method, net)
 
 def test_inputs_sharded_by_the_user_give_the_same_steps(two_devices):
     assert two_devices["presharded"] is None, two_devices["presharded"]
+
+
+def test_a_flax_model_state_comes_back_replicated_with_the_global_running_mean(two_devices):
+    assert two_devices["model state"] is None, two_devices["model state"]
 
 
 @pytest.mark.parametrize("case, message", [
