@@ -46,6 +46,7 @@ from curvcore.layers import check_cotangent_shape
 from curvcore.methods import init_state
 from curvcore.protocol import Cotangent, LayerRecord, jets_by_jet, linearize_by_composition, resolve_cotangent
 
+from . import _jax_sharding as _sharding
 from ._activations import LEAKY_SLOPE, check_activation
 from ._adapter import parse_device
 from ._mlp import ArrayAPIMLP
@@ -388,11 +389,15 @@ class BoundedJit:
         self.compiles = 0
 
     def __call__(self, *args: Any) -> Any:
-        leaves, treedef = jax.tree_util.tree_flatten(args)
-        if any(isinstance(a, jax.core.Tracer) for a in leaves):
+        if any(isinstance(a, jax.core.Tracer) for a in jax.tree_util.tree_leaves(args)):
             if self._jit._cache_size() >= self.maxsize:
                 self._jit.clear_cache()
             return self._jit(*args)
+        return self.executable(*args)(*args)
+
+    def executable(self, *args: Any) -> Any:
+        """The compiled program for these concrete arguments, from the LRU (compiled on a miss)."""
+        leaves, treedef = jax.tree_util.tree_flatten(args)
         key = (treedef, tuple(_signature(a) for a in leaves))
         compiled = self._compiled.get(key)
         if compiled is None:
@@ -403,7 +408,7 @@ class BoundedJit:
                 self._compiled.popitem(last=False)
         else:
             self._compiled.move_to_end(key)
-        return compiled(*args)
+        return compiled
 
     def lower(self, *args: Any) -> Any:
         """``jax.jit(fn).lower(*args)`` (HLO, cost analysis)."""
@@ -576,14 +581,20 @@ class JitStep:
     is written back to ``model.state`` after the call (the BatchNorm
     statistics of ``info["buffers"]``, the dropout keys moved on).
 
+    **Data parallel.** ``jit_step(..., mesh=mesh, batch_axis="data")``, or
+    an ``x`` sharded along axis 0: the batch is split over the mesh axis,
+    everything else replicated (see :func:`jit_step`).
+
     Attributes:
         traces: how many times the step was traced; a stable training loop
             traces once per argument signature (see also :meth:`cache_size`).
     """
 
-    def __init__(self, method: Any, model: Any, loss: Any, donate: bool = False):
+    def __init__(self, method: Any, model: Any, loss: Any, donate: bool = False, mesh: Any = None,
+                 batch_axis: Any = None):
         self.method, self.model, self.loss = method, model, loss
         self.donate = donate
+        self.layout = _sharding.check_layout(mesh, batch_axis)
         self.traces = 0
         self._jitted: dict[Any, BoundedJit] = {}
 
@@ -601,7 +612,18 @@ class JitStep:
             self._jitted[dev] = BoundedJit(self._step, donate_argnums=(0, 1) if self.donate else (), **kw)
         return self._jitted[dev], dev
 
+    def _data_parallel(self, layout: Any) -> BoundedJit:
+        """The jitted step of a data-parallel layout (outputs replicated over its mesh)."""
+        if layout not in self._jitted:
+            self._jitted[layout] = BoundedJit(_sharding.shard_step(self._step, self.model, layout),
+                                              donate_argnums=(0, 1) if self.donate else ())
+        return self._jitted[layout]
+
     def _args(self, params: Any, state: Any, x: Array, y: Array, kwargs: dict) -> tuple[BoundedJit, tuple]:
+        layout = _sharding.layout_of(self.layout, x)
+        if layout is not None:
+            return self._data_parallel(layout), _sharding.place(layout, params, state, model_state(self.model),
+                                                                x, y, kwargs)
         step, dev = self._compiled(params)
         args = (params, state, model_state(self.model), x, y, kwargs)
         return step, (args if dev is None else jax.device_put(args, dev))
@@ -617,6 +639,12 @@ class JitStep:
         """``jax.jit(...).lower`` for inspection (HLO, cost analysis)."""
         step, args = self._args(params, state, x, y, kwargs)
         return step.lower(*args)
+
+    def executable(self, params: Any, state: Any, x: Array, y: Array, **kwargs: Any) -> Any:
+        """The compiled program a call with these arguments runs (``.as_text()``: its optimized HLO,
+        with the collectives of a data-parallel step); compiled here on a miss, then reused by the call."""
+        step, args = self._args(params, state, x, y, kwargs)
+        return step.executable(*args)
 
     def cache_size(self) -> int:
         """Compiled executables held: one per argument signature (at most :data:`CACHE_SIZE` per device)."""
@@ -639,8 +667,18 @@ def _device_of(a: Array) -> Any:
     return next(iter(devices)) if len(devices) == 1 else None
 
 
-def jit_step(method: Any, model: Any, loss: Any, donate: bool = False) -> JitStep:
-    """``jax.jit`` of ``method.step`` bound to ``model`` and ``loss``.
+def jit_step(method: Any, model: Any, loss: Any, donate: bool = False, mesh: Any = None,
+             batch_axis: Any = None) -> JitStep:
+    """``jax.jit`` of ``method.step`` bound to ``model`` and ``loss``; data-parallel over a device mesh.
+
+    **Data parallel.** With ``mesh`` (or an ``x`` already sharded along its
+    axis 0 with a ``NamedSharding``, whose mesh and axis are then used), each
+    call splits ``x``, ``y`` and array keyword arguments (``cov_batch``)
+    over the mesh's ``batch_axis`` and replicates params, method state and
+    model state on every device of the mesh (also when they arrive on one
+    device); the outputs are replicated. XLA turns the step's sums over the
+    batch into all-reduces, and the step equals the one-device step up to
+    rounding (see the distributed training page).
 
     Args:
         method: a curvcore method instance.
@@ -648,11 +686,22 @@ def jit_step(method: Any, model: Any, loss: Any, donate: bool = False) -> JitSte
         loss: a :mod:`curvcore.losses` instance.
         donate: donate the params and state buffers to the step (saves
             device memory; the inputs must not be used afterwards).
+        mesh: a ``jax.sharding.Mesh`` to train data-parallel on.
+        batch_axis: the mesh axis (or tuple of axes) the batch is split over;
+            may be omitted for a mesh with one axis.
 
     Returns:
         a :class:`JitStep`: ``step(params, state, x, y, **kw) -> (params, state, info)``.
+
+    Raises:
+        TypeError: ``mesh`` is not a ``Mesh``.
+        ValueError: ``batch_axis`` is not an axis of ``mesh`` (or missing for a
+            mesh of several axes, or given without ``mesh``). At a call,
+            before anything runs: a batch size the batch axis cannot split
+            evenly, params or state sharded over several devices, an ``x``
+            sharded along an axis other than 0.
     """
-    return JitStep(method, model, loss, donate)
+    return JitStep(method, model, loss, donate, mesh, batch_axis)
 
 
 class OptaxState(NamedTuple):
