@@ -40,6 +40,7 @@ class ArrayAPIMLP:
         if len(sizes) < 2 or min(sizes) < 1:
             raise ValueError(f"sizes must list at least two positive widths, got {sizes}")
         self.sizes = sizes
+        self._shapes = self.param_shapes()
         self.activation = check_activation(activation)
         self.xp = xp
         self.validate = validate
@@ -60,7 +61,7 @@ class ArrayAPIMLP:
 
     # -- checks ------------------------------------------------------------
     def _check(self, params: Sequence[Array], x: Array) -> Any:
-        expected = self.param_shapes()
+        expected = self._shapes
         if len(params) != len(expected):
             raise ValueError(f"params must hold {len(expected)} arrays [W1, b1, ...], got {len(params)}")
         for i, (p, s) in enumerate(zip(params, expected)):

@@ -255,7 +255,9 @@ def check_flag(name: str, value: Any) -> bool:
 def value_and_grad(model: Any, loss: Any, params: Sequence[Array], x: Array, y: Array) -> tuple[Array, list[Array], Array]:
     """One forward and one VJP: ``(L, g, out)`` with ``g = J^T dL/df``."""
     out, pullback = model.vjp(params, x)
-    return loss.value(out, y), pullback(loss.grad(out, y)), out
+    fused = getattr(loss, "value_and_grad", None)  # one check and one softmax (user losses may lack it)
+    value, grad = fused(out, y) if fused is not None else (loss.value(out, y), loss.grad(out, y))
+    return value, pullback(grad), out
 
 
 def loss_and_records(model: Any, loss: Any, params: Sequence[Array], x: Array, y: Array) -> tuple[Array, list]:
