@@ -138,10 +138,22 @@ def all_finite(arrays: Sequence[Array]) -> Array | None:
     ok = None
     for a in arrays:
         xp = array_namespace(a)
-        if xp.isdtype(a.dtype, ("real floating", "complex floating")):
+        if _floating(xp, a.dtype):
             here = xp.all(xp.isfinite(a))
             ok = here if ok is None else ok & here
     return ok
+
+
+_FLOATING: dict[tuple[int, Any], bool] = {}
+
+
+def _floating(xp: Any, dtype: Any) -> bool:
+    """``xp.isdtype(dtype, real or complex floating)``, cached (it costs more than a small array's check)."""
+    key = (id(xp), dtype)
+    found = _FLOATING.get(key)
+    if found is None:
+        found = _FLOATING[key] = bool(xp.isdtype(dtype, ("real floating", "complex floating")))
+    return found
 
 
 def check_tree_finite(name: str, tree: Sequence[Array], indexed: bool = True) -> None:

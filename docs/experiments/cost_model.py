@@ -34,7 +34,7 @@ import sys
 import time
 from typing import Any
 
-from _common import caption, load_results, main, results_path
+from _common import caption, interleaved_min, load_results, main, results_path
 
 NAME = "cost_model"
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -142,23 +142,19 @@ def _bench() -> Any:
 
 
 def _rounds(fns: dict[str, Any], rounds: int) -> dict[str, list[float]]:
-    """Process CPU times of each function over ``rounds`` interleaved rounds (``fn.extra`` added)."""
-    import gc
-    import random
-
+    """Process CPU times of each function over ``rounds`` interleaved rounds (``fn.extra`` added, see
+    ``asv_bench.common.amortized_call``)."""
     times: dict[str, list[float]] = {k: [] for k in fns}
-    order, rng = list(fns), random.Random(0)
-    gc.collect()
-    gc.disable()
-    try:
-        for _ in range(rounds):
-            rng.shuffle(order)
-            for k in order:
-                t = time.process_time()
-                fns[k]()
-                times[k].append(time.process_time() - t + getattr(fns[k], "extra", 0.0))
-    finally:
-        gc.enable()
+
+    def timed(name: str, fn: Any) -> Any:
+        def call() -> None:
+            t = time.process_time()
+            fn()
+            times[name].append(time.process_time() - t + getattr(fn, "extra", 0.0))
+
+        return call
+
+    interleaved_min({k: timed(k, fn) for k, fn in fns.items()}, repeats=rounds)
     return times
 
 
