@@ -287,12 +287,14 @@ def check_params_and_x(params: Sequence[Array], x: Array, validate: bool = True)
     return xp
 
 
-def check_batch(params: Sequence[Array], x: Array, y: Array | None = None, validate: bool = True) -> Any:
+def check_batch(params: Sequence[Array], x: Array, y: Array | None = None, validate: bool = True,
+                extra: Sequence[tuple[str, Array]] = ()) -> Any:
     """Validate a batch against params; return their common namespace.
 
     Checks: same array library and device, ``x`` of shape ``(B, ...)`` with
     ``B >= 1`` (a floating ``x`` must have the params' dtype), ``y`` with ``B``
-    rows, and (when ``validate``) no NaN/Inf in ``x``, ``y`` or params. Inside a
+    rows, and (when ``validate``) no NaN/Inf in ``x``, ``y``, params or the
+    ``extra`` ``(name, array)`` pairs (e.g. a method state), in one fused reduction. Inside a
     method step the step's ``validate`` decides (:func:`value_checks_on`), so
     a model called by a ``validate=False`` step does not raise on values.
 
@@ -301,14 +303,14 @@ def check_batch(params: Sequence[Array], x: Array, y: Array | None = None, valid
         ValueError: shapes or devices differ, an empty batch, or values are not finite.
     """
     validate = value_checks_on(validate)
-    if y is None:
-        return check_params_and_x(params, x, validate)
-    namespace(*params, x, y, what="params and data")
+    if y is not None:
+        namespace(*params, x, y, what="params and data")
     xp = check_params_and_x(params, x, validate=False)
-    if y.ndim == 0 or y.shape[0] != x.shape[0]:
+    if y is not None and (y.ndim == 0 or y.shape[0] != x.shape[0]):
         raise ValueError(f"y must have one row per sample: x has {x.shape[0]}, y has shape {tuple(y.shape)}")
-    if _differ(y, x):
+    if y is not None and _differ(y, x):
         raise ValueError(f"device mismatch: x is on {_device(x)} but y is on {_device(y)}")
-    if validate:  # one fused reduction over the batch and the params
-        check_named_finite([("x", x), ("y", y), *((f"params[{i}]", p) for i, p in enumerate(params))])
+    if validate:  # one fused reduction over the batch, the params and the extra arrays
+        check_named_finite([("x", x), *([("y", y)] if y is not None else []),
+                            *((f"params[{i}]", p) for i, p in enumerate(params)), *extra])
     return xp

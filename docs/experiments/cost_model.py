@@ -28,6 +28,7 @@ Writes ``results/cost_model.json`` and the tables ``results/cost_model.md``
 
 from __future__ import annotations
 
+import datetime
 import os
 import statistics
 import sys
@@ -158,6 +159,13 @@ def _rounds(fns: dict[str, Any], rounds: int) -> dict[str, list[float]]:
     return times
 
 
+def paired_ratio(fns: dict[str, Any], top: str, bottom: str, rounds: int) -> float:
+    """Median over interleaved rounds of ``time(top) / time(bottom)`` in the same round: a change of the
+    machine's load between rounds cancels (a ratio of minima over rounds moved by ±10 % here)."""
+    t = _rounds({top: fns[top], bottom: fns[bottom]}, rounds)
+    return statistics.median(a / b for a, b in zip(t[top], t[bottom]))
+
+
 def settings_of(C: Any) -> dict[str, dict]:
     """The schedule settings the floors need, read from the registered ``compare`` instances."""
     opt = {m: C.make_optimizer(m) for m in ("curveball", "acp", "kfac", "pseudo_hessian")}
@@ -183,7 +191,7 @@ def measure_ratios(C: Any, backend: str) -> dict[str, float | str]:
 
 
 def measure_validation(C: Any, backend: str, net: str) -> dict[str, float]:
-    """``{method: validate=True step / validate=False step - 1}`` (minimum over rounds, amortized)."""
+    """``{method: validate=True step / validate=False step - 1}`` (median of paired rounds, amortized)."""
     import copy
 
     prob = C.problem(backend, net, NETS[net][1])
@@ -195,14 +203,13 @@ def measure_validation(C: Any, backend: str, net: str) -> dict[str, float]:
         st_checked = C.Stepper(method, checked, st.loss, C.step_function(checked, prob, st.loss), prob,
                                st.params, st.states, st.cycle)
         fns = {"off": C.amortized_call(st)[0], "on": C.amortized_call(st_checked)[0]}
-        t = _rounds(fns, 60 if net == "small" else 5)
-        out[method] = min(t["on"]) / min(t["off"]) - 1
+        out[method] = paired_ratio(fns, "on", "off", 100 if net == "small" else 7) - 1
         print(f"  validation {backend} {net} {method}: {out[method]:+.1%}", flush=True)
     return out
 
 
 def measure_torch() -> dict[str, dict[str, float]]:
-    """curvcore SGD through the torch Optimizer / native torch SGD (validate on and off), min over rounds."""
+    """curvcore SGD through the torch Optimizer / native torch SGD (validate on and off), median of paired rounds."""
     from asv_bench import torch_overhead as T
 
     out = {}
@@ -212,9 +219,11 @@ def measure_torch() -> dict[str, dict[str, float]]:
             fns["curvcore, validate=False"] = T.steps(net, dtype, validate=False)["curvcore"]
             for fn in fns.values():
                 fn()
-            t = {k: min(v) for k, v in _rounds(fns, 50 if net == "small" else 5).items()}
-            out[f"{net}|{dtype}"] = {"native_ms": 1e3 * t["native"], "ratio": t["curvcore"] / t["native"],
-                                     "ratio_no_validation": t["curvcore, validate=False"] / t["native"]}
+            rounds = 100 if net == "small" else 7
+            out[f"{net}|{dtype}"] = {
+                "native_ms": 1e3 * min(_rounds({"native": fns["native"]}, rounds)["native"]),
+                "ratio": paired_ratio(fns, "curvcore", "native", rounds),
+                "ratio_no_validation": paired_ratio(fns, "curvcore, validate=False", "native", rounds)}
             print(f"  torch overhead {net} {dtype}: {out[f'{net}|{dtype}']}", flush=True)
     return out
 
@@ -222,22 +231,30 @@ def measure_torch() -> dict[str, dict[str, float]]:
 def run(args: Any) -> dict:
     C = _bench()
     parts = args.parts.split(",")
-    data: dict[str, Any] = {"ratios": {}, "validation": {}, "torch": {}}
+    data: dict[str, Any] = {"ratios": {}, "validation": {}, "torch": {}, "seconds_of": {}, "date_of": {}}
     if os.path.exists(results_path(NAME)):  # a partial run keeps the other parts' results
         data.update({k: v for k, v in load_results(NAME).items() if k in data})
     data["settings"] = settings_of(C)
-    if "ratios" in parts:
-        for backend in args.backends.split(","):
-            data["ratios"][backend] = measure_ratios(C, backend)
-    if "validation" in parts:
-        for backend in ("numpy", "torch:cpu"):
-            data["validation"][backend] = {net: measure_validation(C, backend, net) for net in NETS}
-    if "torch" in parts:
-        data["torch"] = measure_torch()
+    seconds = data.setdefault("seconds_of", {})
+    measure = {"ratios": lambda: {b: measure_ratios(C, b) for b in args.backends.split(",")},
+               "validation": lambda: {b: {net: measure_validation(C, b, net) for net in NETS}
+                                      for b in ("numpy", "torch:cpu")},
+               "torch": measure_torch}
+    for part, fn in measure.items():
+        if part in parts:
+            t0 = time.perf_counter()
+            data[part], data.setdefault("date_of", {})[part] = fn(), datetime.date.today().isoformat()
+            seconds[part] = round(time.perf_counter() - t0, 1)
     return data
 
 
 # -- tables ------------------------------------------------------------------------------------------------------
+def _caption(data: dict, part: str) -> str:
+    """The run's caption with the date and seconds of the run that measured ``part``."""
+    return caption({**data, "date": data.get("date_of", {}).get(part, data["date"]),
+                    "seconds": data.get("seconds_of", {}).get(part)}, NAME)
+
+
 def _fmt(v: Any) -> str:
     return f"{v:.2f}" if isinstance(v, float) else "n/a"
 
@@ -248,7 +265,7 @@ def floor_table(data: dict) -> str:
     backends = [b for b in BACKENDS if b in data["ratios"]]
     head = ["method", "floor small", "floor medium", "medium: extra multiply-adds (M)",
             *(f"measured {b.split(':')[0]}{'-jit' if b.startswith('jax') else ''}" for b in backends)]
-    lines = [caption(data, NAME) + f" Settings: CurveBall λ every {s['curveball']['lam_interval']} steps, "
+    lines = [_caption(data, "ratios") + f" Settings: CurveBall λ every {s['curveball']['lam_interval']} steps, "
              f"ACP refresh every {s['acp']['refresh_every']}, K-FAC refresh every {s['kfac']['refresh_every']}.",
              "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for m in METHODS:
@@ -264,7 +281,7 @@ def floor_table(data: dict) -> str:
 
 def validation_table(data: dict) -> str:
     cols = [(b, net) for b in data["validation"] for net in NETS]
-    lines = [caption(data, NAME) + " Cost of `validate=True` over `validate=False`, per step (amortized).", "",
+    lines = [_caption(data, "validation") + " Cost of `validate=True` over `validate=False`, per step (amortized).", "",
              "| method | " + " | ".join(f"{b.split(':')[0]} {net}" for b, net in cols) + " |",
              "|" + "---|" * (len(cols) + 1)]
     for m in METHODS:
@@ -273,7 +290,7 @@ def validation_table(data: dict) -> str:
 
 
 def torch_table(data: dict) -> str:
-    lines = [caption(data, NAME) + " curvcore SGD through `backends.torch.Optimizer` / native "
+    lines = [_caption(data, "torch") + " curvcore SGD through `backends.torch.Optimizer` / native "
              "`nn.Module` + `torch.optim.SGD` step (momentum 0.9, cross-entropy).", "",
              "| net | dtype | native step (ms) | ratio (validate=True) | ratio (validate=False) | target |",
              "|---|---|---|---|---|---|"]
