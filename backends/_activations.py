@@ -33,7 +33,6 @@ def _sigmoid(xp: Any, z: Array) -> Array:
 def derivatives(name: str, z: Array, order: int) -> list[Array]:
     """``[act(z), act'(z), ..., act^(order)(z)]`` for ``order`` in 0..3."""
     xp = array_namespace(z)
-    one, zero = xp.ones_like(z), xp.zeros_like(z)
     if name == "tanh":
         t = xp.tanh(z)
         d1 = 1 - t * t
@@ -46,16 +45,22 @@ def derivatives(name: str, z: Array, order: int) -> list[Array]:
         if name == "sigmoid":
             out = [s, d1, d2, d3]
         else:  # softplus = log(1 + e^z), stable form; its derivatives are the sigmoid's
-            sp = xp.where(z > 0, z, zero) + xp.log(1 + xp.exp(-xp.abs(z)))
+            sp = xp.where(z > 0, z, xp.zeros_like(z)) + xp.log(1 + xp.exp(-xp.abs(z)))
             out = [sp, s, d1, d2]
-    elif name == "relu":
-        pos = z > 0
-        out = [xp.where(pos, z, zero), xp.where(pos, one, zero), zero, zero]
-    elif name == "leaky_relu":
-        pos = z > 0
-        out = [xp.where(pos, z, LEAKY_SLOPE * z), xp.where(pos, one, LEAKY_SLOPE * one), zero, zero]
-    elif name == "identity":
-        out = [z, one, zero, zero]
+    elif name in ("relu", "leaky_relu", "identity"):
+        out = _piecewise_linear(xp, name, z)
     else:
         check_activation(name)
     return out[: order + 1]
+
+
+def _piecewise_linear(xp: Any, name: str, z: Array) -> list[Array]:
+    """``[act, act', 0, 0]`` of relu, leaky_relu or identity."""
+    one, zero = xp.ones_like(z), xp.zeros_like(z)
+    if name == "relu":
+        pos = z > 0
+        return [xp.where(pos, z, zero), xp.where(pos, one, zero), zero, zero]
+    if name == "leaky_relu":
+        pos = z > 0
+        return [xp.where(pos, z, LEAKY_SLOPE * z), xp.where(pos, one, LEAKY_SLOPE * one), zero, zero]
+    return [z, one, zero, zero]

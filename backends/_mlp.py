@@ -40,6 +40,7 @@ class ArrayAPIMLP:
         if len(sizes) < 2 or min(sizes) < 1:
             raise ValueError(f"sizes must list at least two positive widths, got {sizes}")
         self.sizes = sizes
+        self._shapes = self.param_shapes()
         self.activation = check_activation(activation)
         self.xp = xp
         self.validate = validate
@@ -60,7 +61,7 @@ class ArrayAPIMLP:
 
     # -- checks ------------------------------------------------------------
     def _check(self, params: Sequence[Array], x: Array) -> Any:
-        expected = self.param_shapes()
+        expected = self._shapes
         if len(params) != len(expected):
             raise ValueError(f"params must hold {len(expected)} arrays [W1, b1, ...], got {len(params)}")
         for i, (p, s) in enumerate(zip(params, expected)):
@@ -85,7 +86,7 @@ class ArrayAPIMLP:
         a = x
         for k in range(self.n_layers):
             W, b = params[2 * k], params[2 * k + 1]
-            z = xp.matmul(a, xp.matrix_transpose(W)) + b
+            z = a @ xp.matrix_transpose(W) + b
             h, dact = self._act(k, z, 1)
             recs.append((a, z, dact, h))
             a = h
@@ -96,7 +97,7 @@ class ArrayAPIMLP:
         xp = self._check(params, x)
         a = x
         for k in range(self.n_layers):
-            z = xp.matmul(a, xp.matrix_transpose(params[2 * k])) + params[2 * k + 1]
+            z = a @ xp.matrix_transpose(params[2 * k]) + params[2 * k + 1]
             a = self._act(k, z, 0)[0]
         return a
 
@@ -135,7 +136,7 @@ class ArrayAPIMLP:
         return self._backward(params, self._forward_records(params, x), out_cotangent)
 
     def _backward(self, params: Sequence[Array], recs: list, out_cotangent: Cotangent) -> list[LayerRecord]:
-        xp = array_namespace(recs[0][0])
+        """Records from the output down; the cotangent of the input ``x`` is never formed."""
         u = resolve_cotangent(out_cotangent, recs[-1][3])
         if tuple(u.shape) != tuple(recs[-1][3].shape):
             raise ValueError(
@@ -146,7 +147,8 @@ class ArrayAPIMLP:
             a, z, dact, h = recs[k]
             g = u * dact
             out[k] = LayerRecord(a=a, z=z, dact=dact, g=g, h=h)
-            u = xp.matmul(g, params[2 * k])
+            if k:
+                u = g @ params[2 * k]
         return out
 
     def jet(self, params: Sequence[Array], x: Array, tangent: Sequence[Array], order: int) -> list[Array]:
@@ -190,7 +192,7 @@ class ArrayAPIMLP:
         cache = []
         a = x
         for k in range(self.n_layers):
-            s = self._act(k, xp.matmul(a, xp.matrix_transpose(params[2 * k])) + params[2 * k + 1], order)
+            s = self._act(k, a @ xp.matrix_transpose(params[2 * k]) + params[2 * k + 1], order)
             if self.activation in _PIECEWISE_LINEAR or k == self.n_layers - 1:
                 s = s[:2] + [None] * (order - 1)
             cache.append((a, s))
@@ -218,12 +220,12 @@ def _layer_coefficients(W: Array, U: Array | None, c: Array | None, inp: Array,
     """``z_j = a_j W^T + j a_{j-1} U^T`` (``+ c`` for j = 1; ``a_0 = inp``), j = 1..len(a); ``None`` = zero."""
     xp = array_namespace(W)
     Wt = xp.matrix_transpose(W)
-    z = [None if aj is None else xp.matmul(aj, Wt) for aj in a]
+    z = [None if aj is None else aj @ Wt for aj in a]
     if U is not None:
         Ut = xp.matrix_transpose(U)
         for j, lower in enumerate([inp] + a[:-1]):
             if lower is not None:
-                z[j] = _add(z[j], (j + 1) * xp.matmul(lower, Ut) if j else xp.matmul(lower, Ut))
+                z[j] = _add(z[j], (j + 1) * (lower @ Ut) if j else lower @ Ut)
     if c is not None:
         z[0] = _add(z[0], c)
     return z
@@ -268,5 +270,5 @@ def _grads_from_records(recs: list[LayerRecord]) -> list[Array]:
     grads: list[Array] = []
     for r in recs:
         xp = array_namespace(r.g)  # over this process's batch: data-parallel sums happen in the core
-        grads += [xp.matmul(xp.matrix_transpose(r.g), r.a), xp.sum(r.g, axis=0)]
+        grads += [xp.matrix_transpose(r.g) @ r.a, xp.sum(r.g, axis=0)]
     return grads

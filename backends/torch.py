@@ -48,8 +48,10 @@ import torch
 from torch import nn
 
 from curvcore import tree as cc_tree
+from curvcore._checks import (
+    check_params_and_x, check_same_structure, in_step, register_all_finite, register_device_attribute, value_checks_on,
+)
 from curvcore._linalg import register_cho_solve
-from curvcore._checks import check_params_and_x, check_same_structure, in_step, register_all_finite, value_checks_on
 from curvcore.layers import LayerSpec, Records, check_cotangent_shape, output_cotangent
 from curvcore.protocol import Cotangent, LayerRecord, jets_by_jet, linearize_by_composition
 
@@ -66,12 +68,25 @@ cc_tree.register_detach(lambda a: isinstance(a, torch.Tensor) and a.requires_gra
 register_cho_solve(lambda a: isinstance(a, torch.Tensor), lambda A, B: torch.cholesky_solve(B, torch.linalg.cholesky(A)))
 
 
-def _all_finite(tensors: Sequence[Array]) -> Array:
-    """One fused check for a list of tensors: ``max |t|`` of each (NaN and Inf propagate, no overflow)."""
-    return torch.isfinite(torch.stack(torch._foreach_max(torch._foreach_abs(list(tensors))))).all()
+_ONE_READ_FROM = 1 << 16  # from this many elements, one min/max read per tensor beats abs (a copy) then max
 
 
-register_all_finite(lambda a: isinstance(a, torch.Tensor) and a.numel() > 0, _all_finite)
+def _all_finite(tensors: Sequence[Array]) -> Array | None:
+    """One fused check for a list of tensors: their extreme values (NaN and Inf propagate, no overflow).
+
+    ``None`` when no tensor is floating (or all are empty).
+    """
+    floats = [t for t in tensors if (t.is_floating_point() or t.is_complex()) and t.numel()]
+    if not floats:
+        return None
+    if sum(t.numel() for t in floats) < _ONE_READ_FROM:  # small lists: two launches for the whole list
+        return torch.isfinite(torch.stack(torch._foreach_max(torch._foreach_abs(floats)))).all()
+    real = [torch.view_as_real(t) if t.is_complex() else t for t in floats]
+    return torch.isfinite(torch.stack([torch.stack(torch.aminmax(t)) for t in real])).all()
+
+
+register_all_finite(torch.Tensor, _all_finite)
+register_device_attribute(torch.Tensor)
 
 _ACTIVATIONS: dict[str, Callable[[], nn.Module]] = {
     "tanh": nn.Tanh,

@@ -100,16 +100,25 @@ def concrete_bool(value: Any) -> bool | None:
 
 def check_finite(name: str, *arrays: Array) -> None:
     """Raise ``ValueError`` if any array holds NaN or Inf (like scipy's ``_check_finite``)."""
-    for a in arrays:
-        check_tree_finite(name, [a], indexed=False)
+    check_named_finite([(name, a) for a in arrays])
 
 
-_ALL_FINITE: list[tuple[Callable[[Array], bool], Callable[[Sequence[Array]], Array]]] = []
+_ALL_FINITE: list[tuple[type, Callable[[Sequence[Array]], Array | None]]] = []
+_PLAIN_DEVICE: set[type] = set()
 
 
-def register_all_finite(applies: Callable[[Array], bool], fn: Callable[[Sequence[Array]], Array]) -> None:
-    """Register a fused ``all finite`` for a list of arrays of one library (torch: two ``_foreach`` ops)."""
-    _ALL_FINITE.append((applies, fn))
+def register_all_finite(array_type: type, fn: Callable[[Sequence[Array]], Array | None]) -> None:
+    """Register a fused ``all finite`` for lists of one array type (torch: one ``_foreach`` reduction).
+
+    ``fn`` gets every array of the list (integer ones too) and returns a 0-d
+    boolean array, or ``None`` when no array is floating.
+    """
+    _ALL_FINITE.append((array_type, fn))
+
+
+def register_device_attribute(array_type: type) -> None:
+    """Arrays of ``array_type`` report their device as ``a.device`` (skips ``array_api_compat.device``)."""
+    _PLAIN_DEVICE.add(array_type)
 
 
 def all_finite(arrays: Sequence[Array]) -> Array | None:
@@ -117,28 +126,44 @@ def all_finite(arrays: Sequence[Array]) -> Array | None:
 
     ``None`` when no array is floating.
     """
-    floats = [a for a in arrays if array_namespace(a).isdtype(a.dtype, ("real floating", "complex floating"))]
-    if floats:
-        for applies, fn in _ALL_FINITE:
-            if all(applies(a) for a in floats):
-                return fn(floats)
+    for array_type, fn in _ALL_FINITE:
+        if all(isinstance(a, array_type) for a in arrays):
+            return fn(arrays)
     ok = None
-    for a in floats:
+    for a in arrays:
         xp = array_namespace(a)
-        here = xp.all(xp.isfinite(a))
-        ok = here if ok is None else ok & here
+        if _floating(xp, a.dtype):
+            here = xp.all(xp.isfinite(a))
+            ok = here if ok is None else ok & here
     return ok
+
+
+_FLOATING: dict[tuple[int, Any], bool] = {}
+
+
+def _floating(xp: Any, dtype: Any) -> bool:
+    """``xp.isdtype(dtype, real or complex floating)``, cached (it costs more than a small array's check)."""
+    key = (id(xp), dtype)
+    found = _FLOATING.get(key)
+    if found is None:
+        found = _FLOATING[key] = bool(xp.isdtype(dtype, ("real floating", "complex floating")))
+    return found
 
 
 def check_tree_finite(name: str, tree: Sequence[Array], indexed: bool = True) -> None:
     """``ValueError`` naming the first array of ``tree`` with NaN or Inf (one device sync for the whole tree)."""
-    ok = all_finite(tree)
+    check_named_finite([(f"{name}[{i}]" if indexed else name, a) for i, a in enumerate(tree)])
+
+
+def check_named_finite(named: Sequence[tuple[str, Array]]) -> None:
+    """``ValueError`` naming the first ``(name, array)`` with NaN or Inf: one fused reduction, one device sync."""
+    ok = all_finite([a for _, a in named])
     if ok is None or concrete_bool(ok) is not False:
         return
-    for i, a in enumerate(tree):
+    for name, a in named:
         here = all_finite([a])
         if here is not None and concrete_bool(here) is False:
-            raise NonFiniteError(f"{name}[{i}] contains NaN or Inf" if indexed else f"{name} contains NaN or Inf")
+            raise NonFiniteError(f"{name} contains NaN or Inf")
 
 
 def check_shapes(name: str, arrays: Sequence[Array], shapes: Sequence[tuple[int, ...]], unit: str = "arrays") -> None:
@@ -195,9 +220,14 @@ def _is_real(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
+def _device_of(a: Array) -> Any:
+    """The device of an array (a plain attribute read for registered types)."""
+    return a.device if type(a) in _PLAIN_DEVICE else _device(a)
+
+
 def _differ(a: Array, b: Array) -> bool:
     """Whether two arrays sit on different devices (unknown devices, e.g. of traced values, never differ)."""
-    da, db = _device(a), _device(b)
+    da, db = _device_of(a), _device_of(b)
     return da is not None and db is not None and da != db
 
 
@@ -247,17 +277,18 @@ def check_params_and_x(params: Sequence[Array], x: Array, validate: bool = True)
         raise ValueError(f"device mismatch: params are on {_device(params[0])} but x is on {_device(x)}; "
                          "move the data to the params' device")
     if validate:
-        check_finite("x", x)
-        check_tree_finite("params", params)
+        check_named_finite([("x", x), *((f"params[{i}]", p) for i, p in enumerate(params))])
     return xp
 
 
-def check_batch(params: Sequence[Array], x: Array, y: Array | None = None, validate: bool = True) -> Any:
+def check_batch(params: Sequence[Array], x: Array, y: Array | None = None, validate: bool = True,
+                extra: Sequence[tuple[str, Array]] = ()) -> Any:
     """Validate a batch against params; return their common namespace.
 
     Checks: same array library and device, ``x`` of shape ``(B, ...)`` with
     ``B >= 1`` (a floating ``x`` must have the params' dtype), ``y`` with ``B``
-    rows, and (when ``validate``) no NaN/Inf in ``x``, ``y`` or params. Inside a
+    rows, and (when ``validate``) no NaN/Inf in ``x``, ``y``, params or the
+    ``extra`` ``(name, array)`` pairs (e.g. a method state), in one fused reduction. Inside a
     method step the step's ``validate`` decides (:func:`value_checks_on`), so
     a model called by a ``validate=False`` step does not raise on values.
 
@@ -268,11 +299,12 @@ def check_batch(params: Sequence[Array], x: Array, y: Array | None = None, valid
     validate = value_checks_on(validate)
     if y is not None:
         namespace(*params, x, y, what="params and data")
-    xp = check_params_and_x(params, x, validate)
+    xp = check_params_and_x(params, x, validate=False)
     if y is not None and (y.ndim == 0 or y.shape[0] != x.shape[0]):
         raise ValueError(f"y must have one row per sample: x has {x.shape[0]}, y has shape {tuple(y.shape)}")
     if y is not None and _differ(y, x):
         raise ValueError(f"device mismatch: x is on {_device(x)} but y is on {_device(y)}")
-    if validate and y is not None:
-        check_finite("y", y)
+    if validate:  # one fused reduction over the batch, the params and the extra arrays
+        check_named_finite([("x", x), *([("y", y)] if y is not None else []),
+                            *((f"params[{i}]", p) for i, p in enumerate(params)), *extra])
     return xp

@@ -34,7 +34,7 @@ from .._namespace import array_namespace
 
 from .. import tree
 from .._checks import (
-    all_finite, check_batch, check_params, check_same_structure, check_tree_finite, concrete_bool, step_method,
+    all_finite, check_batch, check_params, check_same_structure, concrete_bool, step_method,
     step_scope,
 )
 from .._reduce import current, param_sums
@@ -138,13 +138,13 @@ class Method:
             loss = get_loss(loss)
             leaves, treedef = tree.flatten(params)
             leaves = tree.detached(leaves)
-            flat_state = self._flat_state(state, leaves, treedef)
+            flat_state, state_arrays = self._flat_state(state, leaves, treedef)
             fmodel = reduced_model(flat_model(model, treedef))
             for need in self.needs:
                 if not provides(fmodel, need):
                     raise TypeError(f"{type(self).__name__} needs model.{need}(...); "
                                     f"{type(model).__name__} does not provide it")
-            xp = check_batch(leaves, x, y, validate=self.validate)
+            xp = check_batch(leaves, x, y, validate=self.validate, extra=state_arrays)
         scope_fn = getattr(fmodel, "step_scope", None)
         model_scope = scope_fn() if scope_fn is not None else nullcontext()
         with step_scope(self.validate, type(self).__name__), model_scope as scope:
@@ -167,8 +167,9 @@ class Method:
         fields = {f: tree.unflatten(treedef, getattr(state, f)) for f in self.param_fields if len(getattr(state, f))}
         return state._replace(**fields)
 
-    def _flat_state(self, state: Any, params: list[Array], treedef: tree.TreeDef) -> Any:
-        """The state with flat per-parameter fields; checks that it is this method's and matches the params."""
+    def _flat_state(self, state: Any, params: list[Array], treedef: tree.TreeDef) -> tuple[Any, list]:
+        """The state with flat per-parameter fields (checks that it is this method's and matches the params),
+        and its per-parameter arrays as ``(name, array)`` pairs, whose values ``check_batch`` checks."""
         name = type(self).__name__
         if self.state_type is not None and not isinstance(state, self.state_type):
             raise TypeError(f"{name}.step got a {type(state).__name__} as its state; a {name} needs the "
@@ -183,10 +184,9 @@ class Method:
                 raise ValueError(f"state.{f} has the structure {td.describe()} but params have {treedef.describe()};"
                                  f" the state was made for other params")
             check_same_structure(f"state.{f}", flat, params)
-            if self.validate:
-                check_tree_finite(f"state.{f}", flat)
             fields[f] = flat
-        return state._replace(**fields) if fields else state
+        named = [(f"state.{f}[{i}]", a) for f, flat in fields.items() for i, a in enumerate(flat)]
+        return (state._replace(**fields) if fields else state), named
 
     # -- the non-finite guard ------------------------------------------------
     def _keep_finite(self, xp: Any, old: list[Array], old_state: Any, new: list[Array], new_state: Any,
@@ -265,7 +265,9 @@ def check_flag(name: str, value: Any) -> bool:
 def value_and_grad(model: Model, loss: Loss, params: Sequence[Array], x: Array, y: Array) -> tuple[Array, list[Array], Array]:
     """One forward and one VJP: ``(L, g, out)`` with ``g = J^T dL/df``."""
     out, pullback = model.vjp(params, x)
-    return loss.value(out, y), pullback(loss.grad(out, y)), out
+    fused = getattr(loss, "value_and_grad", None)  # one check and one softmax (user losses may lack it)
+    value, grad = fused(out, y) if fused is not None else (loss.value(out, y), loss.grad(out, y))
+    return value, pullback(grad), out
 
 
 def loss_and_records(model: LayerModel, loss: Loss, params: Sequence[Array], x: Array, y: Array) -> tuple[Array, list]:
