@@ -377,7 +377,8 @@ def _plot(runs: Sequence[dict], path: str, title: str) -> None:
         ax.set_xlabel(xlabel)
         ax.set_ylabel("full training-set loss")
         ax.grid(True, alpha=0.3)
-    ax1.legend(fontsize=8)
+    if ax1.lines:  # a run that failed before its first evaluation plots nothing
+        ax1.legend(fontsize=8)
     fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
