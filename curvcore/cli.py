@@ -143,8 +143,7 @@ def _check_against_data(args: argparse.Namespace, split: Split) -> None:
     if args.tune:
         n = validation_split(split, args.seed).x_train.shape[0]
     if args.batch_size > n:
-        what = "the training part of the digits training samples with --tune" if args.tune else \
-            "the digits training samples"
+        what = "the samples --tune trains each grid point on" if args.tune else "the digits training samples"
         args.error(f"argument --batch-size: expected at most {n} ({what}), got {str(args.batch_size)!r}")
     problem = _out_folder_problem(args.out)
     if problem:
