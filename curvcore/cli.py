@@ -1,9 +1,11 @@
-"""Command line: ``curvcore compare`` trains an MLP on digits with every registered method.
+"""Command line: ``curvcore compare`` trains an MLP or a CNN on digits with every registered method.
 
 Example::
 
     curvcore compare                          # every method, NumPy backend
     curvcore compare --methods curveball,sgd --backend torch --epochs 10
+    curvcore compare --model cnn --backend jax   # the digits CNN (flax), every method
+    curvcore compare --tune                   # each method's grid, picked on a validation split
     curvcore compare --backend all            # same method on every backend, max param difference
     curvcore compare --list                   # registered methods
 """
@@ -19,16 +21,21 @@ import re
 import sys
 import tempfile
 import time
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 
-from . import backends, losses
+from . import backends, losses, tree
 from .data import Split, digits, one_hot
 from .methods import REGISTRY
 
 BASELINES = ("sgd", "adam")
+MODELS = ("mlp", "cnn")
+CNN_BACKENDS = ("torch", "jax")  # backends with a digits CNN (cc.backends.cnn)
+DIGITS_FEATURES = 64
+VALIDATION = 0.2  # fraction of the training set held out by --tune
 
 
 def _ordered_methods() -> list[str]:
@@ -123,11 +130,21 @@ def _out_folder_problem(path: str) -> str | None:
 
 
 def _check_against_data(args: argparse.Namespace, split: Split) -> None:
-    """Checks that need the data and the file system; argparse-style errors (exit status 2)."""
+    """Checks that need the data, the model or the file system; argparse-style errors (exit status 2).
+
+    Also resolves the default ``--backend``: ``numpy`` for the MLP, ``torch`` for the CNN.
+    """
+    if args.backend is None:
+        args.backend = "torch" if args.model == "cnn" else "numpy"
+    if args.model == "cnn" and not _backend_names(args):
+        args.error(f"argument --backend: expected {' or '.join(CNN_BACKENDS)} (or 'all' with one of them "
+                   f"available) with --model cnn, got {args.backend!r}")
     n = split.x_train.shape[0]
+    if args.tune:
+        n = validation_split(split, args.seed).x_train.shape[0]
     if args.batch_size > n:
-        args.error(f"argument --batch-size: expected at most {n} (the digits training samples), "
-                   f"got {str(args.batch_size)!r}")
+        what = "the samples --tune trains each grid point on" if args.tune else "the digits training samples"
+        args.error(f"argument --batch-size: expected at most {n} ({what}), got {str(args.batch_size)!r}")
     problem = _out_folder_problem(args.out)
     if problem:
         args.error(f"argument --out: {problem}")
@@ -142,43 +159,77 @@ def _step_function(opt: Any, model: Any, loss: Any, backend: str):
     return lambda params, state, x, y, **kw: opt.step(model, loss, params, state, x, y, **kw)
 
 
-def _evaluate(model: Any, loss: Any, params: list, data: dict) -> tuple[float, float]:
-    """Full training-set loss and test accuracy."""
+def _evaluate(model: Any, loss: Any, params: Any, data: dict) -> tuple[float, float, float]:
+    """Full training-set loss, test loss and test accuracy."""
     train_loss = float(loss.value(model.forward(params, data["x_train"]), data["y_train"]))
-    logits = backends.to_numpy(model.forward(params, data["x_test"]))
-    acc = float(np.mean(np.argmax(logits, axis=1) == data["labels_test"]))
-    return train_loss, acc
+    logits = model.forward(params, data["x_test"])
+    test_loss = float(loss.value(logits, data["y_test"]))
+    acc = float(np.mean(np.argmax(backends.to_numpy(logits), axis=1) == data["labels_test"]))
+    return train_loss, test_loss, acc
 
 
-def train_one(method: str, backend: str, args: argparse.Namespace, split: Split, progress: Any = None) -> dict:
-    """Train one method on one backend on the digits ``split``; return its history and summary."""
+def _build(backend: str, args: argparse.Namespace) -> tuple[Any, Any, tuple[int, ...]]:
+    """``(model, params, input shape)`` of ``args.model`` on ``backend`` (input shape without the batch axis)."""
+    if args.model == "cnn":
+        model, params = backends.cnn(backend, dtype=args.dtype, seed=args.seed, device=args.device)
+        return model, params, (1, 8, 8) if backend == "torch" else (8, 8, 1)
+    model, params = backends.mlp(backend, [DIGITS_FEATURES, *args.hidden, 10], activation=args.activation,
+                                 dtype=args.dtype, seed=args.seed, device=args.device)
+    return model, params, (DIGITS_FEATURES,)
+
+
+def _numpy_params(params: Any, backend: str, args: argparse.Namespace) -> list[np.ndarray]:
+    """The trained params as NumPy arrays, the flax CNN's in the torch layout (so backends compare)."""
+    if args.model == "cnn" and backend == "jax":
+        from .backends import _cnn
+
+        return list(_cnn.flax_to_torch(params).values())
+    return [backends.to_numpy(p) for p in tree.flatten(params)[0]]
+
+
+def _preconditioned(info: dict, params: Any) -> str:
+    """``"k/n"`` params tensors preconditioned by a layer-wise method; ``"all"`` for the others."""
+    if "n_preconditioned" not in info:
+        return "all"
+    return f"{int(float(info['n_preconditioned']))}/{len(tree.flatten(params)[0])}"
+
+
+def train_one(method: str, backend: str, args: argparse.Namespace, split: Split, progress: Any = None,
+              overrides: dict | None = None) -> dict:
+    """Train one method (its compare settings updated by ``overrides``) on one backend on ``split``.
+
+    Returns:
+        the run: history, final training loss, test loss and accuracy (on ``split``'s test part),
+        timings, the preconditioned params (``"k/n"`` or ``"all"``), or ``"error"``.
+    """
     spec = REGISTRY[method]
     loss_name = args.loss
     if loss_name not in spec.losses:
         return {"method": method, "backend": backend, "error": f"{method} does not support loss {loss_name!r}"}
-    sizes = [split.x_train.shape[1], *args.hidden, 10]
-    model, params = backends.mlp(backend, sizes, activation=args.activation, dtype=args.dtype,
-                                 seed=args.seed, device=args.device)
+    model, params, shape = _build(backend, args)
     loss = losses.get(loss_name)
 
-    def put(a: np.ndarray) -> Any:
+    def put(a: np.ndarray, features: bool = False) -> Any:
+        a = a.reshape(-1, *shape) if features else a
         return backends.asarray(backend, a.astype(args.dtype) if a.dtype.kind == "f" else a, device=args.device)
 
     y_train = one_hot(split.y_train) if loss_name == "mse" else split.y_train
     y_test = one_hot(split.y_test) if loss_name == "mse" else split.y_test
-    data = {"x_train": put(split.x_train), "y_train": put(y_train), "x_test": put(split.x_test),
+    data = {"x_train": put(split.x_train, True), "y_train": put(y_train), "x_test": put(split.x_test, True),
             "y_test": put(y_test), "labels_test": split.y_test}
-    opt = spec.make()
-    state = opt.init(params)
+    try:
+        opt = spec.make(**(overrides or {}))
+    except (TypeError, ValueError) as err:  # a grid point the constructor refuses
+        return {"method": method, "backend": backend, "error": f"{type(err).__name__}: {err}"}
+    state = opt.init(params, model)
     step = _step_function(opt, model, loss, backend)
     rng = np.random.default_rng(args.seed)
     n, bs = split.x_train.shape[0], args.batch_size
-    history = {"epoch": [0], "wall": [0.0], "train_loss": [], "test_acc": []}
-    tl, acc = _evaluate(model, loss, params, data)
-    history["train_loss"].append(tl)
-    history["test_acc"].append(acc)
+    history: dict[str, list] = {"epoch": [0], "wall": [0.0], "train_loss": [], "test_loss": [], "test_acc": []}
+    for key, val in zip(("train_loss", "test_loss", "test_acc"), _evaluate(model, loss, params, data)):
+        history[key].append(val)
     step_times: list[float] = []
-    wall = 0.0
+    wall, info = 0.0, {}
     try:
         for epoch in range(1, args.epochs + 1):
             order = rng.permutation(n)
@@ -186,8 +237,8 @@ def train_one(method: str, backend: str, args: argparse.Namespace, split: Split,
                 idx = order[start:start + bs]
                 kwargs = {}
                 if getattr(opt, "needs_refresh", None) is not None and opt.needs_refresh(state):
-                    kwargs["cov_batch"] = put(split.x_train[rng.choice(n, size=min(200, n), replace=False)])
-                xb, yb = put(split.x_train[idx]), put(y_train[idx])
+                    kwargs["cov_batch"] = put(split.x_train[rng.choice(n, size=min(200, n), replace=False)], True)
+                xb, yb = put(split.x_train[idx], True), put(y_train[idx])
                 t0 = time.perf_counter()
                 params, state, info = step(params, state, xb, yb, **kwargs)
                 backends.block_until_ready(params)
@@ -197,8 +248,9 @@ def train_one(method: str, backend: str, args: argparse.Namespace, split: Split,
                 if progress is not None:
                     progress.update(1)
                     progress.set_postfix(loss=f"{float(info['loss']):.4f}", refresh=False)
-            tl, acc = _evaluate(model, loss, params, data)
-            for key, val in (("epoch", epoch), ("wall", wall), ("train_loss", tl), ("test_acc", acc)):
+            tl, vl, acc = _evaluate(model, loss, params, data)
+            for key, val in (("epoch", epoch), ("wall", wall), ("train_loss", tl), ("test_loss", vl),
+                             ("test_acc", acc)):
                 history[key].append(val)
             if not np.isfinite(tl):
                 raise FloatingPointError(f"training loss became {tl}")
@@ -210,25 +262,85 @@ def train_one(method: str, backend: str, args: argparse.Namespace, split: Split,
     # the first step may include compilation (jax.jit); the median is robust to it
     return {
         "method": method, "backend": backend, "settings": repr(opt), "history": history,
-        "train_loss": history["train_loss"][-1], "test_acc": history["test_acc"][-1], "wall": wall,
-        "steps": len(step_times), "step_ms": 1e3 * float(np.median(step_times)),
-        "params": [backends.to_numpy(p) for p in params],
+        "train_loss": history["train_loss"][-1], "test_loss": history["test_loss"][-1],
+        "test_acc": history["test_acc"][-1], "wall": wall, "steps": len(step_times),
+        "step_ms": 1e3 * float(np.median(step_times)), "preconditioned": _preconditioned(info, params),
+        "params": _numpy_params(params, backend, args),
     }
 
 
+def validation_split(split: Split, seed: int = 0) -> Split:
+    """The training part of ``split`` cut in two (stratified): training (80%) and validation as "test" (20%).
+
+    The test set of ``split`` is not used.
+    """
+    from sklearn.model_selection import train_test_split
+
+    x_tr, x_val, y_tr, y_val = train_test_split(split.x_train, split.y_train, test_size=VALIDATION,
+                                                random_state=seed, stratify=split.y_train)
+    return Split(x_tr, y_tr, x_val, y_val)
+
+
+def tune_one(method: str, backend: str, args: argparse.Namespace, split: Split, progress: Any = None) -> dict:
+    """Pick ``method``'s grid point by validation loss, then train on all of ``split``'s training set.
+
+    Each point of ``MethodSpec.grid()`` trains on the training part of :func:`validation_split`;
+    the point with the lowest validation loss (ties: higher validation accuracy) is kept; failed or
+    diverged points are never kept. The returned run (test metrics of the retrained method) holds
+    ``"tuning"``: the criterion, the chosen point and every trial.
+    """
+    held_out = validation_split(split, args.seed)
+    trials = []
+    for point in REGISTRY[method].grid():
+        run = train_one(method, backend, args, held_out, progress, point)
+        trials.append({"point": point, "val_loss": run.get("test_loss"), "val_acc": run.get("test_acc"),
+                       **({"error": run["error"]} if "error" in run else {})})
+    usable = [t for t in trials if "error" not in t and math.isfinite(t["val_loss"])]
+    tuning = {"criterion": "lowest validation loss (ties: higher validation accuracy)",
+              "validation": f"{VALIDATION:.0%} of the training set (stratified, seed {args.seed}); test set unused",
+              "trials": trials}
+    if not usable:
+        return {"method": method, "backend": backend, "error": "every grid point failed or diverged",
+                "tuning": tuning}
+    best = min(usable, key=lambda t: (t["val_loss"], -t["val_acc"]))
+    run = train_one(method, backend, args, split, progress, best["point"])
+    return {**run, "tuning": {**tuning, "chosen": best["point"]}}
+
+
+def format_setting(point: dict) -> str:
+    """``lr=0.3, damping=0.01`` (``registered`` for an empty grid)."""
+    return ", ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in point.items()) or "registered"
+
+
+def _fraction(preconditioned: str) -> float:
+    """``"k/n"`` as ``k / n``; ``"all"`` as 1."""
+    k, _, n = preconditioned.partition("/")
+    return int(k) / int(n) if n else 1.0
+
+
 def _table(runs: Sequence[dict]) -> str:
-    """Markdown table of the runs, with time per step relative to SGD on the same backend."""
+    """Markdown table of the runs, with time per step relative to SGD on the same backend.
+
+    A ``preconditioned`` column appears when some layer-wise method left params to the plain
+    gradient step (``k/n`` tensors preconditioned), a ``tuned setting`` column after ``--tune``.
+    """
     sgd = {r["backend"]: r["step_ms"] for r in runs if r["method"] == "sgd" and "step_ms" in r}
-    lines = ["| method | backend | train loss | test acc | wall (s) | ms/step | step / SGD step |",
-             "|---|---|---|---|---|---|---|"]
+    partial = any(_fraction(r.get("preconditioned", "all")) < 1 for r in runs)
+    tuned = any("tuning" in r for r in runs)
+    extra = ["preconditioned"] * partial + ["tuned setting"] * tuned
+    head = ["method", "backend", "train loss", "test loss", "test acc", "wall (s)", "ms/step", "step / SGD step",
+            *extra]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in runs:
         if "error" in r:
             status = "interrupted (Ctrl-C)" if r.get("interrupted") else f"failed: {r['error'][:60]}"
-            lines.append(f"| {r['method']} | {r['backend']} | {status} | | | | |")
+            lines.append(f"| {r['method']} | {r['backend']} | {status} |" + " |" * (len(head) - 3))
             continue
         ratio = f"{r['step_ms'] / sgd[r['backend']]:.2f}" if r["backend"] in sgd else "n/a"
-        lines.append(f"| {r['method']} | {r['backend']} | {r['train_loss']:.4f} | {r['test_acc']:.3f} | "
-                     f"{r['wall']:.2f} | {r['step_ms']:.2f} | {ratio} |")
+        cells = [r["method"], r["backend"], f"{r['train_loss']:.4f}", f"{r['test_loss']:.4f}", f"{r['test_acc']:.3f}",
+                 f"{r['wall']:.2f}", f"{r['step_ms']:.2f}", ratio]
+        cells += [r.get("preconditioned", "all")] * partial + [format_setting(r.get("tuning", {}).get("chosen", {}))] * tuned
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -264,7 +376,8 @@ def _plot(runs: Sequence[dict], path: str, title: str) -> None:
         ax.set_xlabel(xlabel)
         ax.set_ylabel("full training-set loss")
         ax.grid(True, alpha=0.3)
-    ax1.legend(fontsize=8)
+    if ax1.lines:  # a run that failed before its first evaluation plots nothing
+        ax1.legend(fontsize=8)
     fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -289,6 +402,22 @@ def _json_safe(obj: Any) -> Any:
     return obj
 
 
+def _backend_names(args: argparse.Namespace) -> list[str]:
+    """The backends of this run: ``--backend`` (``all``: every available one that has ``--model``)."""
+    names = _parse_backends(args.backend)
+    return [b for b in names if b in CNN_BACKENDS] if args.model == "cnn" else names
+
+
+def _steps(method: str, args: argparse.Namespace, split: Split) -> int:
+    """Optimizer steps of ``method`` on one backend (every grid point, then the retraining, with ``--tune``)."""
+    per_epoch = lambda n: n // args.batch_size  # noqa: E731
+    steps = args.epochs * per_epoch(split.x_train.shape[0])
+    if args.tune:
+        held_out = split.x_train.shape[0] - math.ceil(VALIDATION * split.x_train.shape[0])
+        steps += args.epochs * per_epoch(held_out) * len(REGISTRY[method].grid())
+    return steps
+
+
 def compare(args: argparse.Namespace, split: Split | None = None) -> list[dict]:
     """Run ``curvcore compare``: train, print the table, write JSON and PNG into ``args.out``.
 
@@ -298,17 +427,20 @@ def compare(args: argparse.Namespace, split: Split | None = None) -> list[dict]:
     from tqdm.auto import tqdm
 
     methods = _parse_methods(args.methods)
-    backend_names = _parse_backends(args.backend)
+    backend_names = _backend_names(args)
     split = digits(seed=0) if split is None else split
     os.makedirs(args.out, exist_ok=True)
-    steps = args.epochs * (split.x_train.shape[0] // args.batch_size)
+    steps = sum(_steps(m, args, split) for m in methods)
     runs = []
-    with tqdm(total=steps * len(methods) * len(backend_names), disable=args.quiet, unit="step",
+    train = tune_one if args.tune else train_one
+    # the table's "preconditioned" column says which params a layer-wise method leaves to the gradient step
+    warnings.filterwarnings("ignore", r".* preconditions \d+ of \d+ parameter tensors", UserWarning)
+    with tqdm(total=steps * len(backend_names), disable=args.quiet, unit="step",
               file=sys.stderr, mininterval=0.5) as bar:
         for method, backend in itertools.product(methods, backend_names):
             bar.set_description(f"{method} on {backend}")
             try:
-                runs.append(train_one(method, backend, args, split, bar))
+                runs.append(train(method, backend, args, split, bar))
             except KeyboardInterrupt as err:
                 runs.append(_interrupted(method, backend, err))
                 print(f"\ninterrupted during {method} on {backend}; reporting the runs finished so far",
@@ -320,8 +452,9 @@ def compare(args: argparse.Namespace, split: Split | None = None) -> list[dict]:
         print("\nLargest parameter difference between backends after training:")
         for m, d in diffs.items():
             print(f"  {m}: {d:.3e}")
-    title = (f"digits, MLP {[64, *args.hidden, 10]} {args.activation}, {args.loss}, batch {args.batch_size}, "
-             f"{args.dtype}")
+    net = "CNN conv3x3(4)-ReLU-maxpool-linear" if args.model == "cnn" else \
+        f"MLP {[DIGITS_FEATURES, *args.hidden, 10]} {args.activation}"
+    title = f"digits, {net}, {args.loss}, batch {args.batch_size}, {args.dtype}" + (", tuned" * args.tune)
     _plot(runs, os.path.join(args.out, "compare.png"), title)
     with open(os.path.join(args.out, "results.json"), "w") as fh:
         json.dump(_json_safe({"args": {k: v for k, v in vars(args).items() if not callable(v)},
@@ -342,9 +475,15 @@ def build_parser() -> argparse.ArgumentParser:
     """The ``curvcore`` argument parser."""
     parser = argparse.ArgumentParser(prog="curvcore", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("compare", help="train an MLP on digits with every registered method")
-    p.add_argument("--backend", default="numpy", type=_validated(_parse_backends),
-                   help=f"one of {', '.join(backends.ALL)}, or 'all'")
+    p = sub.add_parser("compare", help="train an MLP or a CNN on digits with every registered method")
+    p.add_argument("--backend", default=None, type=_validated(_parse_backends),
+                   help=f"one of {', '.join(backends.ALL)}, or 'all' (default: numpy for the MLP, torch for the CNN)")
+    p.add_argument("--model", default="mlp", choices=MODELS,
+                   help="mlp (--hidden, --activation) or cnn: the digits CNN of cc.backends.cnn as (B,1,8,8) "
+                        "images on torch, (B,8,8,1) on jax (flax)")
+    p.add_argument("--tune", action="store_true",
+                   help="pick each method's registered grid point by validation loss (20%% of the training "
+                        "set), then train on the whole training set with it")
     p.add_argument("--methods", default="all", type=_validated(_parse_methods),
                    help="comma-separated method names (default: all registered)")
     p.add_argument("--epochs", type=_int_at_least(1), default=5)
@@ -374,7 +513,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     split = digits(seed=0)
     _check_against_data(args, split)
-    if args.backend in ("jax", "all") and args.dtype == "float64":
+    if args.backend in ("jax", "all") and args.dtype == "float64":  # (after _check_against_data: resolved)
         backends.enable_jax_x64()  # float64 on JAX for this command-line run only
     import scipy.linalg  # noqa: F401  (load its BLAS now: threadpoolctl limits only loaded libraries)
     from threadpoolctl import threadpool_limits

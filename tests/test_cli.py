@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import tempfile
 
+import numpy as np
 import pytest
 
 import curvcore as cc
@@ -207,3 +209,89 @@ def test_ctrl_c_inside_a_method_keeps_its_partial_history(tmp_path, monkeypatch)
     assert code == 130
     (run,) = strict_json(tmp_path / "results.json")["runs"]
     assert run["interrupted"] and run["history"]["epoch"] == [0, 1] and len(run["history"]["train_loss"]) == 2
+
+
+# ---------------------------------------------------------------------------
+# --model cnn (torch and flax) and --tune
+# ---------------------------------------------------------------------------
+
+def run_compare(tmp_path, *argv):
+    """Run ``curvcore compare`` (quiet); return the exit status, the table and the strict results JSON."""
+    code = cli.main(["compare", *argv, "--out", str(tmp_path), "--quiet"])
+    return code, strict_json(tmp_path / "results.json")
+
+
+@pytest.mark.parametrize("backend", ["torch", "jax"])
+def test_compare_cnn_on_each_backend(tmp_path, capsys, backend):
+    """The digits CNN: every run lowers the loss; the table says which params a layer-wise method preconditions."""
+    if not cc.backends.available(backend):
+        pytest.skip(f"{backend} is not installed")
+    if backend == "jax":
+        pytest.importorskip("flax", reason="the jax digits CNN is a flax module")
+    code, results = run_compare(tmp_path, "--model", "cnn", "--backend", backend, "--methods", "sgd,kfac,esn",
+                                "--epochs", "1", "--batch-size", "512")
+    out = capsys.readouterr().out
+    assert code == 0, results["runs"]
+    runs = {r["method"]: r for r in results["runs"]}
+    for r in runs.values():
+        assert r["backend"] == backend and r["steps"] == 2
+        assert r["train_loss"] < r["history"]["train_loss"][0], f"{r['method']} did not reduce the loss"
+    # K-FAC preconditions the conv and the linear layer; ESN only the linear layer (the conv takes -lr g)
+    assert [runs[m]["preconditioned"] for m in ("sgd", "kfac", "esn")] == ["all", "4/4", "2/4"]
+    assert "| preconditioned |" in out and f"| esn | {backend} |" in out and out.rstrip().count("| 2/4 |") == 1
+
+
+def test_compare_cnn_torch_and_flax_agree(tmp_path):
+    """The same CNN weights on torch and flax train to the same params (flax's compared in the torch layout)."""
+    if not {"torch", "jax"} <= set(cc.backends.names()):
+        pytest.skip("needs torch and jax")
+    pytest.importorskip("flax", reason="the jax digits CNN is a flax module")
+    code, results = run_compare(tmp_path, "--model", "cnn", "--backend", "all", "--methods", "kfac",
+                                "--epochs", "1", "--batch-size", "512")
+    assert code == 0 and [r["backend"] for r in results["runs"]] == ["torch", "jax"]
+    assert results["max_param_difference_between_backends"]["kfac"] < 1e-10
+
+
+def test_compare_cnn_needs_torch_or_jax(tmp_path, capsys, no_training):
+    line = usage_error(capsys, [*TINY, "--model", "cnn", "--backend", "numpy", "--out", str(tmp_path / "o")])
+    assert "argument --backend" in line and "torch or jax" in line and "'numpy'" in line, line
+
+
+def test_tune_picks_by_validation_and_never_sees_the_test_set(tmp_path, capsys, monkeypatch):
+    """A two-point grid where one point cannot learn: the other is chosen, on a split of the training set."""
+    spec = cc.get_method("sgd")
+    monkeypatch.setitem(cli.REGISTRY, "sgd", dataclasses.replace(spec, tune={"lr": [1e-9, 0.1], "momentum": [0.9]}))
+    split = digits(seed=0)
+    seen = []
+
+    def record(train_one, method, backend, args, data, *rest, **kwargs):
+        seen.append(data)
+        return train_one(method, backend, args, data, *rest, **kwargs)
+
+    wrap(monkeypatch, "train_one", record)
+    code, results = run_compare(tmp_path, "--tune", "--methods", "sgd", "--epochs", "1", "--batch-size", "256")
+    assert code == 0
+    (run,) = results["runs"]
+    tuning = run["tuning"]
+    assert tuning["chosen"] == {"lr": 0.1, "momentum": 0.9} and "validation loss" in tuning["criterion"]
+    losses_ = [t["val_loss"] for t in tuning["trials"]]
+    assert [t["point"]["lr"] for t in tuning["trials"]] == [1e-9, 0.1] and losses_[1] < losses_[0]
+    assert "| tuned setting |" in capsys.readouterr().out.splitlines()[0]
+    # two grid points on the held-out split, then the chosen point on the whole training set
+    *trials, final = seen
+    assert len(trials) == 2 and final.x_train.shape == split.x_train.shape
+    train_rows = {row.tobytes() for row in split.x_train}
+    for held_out in trials:
+        assert held_out.x_train.shape[0] + held_out.x_test.shape[0] == split.x_train.shape[0]
+        assert all(row.tobytes() in train_rows for row in np.concatenate([held_out.x_train, held_out.x_test]))
+    assert run["test_acc"] > 0.5
+
+
+def test_tune_where_every_point_fails_is_a_failed_run(tmp_path, monkeypatch):
+    """A grid point the constructor refuses (lr < 0) is a failed trial, never the chosen one."""
+    spec = cc.get_method("sgd")
+    monkeypatch.setitem(cli.REGISTRY, "sgd", dataclasses.replace(spec, tune={"lr": [-1.0]}))
+    code, results = run_compare(tmp_path, "--tune", "--methods", "sgd", "--epochs", "1", "--batch-size", "256")
+    (run,) = results["runs"]
+    (trial,) = run["tuning"]["trials"]
+    assert code == 1 and "every grid point failed" in run["error"] and "lr" in trial["error"], run

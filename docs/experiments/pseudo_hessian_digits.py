@@ -109,11 +109,6 @@ COST_ROWS = {"GD": ("GD lr=0.5", None), '`"one"`': ("PseudoHessian one (cubic)",
              '`"layer"`': ("PseudoHessian layer (cubic)", 2), '`"tensor"`': ("PseudoHessian tensor (cubic)", 4)}
 
 
-def predicted_ratio(S: int | None) -> float:
-    """Forward-pass units of a step, ``4 + 4S + 1.5 S(S-1)``, over a gradient step's 3 (1 for GD itself)."""
-    return 1.0 if S is None else (4 + 4 * S + 1.5 * S * (S - 1)) / 3
-
-
 def step_times(data) -> dict[str, float]:
     """CPU seconds of one full-batch step from the seed-0 initialisation, min over 10 interleaved rounds."""
     Xtr, ytr, _, _ = data
@@ -129,15 +124,14 @@ def step_times(data) -> dict[str, float]:
 
 
 def cost_table(data: dict) -> str:
-    """CPU time per full-batch step, against GD and the forward-unit prediction."""
+    """CPU time per full-batch step, against GD's."""
     ms = {key: 1e3 * t for key, t in data["step_cpu_s"].items()}
     gd = ms["GD lr=0.5"]
     lines = [f"{caption(data, NAME)} Full batch of 1500; one step from the seed-0 initialisation, "
              "CPU time, minimum over 10 rounds interleaved across the runs.", "",
-             "| run | S | CPU ms per step | ratio to GD | predicted ratio |", "|---|---|---|---|---|"]
+             "| run | S | CPU ms per step | ratio to GD |", "|---|---|---|---|"]
     for label, (key, S) in COST_ROWS.items():
-        lines.append(f"| {label} | {'–' if S is None else S} | {ms[key]:.1f} | {ms[key] / gd:.1f} | "
-                     f"{predicted_ratio(S):.1f} |")
+        lines.append(f"| {label} | {'–' if S is None else S} | {ms[key]:.1f} | {ms[key] / gd:.1f} |")
     return "\n".join(lines)
 
 
