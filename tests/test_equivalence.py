@@ -80,7 +80,7 @@ def _run(backend: str, method: str, loss: str, dtype: str) -> dict:
         return _RUNS[key]
     model, params = cc.backends.mlp(backend, SIZES, activation="tanh", dtype=dtype, seed=0, init="uniform")
     opt = cc.REGISTRY[method].make_test()
-    missing = [need for need in getattr(opt, "needs", ()) if not callable(getattr(model, need, None))]
+    missing = [need for need in getattr(opt, "needs", ()) if not cc.protocol.provides(model, need)]
     if missing:
         _RUNS[key] = {"skip": f"{backend} model lacks {', '.join(missing)} needed by {method}"}
         return _RUNS[key]

@@ -29,7 +29,7 @@ from .._checks import check_nonnegative, concrete_bool
 from .._reduce import batch_gram, batch_mean, batch_size, batch_sum
 from ..layers import LayerSpec, Records, matrix_to_weight, weight_matrix
 from ..losses import MSE, CrossEntropy
-from ..protocol import Array, LayerRecord
+from ..protocol import Array, LayerRecord, Loss, Model
 from ._base import LayerwiseMethod, check_grads_finite, n_preconditioned, step_info
 from ._ema import debias, ema, ema_moments  # noqa: F401  (re-exported: the old home of the EMA helpers)
 
@@ -197,7 +197,7 @@ def regularized_backward(ghat: Sequence[Array], recs: Sequence[LayerRecord], wei
     return out
 
 
-def granular_term(loss: Any, out: Array, y: Array, ghat_n: Array) -> tuple[Array, Array]:
+def granular_term(loss: Loss, out: Array, y: Array, ghat_n: Array) -> tuple[Array, Array]:
     """``q = A⁺ ĝ_n`` and ``ĝ_nᵀ q`` in closed form (spec §1), for a linear output layer.
 
     MSE: ``A = I``, ``q = ĝ_n``. CrossEntropy: ``A = diag(p) - ppᵀ``,
@@ -220,7 +220,7 @@ def granular_term(loss: Any, out: Array, y: Array, ghat_n: Array) -> tuple[Array
     raise AssertionError("unreachable")  # pragma: no cover
 
 
-def granular_share(loss: Any, gq: Array, ghat_n: Array) -> Array:
+def granular_share(loss: Loss, gq: Array, ghat_n: Array) -> Array:
     """``ĝ_nᵀq / ||ĝ_n||²`` without the square: exactly 1 for MSE (``q = ĝ_n``), ``(gq/n)/n`` otherwise."""
     n = norm(ghat_n)
     if isinstance(loss, MSE):
@@ -229,7 +229,7 @@ def granular_share(loss: Any, gq: Array, ghat_n: Array) -> Array:
     return per_gamma(gq, n)
 
 
-def compute_terms(rec: Records, loss: Any, y: Array, weights: Sequence[Array], lam: Any, reg_grad: bool,
+def compute_terms(rec: Records, loss: Loss, y: Array, weights: Sequence[Array], lam: Any, reg_grad: bool,
                   lam_out: Any = 1.0, validate: bool = True) -> Terms:
     """Spec §5 steps 2-4 from the records of ONE pass (one forward, one backward) of the output chain.
 
@@ -261,7 +261,7 @@ def compute_terms(rec: Records, loss: Any, y: Array, weights: Sequence[Array], l
     return Terms([r.a for r in recs], ghat, rho, q, gq, granular_share(loss, gq, ghat[-1]))
 
 
-def check_loss(loss: Any) -> None:
+def check_loss(loss: Loss) -> None:
     """Raise ``NotImplementedError`` for losses without a closed-form granular term."""
     if not isinstance(loss, (MSE, CrossEntropy)):
         raise NotImplementedError(f"ESN/MK support the MSE and CrossEntropy losses, got {type(loss).__name__}")
@@ -322,7 +322,7 @@ class ChainMethod(LayerwiseMethod):
         """``([N_1, η_1, ...], new state, info extras)`` over the chain's layers (abstract)."""
         raise NotImplementedError
 
-    def terms(self, model: Any, loss: Any, params: Sequence[Array], x: Array, y: Array,
+    def terms(self, model: Model, loss: Loss, params: Sequence[Array], x: Array, y: Array,
               candidates: Sequence[LayerSpec] | None = None) -> tuple[Array, Records, Terms]:
         """``(loss, records, per-sample terms)`` of the output chain from one recorded pass (spec §5 steps 1-4).
 
@@ -340,7 +340,7 @@ class ChainMethod(LayerwiseMethod):
         return value, rec, compute_terms(rec, loss, y, weights, self.lam, self.reg_grad, getattr(self, "lam_out", 1.0),
                                          validate=self.validate)
 
-    def direction(self, model: Any, loss: Any, params: Sequence[Array], state: Any, x: Array, y: Array
+    def direction(self, model: Model, loss: Loss, params: Sequence[Array], state: Any, x: Array, y: Array
                   ) -> tuple[list[Array], Any, dict[str, Array]]:
         """The direction ``d = [N_1, η_1, ..., N_n, η_n]`` over the output chain (update ``params - lr d``),
         the new state and the info extras (``loss``, ``n_preconditioned``, the records as ``records``).
@@ -359,7 +359,7 @@ class ChainMethod(LayerwiseMethod):
         return d, new_state, {"loss": value, "n_preconditioned": n_preconditioned(xp, rec, params[0]),
                               "records": rec, **extras}
 
-    def flat_step(self, model: Any, loss: Any, params: Sequence[Array], state: Any, x: Array, y: Array):
+    def flat_step(self, model: Model, loss: Loss, params: Sequence[Array], state: Any, x: Array, y: Array):
         """One step; ``info``: ``loss``, ``step_norm``, ``n_preconditioned`` and the method's extras."""
         d, new_state, extras = self.direction(model, loss, params, state, x, y)
         rec, value = extras.pop("records"), extras.pop("loss")

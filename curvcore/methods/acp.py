@@ -14,7 +14,7 @@ from .._namespace import array_namespace
 
 from .._checks import check_finite, check_int, check_nonnegative, check_positive, concrete_bool, namespace
 from ..layers import Records, records
-from ..protocol import Array, LayerRecord
+from ..protocol import Array, LayerRecord, Loss, Model
 from . import kronecker as kr
 from ._base import check_flag
 from ._registry import register
@@ -139,7 +139,7 @@ class ACP(kr.KroneckerMethod):
         """
         return kr.concrete_count("ACP", state.count, "needs_refresh") % self.refresh_every == 0
 
-    def flat_step(self, model: Any, loss: Any, params: Sequence[Array], state: ACPState, x: Array, y: Array,
+    def flat_step(self, model: Model, loss: Loss, params: Sequence[Array], state: ACPState, x: Array, y: Array,
                   cov_batch: Array | None = None) -> tuple[list[Array], ACPState, dict[str, Array]]:
         """One ACP update.
 
@@ -167,7 +167,7 @@ class ACP(kr.KroneckerMethod):
         if cov_batch is not None:
             check_extra_batch("cov_batch", params, x, cov_batch, self.validate)
 
-    def refresh_factors(self, model: Any, loss: Any, params: Sequence[Array], x: Array, y: Array, rec: Records,
+    def refresh_factors(self, model: Model, loss: Loss, params: Sequence[Array], x: Array, y: Array, rec: Records,
                         count: Array, cov_batch: Array | None = None) -> list[dict[str, Array]]:
         """Per recorded layer ``eigh(C)`` of the input covariance on ``cov_batch`` (else ``x``), its mean
         and the cached ``P`` (one owner per layer in data-parallel training)."""
@@ -224,7 +224,7 @@ class ACP(kr.KroneckerMethod):
         return {"cov_from_minibatch": refreshed if cov_batch is None else kr.flag(xp, 0.0, refreshed),
                 "alpha_min": xp.min(alphas), "alpha_max": xp.max(alphas), "count": state.count}
 
-    def covariance_eigs(self, model: Any, params: Sequence[Array], x: Array) -> list[tuple[Array, Array, Array]]:
+    def covariance_eigs(self, model: Model, params: Sequence[Array], x: Array) -> list[tuple[Array, Array, Array]]:
         """What a refresh stores for each preconditioned layer on inputs ``x``: ``(s, U, mu)``.
 
         One forward with a zero output cotangent gives the layer inputs; then per layer

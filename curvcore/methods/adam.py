@@ -6,7 +6,7 @@ from collections.abc import Sequence
 from typing import Any, NamedTuple
 
 from .._checks import check_interval, check_nonnegative, check_positive
-from ..protocol import Array
+from ..protocol import Array, Loss, Model
 from ..tree import tree_scale, tree_sub, tree_zeros_like
 from ._base import Method, check_grads_finite, count_as_float, step_info, value_and_grad, zero_count
 from ._ema import adam_direction
@@ -44,11 +44,11 @@ class Adam(Method):
     state_type = AdamState
     param_fields = ("m", "v")
 
-    def init_flat(self, params: Sequence[Array], model: Any = None) -> AdamState:
+    def init_flat(self, params: Sequence[Array], model: Model | None = None) -> AdamState:
         """Zero moments, count 0."""
         return AdamState(m=tree_zeros_like(params), v=tree_zeros_like(params), count=zero_count(params))
 
-    def flat_step(self, model: Any, loss: Any, params: Sequence[Array], state: AdamState, x: Array, y: Array):
+    def flat_step(self, model: Model, loss: Loss, params: Sequence[Array], state: AdamState, x: Array, y: Array):
         """One Adam step; ``info``: ``loss``, ``step_norm``."""
         value, g, _ = value_and_grad(model, loss, params, x, y)
         check_grads_finite(g, self.validate)

@@ -13,7 +13,7 @@ from .._namespace import array_namespace
 from .._checks import check_choice, check_interval, check_nonnegative, check_positive, check_shapes, concrete_bool
 from .._linalg import cho_solve, eigh
 from .._reduce import batch_any, batch_gram, batch_mean, batch_size, current
-from ..protocol import Array
+from ..protocol import Array, Model
 from . import _layerwise as lw
 from ._base import check_flag, check_grads_finite, count_as_float, zero_count
 from ._ema import ema_moments
@@ -288,7 +288,7 @@ class ESN(lw.ChainMethod):
 
     state_type = ESNState
 
-    def init_flat(self, params: Sequence[Array], model: Any = None) -> ESNState:
+    def init_flat(self, params: Sequence[Array], model: Model | None = None) -> ESNState:
         """``t = 0``; zero moments per dense layer for ``estimator="ema"`` (``P`` only with the Sylvester solver)."""
         t = zero_count(params)
         candidates = self.layer_candidates(params, model)

@@ -18,7 +18,7 @@ from .._linalg import inv_psd
 from .. import tree
 from ..layers import Records, records
 from ..losses import get as get_loss
-from ..protocol import Array, LayerRecord, flat_model
+from ..protocol import Array, LayerRecord, Loss, Model, flat_model
 from . import kronecker as kr
 from ._base import check_flag, method_errors
 from ._registry import register
@@ -116,7 +116,7 @@ class KFAC(kr.KroneckerMethod):
         """Identity inverses (the first step computes the factors)."""
         return xp.eye(self.factor_shapes(n_out, D)[field][0], dtype=dtype, device=dev)
 
-    def refresh_factors(self, model: Any, loss: Any, params: Sequence[Array], x: Array, y: Array, rec: Records,
+    def refresh_factors(self, model: Model, loss: Loss, params: Sequence[Array], x: Array, y: Array, rec: Records,
                         count: Array) -> list[dict[str, Array]]:
         """``(A + √d I)⁻¹`` and ``(G + √d I)⁻¹`` of every recorded layer (Cholesky; one owner per inverse
         in data-parallel training).
@@ -137,7 +137,7 @@ class KFAC(kr.KroneckerMethod):
         """``ΔΘ = -lr (G + √d I)⁻¹ ∇_Θ L (A + √d I)⁻¹`` with the cached inverses."""
         return -self.lr * kr.kron_solve(factors["G_inv"], grad.joint(), factors["A_inv"]), {}
 
-    def kronecker_factors(self, model: Any, loss: Any, params: Any, x: Array, y: Array,
+    def kronecker_factors(self, model: Model, loss: Loss, params: Any, x: Array, y: Array,
                           count: int = 0) -> list[tuple[Any, Array, Array]]:
         """The undamped factors ``(layer spec, A, G)`` of every preconditioned layer at ``params`` on ``(x, y)``.
 
@@ -152,14 +152,14 @@ class KFAC(kr.KroneckerMethod):
         xp = array_namespace(leaves[0])
         return self._factors(fmodel, lossf, leaves, x, y, rec, xp.asarray(count))
 
-    def _factors(self, model: Any, loss: Any, params: Sequence[Array], x: Array, y: Array, rec: Records,
+    def _factors(self, model: Model, loss: Loss, params: Sequence[Array], x: Array, y: Array, rec: Records,
                  count: Array) -> list[tuple[Any, Array, Array]]:
         """``(spec, A, G)`` per recorded layer (undamped): ``A`` from the inputs, ``G`` from the output vectors."""
         vectors, scale = self._output_vectors(model, loss, params, x, y, rec, count)
         return [(spec, kr.input_second_moment(r.a), kr.output_factor([g[k] for g in vectors], scale))
                 for k, (spec, r) in enumerate(zip(rec.specs, rec.layers))]
 
-    def _output_vectors(self, model: Any, loss: Any, params: Sequence[Array], x: Array, y: Array, rec: Records,
+    def _output_vectors(self, model: Model, loss: Loss, params: Sequence[Array], x: Array, y: Array, rec: Records,
                         count: Array) -> tuple[list[list[Array]], float]:
         """The back-propagated output vectors of the chosen Fisher (one list per pass) and the scale of ``G``."""
         if self.fisher == "empirical":

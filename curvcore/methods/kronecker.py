@@ -40,7 +40,7 @@ from .._linalg import eigh
 from .._checks import check_shapes
 from .._reduce import batch_gram, batch_max, batch_mean, batch_size, current, global_count, param_sums
 from ..layers import LayerSpec, Records, bias_vector, matrix_to_weight, positions, records, rows, weight_matrix
-from ..protocol import Array, LayerRecord
+from ..protocol import Array, LayerRecord, Loss, Model
 from ..random import host_generator
 from ._base import LayerwiseMethod, check_grads_finite, method_errors, n_preconditioned, step_info, zero_count
 
@@ -173,13 +173,13 @@ def empirical_vectors(rec: Records) -> tuple[list[list[Array]], float]:
     return [[r.g for r in rec.layers]], float(examples(rec.layers[0]))
 
 
-def pulled_back_vectors(model: Any, params: Sequence[Array], x: Array, rec: Records,
+def pulled_back_vectors(model: Model, params: Sequence[Array], x: Array, rec: Records,
                         cotangents: Sequence[Array]) -> list[list[Array]]:
     """For each output cotangent, one backward pass: the recorded ``g`` of every layer of ``rec``."""
     return [[r.g for r in records(model, params, x, u, rec.specs).layers] for u in cotangents]
 
 
-def type2_vectors(model: Any, loss: Any, params: Sequence[Array], x: Array, y: Array,
+def type2_vectors(model: Model, loss: Loss, params: Sequence[Array], x: Array, y: Array,
                   rec: Records) -> tuple[list[list[Array]], float]:
     """Type-2 (exact GGN): one pass per column ``U_c = R[:, c] / B`` of ``R Rᵀ = H``, ``G = Σ_c g_cᵀ g_c``."""
     if rec.out.ndim != 2:
@@ -188,7 +188,7 @@ def type2_vectors(model: Any, loss: Any, params: Sequence[Array], x: Array, y: A
     return pulled_back_vectors(model, params, x, rec, loss.hessian_sqrt(rec.out, y)), 1.0
 
 
-def mc_cotangents(loss: Any, out: Array, seed: Sequence[int], samples: int) -> list[Array]:
+def mc_cotangents(loss: Loss, out: Array, seed: Sequence[int], samples: int) -> list[Array]:
     """``loss.grad(out, ỹ_m)`` at ``samples`` targets per example sampled from the model.
 
     MSE: ``ỹ = f + N(0, I)``; CE: ``ỹ ~ softmax(f)`` by inverse-CDF sampling
@@ -363,7 +363,7 @@ class KroneckerMethod(LayerwiseMethod):
     def initial_factor(self, field: str, xp: Any, n_out: int, D: int, dtype: Any, dev: Any) -> Array:
         raise NotImplementedError  # pragma: no cover - a member with factors defines it
 
-    def refresh_factors(self, model: Any, loss: Any, params: Sequence[Array], x: Array, y: Array, rec: Records,
+    def refresh_factors(self, model: Model, loss: Loss, params: Sequence[Array], x: Array, y: Array, rec: Records,
                         count: Array, **kw: Any) -> list[dict[str, Array]]:
         raise NotImplementedError  # pragma: no cover - a member with factors defines it
 
@@ -390,7 +390,7 @@ class KroneckerMethod(LayerwiseMethod):
     def _fields(self) -> tuple[str, ...]:
         return tuple(self.factor_shapes(1, 1))
 
-    def init_flat(self, params: Sequence[Array], model: Any = None) -> Any:
+    def init_flat(self, params: Sequence[Array], model: Model | None = None) -> Any:
         """Count 0 (the first step refreshes) and each layer's initial factors."""
         xp = array_namespace(*params)
         dt, dev = params[0].dtype, device(params[0])
@@ -398,7 +398,7 @@ class KroneckerMethod(LayerwiseMethod):
         return self.state_type(count=zero_count(params), **{
             f: [self.initial_factor(f, xp, n_out, D, dt, dev) for n_out, D in dims] for f in self._fields()})
 
-    def flat_step(self, model: Any, loss: Any, params: Sequence[Array], state: Any, x: Array, y: Array,
+    def flat_step(self, model: Model, loss: Loss, params: Sequence[Array], state: Any, x: Array, y: Array,
                   **kw: Any) -> tuple[list[Array], Any, dict[str, Array]]:
         """The step of the class docstring; ``info``: ``loss`` (before), ``step_norm``,
         ``refreshed`` (members with factors), ``n_preconditioned`` and the member's extras."""
@@ -428,7 +428,7 @@ class KroneckerMethod(LayerwiseMethod):
         new_state = state._replace(count=state.count + 1, **factors)
         return self.assemble(params, rec.grads, deltas), new_state, info
 
-    def _scheduled_factors(self, xp: Any, model: Any, loss: Any, params: Sequence[Array], x: Array, y: Array,
+    def _scheduled_factors(self, xp: Any, model: Model, loss: Loss, params: Sequence[Array], x: Array, y: Array,
                            rec: Records, state: Any, slot: dict[int, int],
                            **kw: Any) -> tuple[dict[str, list], Array | None]:
         """The factors this step uses (refreshed or kept, :func:`refresh_every`) and the ``refreshed`` flag."""

@@ -11,7 +11,7 @@ from .._namespace import array_namespace
 
 from .._checks import check_nonnegative, check_positive
 from .._reduce import batch_mean
-from ..protocol import Array
+from ..protocol import Array, Model
 from . import _layerwise as lw
 from ._base import check_flag, zero_count
 from ._registry import register
@@ -89,7 +89,7 @@ class MK(lw.ChainMethod):
 
     state_type = MKState
 
-    def init_flat(self, params: Sequence[Array], model: Any = None) -> MKState:
+    def init_flat(self, params: Sequence[Array], model: Model | None = None) -> MKState:
         """``t = 0`` (checks that the model has dense layers to precondition)."""
         self.layer_candidates(params, model)
         return MKState(zero_count(params))

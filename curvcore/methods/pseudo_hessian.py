@@ -27,7 +27,7 @@ from .._checks import (NonFiniteError, check_choice, check_int, check_interval, 
                        check_positive, concrete_bool)
 from .._control import while_loop
 from .._reduce import batch_vdot
-from ..protocol import Array, jets
+from ..protocol import Array, JET, Loss, Model, jets
 from ..tree import tree_dot, tree_map, tree_norm, tree_size, tree_zeros_like
 from . import _cubic
 from ._base import Method, check_grads_finite, count_as_float, step_info, value_and_grad, zero_count
@@ -111,7 +111,7 @@ class PseudoHessian(Method):
     solve: those with a nonzero direction), ``status`` (0 ok, 1 line, 2 skip).
     """
 
-    needs = ("jet",)
+    needs = (JET,)
 
     def __init__(self, lr: float = 1.0, groups: Any = "tensor", direction: str = "gradient", reg: str = "cubic",
                  lam: float = 1.0, ridge: float = 0.0, momentum: float = 0.9,
@@ -141,7 +141,7 @@ class PseudoHessian(Method):
     param_fields = ("m", "v")
 
     # -- state ---------------------------------------------------------------
-    def init_flat(self, params: Sequence[Array], model: Any = None) -> PseudoHessianState:
+    def init_flat(self, params: Sequence[Array], model: Model | None = None) -> PseudoHessianState:
         """Zero buffers for momentum/Adam (empty lists otherwise), ``t = 0``."""
         group_index(self.groups, params)  # validate the partition early
         m = tree_zeros_like(params) if self.direction != "gradient" else []
@@ -160,7 +160,7 @@ class PseudoHessian(Method):
         return u, m, v, t
 
     # -- the step --------------------------------------------------------------
-    def flat_step(self, model: Any, loss: Any, params: Sequence[Array], state: PseudoHessianState, x: Array,
+    def flat_step(self, model: Model, loss: Loss, params: Sequence[Array], state: PseudoHessianState, x: Array,
                   y: Array):
         """One pseudo-Hessian step; returns ``(params, state, info)`` (keys in the class docstring)."""
         xp = array_namespace(params[0])
@@ -216,7 +216,7 @@ class PseudoHessian(Method):
         return (xp.astype(eta, dtype), xp.astype(r, dtype), status, xp.astype(min_eig, dtype),
                 xp.astype(eta_line, dtype))
 
-    def _backtrack(self, model: Any, loss: Any, params: Sequence[Array], x: Array, y: Array, value: Array,
+    def _backtrack(self, model: Model, loss: Loss, params: Sequence[Array], x: Array, y: Array, value: Array,
                    g: list, delta: list, line: list, status: Array) -> tuple[Array, Array, Array]:
         """Armijo: the first ``t = 2^-k``, ``k <= max_backtracks``, with ``L(theta - t delta)`` finite
         and ``<= L - 1e-4 t <g, delta>`` (same batch); if none, the same ladder on the line step ``line``.
@@ -357,7 +357,7 @@ def combine(u: Sequence[Array], index: list, eta: Array) -> list[Array]:
 # ---------------------------------------------------------------------------
 
 
-def directional_derivatives(loss: Any, out: Array, y: Array, gl: Array, d: Sequence[Array]) -> list[Array]:
+def directional_derivatives(loss: Loss, out: Array, y: Array, gl: Array, d: Sequence[Array]) -> list[Array]:
     """``[phi'', phi''']`` (up to ``len(d)``) of ``phi(a) = L(theta + a w)`` at 0 from the output jet along ``w``.
 
     ``d = [f1, f2(, f3)]`` are the output's derivatives along ``w``;
@@ -371,7 +371,7 @@ def directional_derivatives(loss: Any, out: Array, y: Array, gl: Array, d: Seque
     return res
 
 
-def summary_tensors(model: Any, loss: Any, params: Sequence[Array], x: Array, y: Array, out: Array, gl: Array,
+def summary_tensors(model: Model, loss: Loss, params: Sequence[Array], x: Array, y: Array, out: Array, gl: Array,
                     us: list[list[Array | None]], order: int = 3) -> tuple[Array, Array]:
     """``(Hbar, T)``: S jets along ``u^(s)`` (order ``order``), S(S-1)/2 order-2 jets along ``u^(s) + u^(t)``.
 
@@ -398,7 +398,7 @@ def summary_tensors(model: Any, loss: Any, params: Sequence[Array], x: Array, y:
     return Hbar, xp.stack(third)
 
 
-def summary(model: Any, loss: Any, params: Sequence[Array], x: Array, y: Array, groups: Any = "tensor",
+def summary(model: Model, loss: Loss, params: Sequence[Array], x: Array, y: Array, groups: Any = "tensor",
             u: Sequence[Array] | None = None, order: int = 3) -> dict[str, Array]:
     """``gbar``, ``Hbar``, ``T`` (and ``active``) at ``params`` for the direction ``u`` (default: the gradient).
 
@@ -414,7 +414,7 @@ def summary(model: Any, loss: Any, params: Sequence[Array], x: Array, y: Array, 
     return {"gbar": gbar, "Hbar": Hbar, "T": T, "active": active}
 
 
-def _summary(model: Any, loss: Any, params: Sequence[Array], x: Array, y: Array, out: Array, gl: Array,
+def _summary(model: Model, loss: Loss, params: Sequence[Array], x: Array, y: Array, out: Array, gl: Array,
              g: list, u: list, index: list, order: int) -> tuple[Array, Array, Array, Array]:
     """``(gbar, Hbar, T, active)``; ``active_s``: ``u^(s)`` is not identically zero."""
     xp = array_namespace(out)
