@@ -35,17 +35,7 @@ def test_value_grad_hvp_match_references(backend, name):
 def test_derivatives_match_finite_differences(name):
     """grad, hvp and d3 against central differences of value, grad and hvp (h = 1e-5)."""
     f, y, v, *_ = _data("numpy", name, seed=1)
-    loss, h = cc.losses.get(name), 1e-5
-    fd_grad = np.zeros_like(f)
-    for i in np.ndindex(f.shape):
-        e = np.zeros_like(f)
-        e[i] = h
-        fd_grad[i] = (loss.value(f + e, y) - loss.value(f - e, y)) / (2 * h)
-    assert_rel(loss.grad(f, y), fd_grad, 1e-8, "grad vs FD")
-    fd_hvp = (loss.grad(f + h * v, y) - loss.grad(f - h * v, y)) / (2 * h)
-    assert_rel(loss.hvp(f, y, v), fd_hvp, 1e-8, "hvp vs FD")
-    fd_d3 = np.sum(v * (loss.hvp(f + h * v, y, v) - loss.hvp(f - h * v, y, v))) / (2 * h)
-    assert abs(float(loss.d3(f, y, v)) - fd_d3) <= 1e-7 * max(1.0, abs(fd_d3)), (float(loss.d3(f, y, v)), fd_d3)
+    _fd_checks(cc.losses.get(name), f, y, v)
 
 
 def test_cross_entropy_is_stable_for_huge_logits():
