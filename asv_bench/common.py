@@ -238,6 +238,8 @@ def _device_arg(lib: str, dev: str) -> Any:
 
 def sync(tree: Any, lib: str, dev: str = "cpu") -> Any:
     """Wait for the device work that produced ``tree`` (any nesting of lists/tuples/dicts) on backend ``lib``."""
+    if not hasattr(cc.backends, "adapter"):  # a commit before the backend table (regressions.sh benchmarks both)
+        return cc.backends.block_until_ready(tree)
     return cc.backends.adapter(lib).synchronize(tree)
 
 
@@ -303,9 +305,15 @@ def make_optimizer(method: str, **overrides: Any) -> Any:
     return opt
 
 
+def provides(model: Any, need: str) -> bool:
+    """``cc.protocol.provides``; a callable attribute on commits before it existed (regressions.sh runs both)."""
+    check = getattr(getattr(cc, "protocol", None), "provides", None)
+    return check(model, need) if check else callable(getattr(model, need, None))
+
+
 def step_function(opt: Any, prob: Problem, loss: Any) -> Callable[[Any, Any], tuple[Any, Any, Any]]:
     """``step(params, state) -> (params, state, info)`` on the problem's batch; ``jax.jit`` on JAX."""
-    missing = [n for n in getattr(opt, "needs", ()) if not cc.protocol.provides(prob.model, n)]
+    missing = [n for n in getattr(opt, "needs", ()) if not provides(prob.model, n)]
     if missing:
         raise NotImplementedError(f"{type(opt).__name__} needs model.{missing[0]} which the {prob.lib} model lacks")
     x, y, model = prob.x, prob.targets(loss), prob.model
