@@ -41,7 +41,7 @@ def runner(key: str) -> Callable[[], None]:
 
     backend, method, _, batch = key.split("|")
     lib, dev = C.require(backend)
-    C._CURRENT_DEVICE[0] = dev  # C.timer: CPU time only for CPU problems
+    C.time_on(dev)  # C.timer: CPU time only for CPU problems
     model, params = cc.backends.cnn(lib, dtype=C.DTYPE, seed=C.SEED, device=dev)
     split = digits(seed=0)
     n = int(batch)

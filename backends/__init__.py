@@ -56,7 +56,7 @@ if importlib.util.find_spec("scipy") is not None:  # else NumPy's SPD solves fal
 
 __all__ = [
     "ALL", "ACTIVATIONS", "INITS", "ArrayAPIMLP", "FunctionModel", "adapter", "available", "asarray", "backend_of",
-    "block_until_ready", "cnn", "init_params", "mlp", "names", "namespace", "synchronize", "to_numpy",
+    "block_until_ready", "cnn", "cnn_torch_layout", "init_params", "mlp", "names", "namespace", "synchronize", "to_numpy",
     "unavailable_reason",
 ]
 
@@ -228,6 +228,19 @@ def cnn(name: str, channels: int = 4, dtype: str = "float64", seed: int = 0, dev
     adapter(name)
     weights = _cnn.init_weights(channels, seed)
     return (_cnn.torch_cnn if name == "torch" else _cnn.flax_cnn)(weights, dtype, device)
+
+
+def cnn_torch_layout(params: Any) -> list[np.ndarray]:
+    """The digits CNN's params as NumPy arrays in torch's order and layout, from either backend.
+
+    ``[conv.weight, conv.bias, fc.weight, fc.bias]``: the torch params converted, or the flax
+    params dict transposed (so the two backends' CNNs compare element by element).
+    """
+    from . import _cnn
+
+    if isinstance(params, dict):
+        return list(_cnn.flax_to_torch(params).values())
+    return [to_numpy(p) for p in params]
 
 
 def synchronize(tree: Any) -> Any:

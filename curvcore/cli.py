@@ -180,10 +180,8 @@ def _build(backend: str, args: argparse.Namespace) -> tuple[Any, Any, tuple[int,
 
 def _numpy_params(params: Any, backend: str, args: argparse.Namespace) -> list[np.ndarray]:
     """The trained params as NumPy arrays, the flax CNN's in the torch layout (so backends compare)."""
-    if args.model == "cnn" and backend == "jax":
-        from .backends import _cnn
-
-        return list(_cnn.flax_to_torch(params).values())
+    if args.model == "cnn":
+        return backends.cnn_torch_layout(params)
     return [backends.to_numpy(p) for p in tree.flatten(params)[0]]
 
 
