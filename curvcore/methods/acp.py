@@ -90,8 +90,8 @@ class ACP(kr.KroneckerMethod):
     ``alpha``, the product ``P = U diag(1/d) U^T``.
 
     Args:
-        lr: learning rate > 0.
-        eps: Tikhonov damping >= 0; enters as ``eps/alpha`` on ``C``. ``eps=0`` needs
+        lr: learning rate > 0 (default 1, tuned: the best grid point on the digits MLP and CNN).
+        eps: Tikhonov damping >= 0 (default 1, tuned with ``lr``); enters as ``eps/alpha`` on ``C``. ``eps=0`` needs
             a full-rank covariance.
         alpha: the output-curvature constant > 0, or ``"adaptive"``.
             ``(lr, alpha, eps)`` and ``(k lr, k alpha, k eps)`` give the same step.
@@ -106,7 +106,7 @@ class ACP(kr.KroneckerMethod):
     preconditions = ("dense",)
     state_type = ACPState
 
-    def __init__(self, lr: float = 0.1, eps: float = 1e-2, alpha: float | str = 1.0, refresh_every: int = 100,
+    def __init__(self, lr: float = 1.0, eps: float = 1.0, alpha: float | str = 1.0, refresh_every: int = 100,
                  bias_correction: bool = True, strict: bool = False):
         check_positive("lr", lr)
         check_nonnegative("eps", eps)

@@ -35,7 +35,7 @@ class CenteredSGD(kr.KroneckerMethod):
     Cost: one forward + one backward (the layer records).
 
     Args:
-        lr: learning rate > 0.
+        lr: learning rate > 0 (default 1, tuned: the best grid point on the digits MLP and CNN).
         bias_correction: add ``-dW a_bar`` to the bias update.
         strict: raise instead of taking an SGD step on parameters outside dense layers.
 
@@ -46,7 +46,7 @@ class CenteredSGD(kr.KroneckerMethod):
     preconditions = ("dense",)
     state_type = CenteredSGDState
 
-    def __init__(self, lr: float = 0.1, bias_correction: bool = False, strict: bool = False):
+    def __init__(self, lr: float = 1.0, bias_correction: bool = False, strict: bool = False):
         check_positive("lr", lr)
         self.lr, self.bias_correction = lr, check_flag("bias_correction", bias_correction)
         self.strict = check_flag("strict", strict)

@@ -79,7 +79,7 @@ class KFAC(kr.KroneckerMethod):
 
     Args:
         lr: learning rate > 0.
-        damping: >= 0; ``sqrt(damping)`` is added to each factor's diagonal.
+        damping: >= 0 (default 0.1, tuned: the best grid point on the digits MLP and CNN); ``sqrt(damping)`` is added to each factor's diagonal.
         refresh_every: recompute factors and inverses every this many steps (int >= 1;
             1 inverts two factors per layer at every step).
         fisher: ``"empirical"``, ``"type-2"`` or ``"mc"``.
@@ -95,7 +95,7 @@ class KFAC(kr.KroneckerMethod):
     preconditions = ("dense", "conv2d")
     state_type = KFACState
 
-    def __init__(self, lr: float = 0.1, damping: float = 1e-2, refresh_every: int = 10, fisher: str = "empirical",
+    def __init__(self, lr: float = 0.1, damping: float = 0.1, refresh_every: int = 10, fisher: str = "empirical",
                  seed: int = 0, mc_samples: int = 1, strict: bool = False):
         check_positive("lr", lr)
         check_nonnegative("damping", damping)
