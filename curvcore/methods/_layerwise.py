@@ -31,7 +31,6 @@ from ..layers import LayerSpec, Records, matrix_to_weight, weight_matrix
 from ..losses import MSE, CrossEntropy
 from ..protocol import Array, LayerRecord, Loss, Model
 from ._base import LayerwiseMethod, check_grads_finite, n_preconditioned, step_info
-from ._ema import debias, ema, ema_moments  # noqa: F401  (re-exported: the old home of the EMA helpers)
 
 
 class Terms(NamedTuple):

@@ -337,7 +337,7 @@ def whiten_cached(G: Array, P: Array, U: Array, d: Array) -> Array:
 
 
 class KroneckerMethod(LayerwiseMethod):
-    """One step of the family; a member chooses its factors by filling in four hooks.
+    """One step of the family; a member chooses its factors by filling in five hooks.
 
     Per step: check the per-layer state against the params, one recorded pass
     (``g = ∂L/∂z`` and the layer inputs), refresh the per-layer factors when
