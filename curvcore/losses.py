@@ -29,6 +29,7 @@ from array_api_compat import device as _device
 
 from ._checks import check_choice, concrete_bool, first_check, namespace, value_checks_on
 from ._reduce import batch_any, batch_size, batch_sum_all, global_count
+from ._samplewise import norm, per_gamma, sq_norm
 
 Array = Any
 
@@ -127,6 +128,17 @@ class MSE(Loss):
         """Zero: the loss is quadratic in ``f``."""
         xp = self._check(f, y)
         return xp.zeros((), dtype=f.dtype, device=_device(f))
+
+    def granular_term(self, f: Array, y: Array, ghat_n: Array) -> tuple[Array, Array]:
+        """ESN/MK's granular term (:class:`~curvcore.protocol.GranularLoss`): ``A = I``, so ``q = ĝ_n`` and
+        ``ĝ_nᵀ q = ||ĝ_n||²``."""
+        return ghat_n, sq_norm(ghat_n)
+
+    def granular_share(self, gq: Array, ghat_n: Array) -> Array:
+        """``ĝ_nᵀq / ||ĝ_n||²``: exactly 1 where ``ĝ_n ≠ 0`` (``q = ĝ_n``), 0 where ``ĝ_n = 0``."""
+        n = norm(ghat_n)
+        xp = array_namespace(n)
+        return xp.where(n > 0, xp.ones_like(n), xp.zeros_like(n))
 
 
 class CrossEntropy(Loss):
@@ -266,6 +278,21 @@ class CrossEntropy(Loss):
         m2 = xp.sum(p * v * v, axis=-1)
         m3 = xp.sum(p * v * v * v, axis=-1)
         return batch_sum_all(self._masked(m3 - 3 * m2 * m1 + 2 * m1 * m1 * m1, mask)) / n
+
+    def granular_term(self, f: Array, y: Array, ghat_n: Array) -> tuple[Array, Array]:
+        """ESN/MK's granular term (:class:`~curvcore.protocol.GranularLoss`) for logits ``(B, C)``:
+        ``A = diag(p) - ppᵀ``, ``q = (1/p_y)(1/C - e_y)``, ``ĝ_nᵀ q = (1 - p_y)/p_y`` (``p_y`` floored at the
+        dtype's smallest normal number, which only matters once ``p_y`` underflows)."""
+        xp = array_namespace(f)
+        onehot = self.onehot(f, y)
+        p_y = xp.sum(self.softmax(f) * onehot, axis=1)
+        p_y = xp.maximum(p_y, xp.asarray(xp.finfo(f.dtype).smallest_normal, dtype=f.dtype, device=_device(f)))
+        q = (1.0 / f.shape[1] - onehot) / p_y[:, None]
+        return q, (1 - p_y) / p_y
+
+    def granular_share(self, gq: Array, ghat_n: Array) -> Array:
+        """``ĝ_nᵀq / ||ĝ_n||²`` as ``(gq/||ĝ_n||)/||ĝ_n||`` (no square formed), 0 where ``ĝ_n = 0``."""
+        return per_gamma(gq, norm(ghat_n))
 
 
 _BY_NAME = {"mse": MSE, "ce": CrossEntropy, "cross_entropy": CrossEntropy, "crossentropy": CrossEntropy}

@@ -7,7 +7,8 @@ protocols are split by what a method needs: every model is a :class:`Model`
 :class:`LayerModel` (``layers``) or a :class:`RecordsModel` (``layer_specs``,
 ``records``); the pseudo-Hessian a :class:`JetModel` (``jet``). A method lists
 what it needs beyond :class:`Model` in ``needs`` (:data:`LAYERS`, :data:`JET`),
-checked by :func:`provides` at the step's boundary. Losses are :class:`Loss`.
+checked by :func:`provides` at the step's boundary. Losses are :class:`Loss`; ESN
+and MK need a :class:`GranularLoss` (the granular term in closed form).
 
 Params are any pytree of arrays (:mod:`curvcore.tree`); a model's primitives
 take and return params in the structure the model uses (a list for the
@@ -169,6 +170,29 @@ class Loss(Protocol):
 
     def hvp(self, f: Array, y: Array, v: Array) -> Array:
         """``H_L v`` with ``H_L = d^2 L / df^2``, shaped like ``f``."""
+        ...
+
+
+@runtime_checkable
+class GranularLoss(Loss, Protocol):
+    """A :class:`Loss` with ESN/MK's granular term in closed form (:class:`~curvcore.losses.MSE`,
+    :class:`~curvcore.losses.CrossEntropy`).
+
+    Per sample ``p`` the granular term is the Newton step on the output bias
+    alone, ``q_p = A_p⁺ ĝ_p`` with ``A_p = d²ℓ_p/df_p²`` the per-sample output
+    Hessian and ``ĝ_p = dℓ_p/df_p`` the per-sample output gradient. ESN and MK
+    call these two methods and nothing else of the loss beyond :class:`Loss`;
+    a loss without them is refused (``NotImplementedError``) before the step.
+    """
+
+    def granular_term(self, f: Array, y: Array, ghat_n: Array) -> tuple[Array, Array]:
+        """``(q, ĝ_nᵀ q)`` for outputs ``f`` ``(B, C)``, targets ``y`` and per-sample gradients ``ĝ_n`` ``(B, C)``:
+        ``q`` is ``(B, C)``, ``ĝ_nᵀ q`` is ``(B,)``."""
+        ...
+
+    def granular_share(self, gq: Array, ghat_n: Array) -> Array:
+        """``ĝ_nᵀq / ||ĝ_n||²`` per sample ``(B,)`` from ``gq = ĝ_nᵀ q``, formed without the square, 0 where
+        ``ĝ_n = 0``."""
         ...
 
 

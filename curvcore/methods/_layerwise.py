@@ -28,8 +28,8 @@ from array_api_compat import device as _dev
 from .._checks import check_nonnegative, concrete_bool
 from .._reduce import batch_gram, batch_mean, batch_size, batch_sum
 from ..layers import LayerSpec, Records, matrix_to_weight, weight_matrix
-from ..losses import MSE, CrossEntropy
-from ..protocol import Array, LayerRecord, Loss, Model
+from .._samplewise import norm, per_gamma
+from ..protocol import Array, GranularLoss, LayerRecord, Model, satisfies
 from ._base import LayerwiseMethod, check_grads_finite, n_preconditioned, step_info
 
 
@@ -96,32 +96,11 @@ def sample_grads(recs: Sequence[LayerRecord]) -> list[Array]:
     return [r.g * batch_size(r.g) for r in recs]
 
 
-def sq_norm(u: Array) -> Array:
-    """Per-sample squared norm over features: (B, n) -> (B,)."""
-    return array_namespace(u).sum(u * u, axis=1)
-
-
-def norm(u: Array) -> Array:
-    """Per-sample Euclidean norm over features, (B, n) -> (B,), scale-safe: ``t ||u/t||`` with
-    ``t = max|u_i|``, finite whenever the entries are (``sqrt(sq_norm(u))`` overflows above ~1.3e154)."""
-    xp = array_namespace(u)
-    t = xp.max(xp.abs(u), axis=1)
-    return t * xp.sqrt(sq_norm(u / xp.where(t > 0, t, xp.ones_like(t))[:, None]))
-
-
 def safe_ratio(num: Array, den: Array, eps: float) -> tuple[Array, Array]:
     """``(num/den where den > eps else 0, den <= eps)``; never divides by a small number."""
     xp = array_namespace(num, den)
     bad = den <= eps
     return xp.where(bad, xp.zeros_like(num), num / xp.where(bad, xp.ones_like(den), den)), bad
-
-
-def per_gamma(x: Array, n: Array) -> Array:
-    """``x / n²`` as ``(x/n)/n`` (no square of ``n`` is formed); 0 where ``n = 0``."""
-    xp = array_namespace(x, n)
-    pos = n > 0
-    safe = xp.where(pos, n, xp.ones_like(n))
-    return xp.where(pos, (x / safe) / safe, xp.zeros_like(x))
 
 
 def damped_ratio(r: Array, den: Array, mu: float, eps: float) -> tuple[Array, Array]:
@@ -196,39 +175,18 @@ def regularized_backward(ghat: Sequence[Array], recs: Sequence[LayerRecord], wei
     return out
 
 
-def granular_term(loss: Loss, out: Array, y: Array, ghat_n: Array) -> tuple[Array, Array]:
-    """``q = A⁺ ĝ_n`` and ``ĝ_nᵀ q`` in closed form (spec §1), for a linear output layer.
-
-    MSE: ``A = I``, ``q = ĝ_n``. CrossEntropy: ``A = diag(p) - ppᵀ``,
-    ``q = (1/p_y)(1/C - e_y)``, ``ĝ_nᵀ q = (1 - p_y)/p_y`` (``p_y`` floored at the
-    dtype's smallest normal number, which only matters once ``p_y`` underflows).
+def granular_term(loss: GranularLoss, out: Array, y: Array, ghat_n: Array) -> tuple[Array, Array]:
+    """``q = A⁺ ĝ_n`` and ``ĝ_nᵀ q`` in closed form (spec §1), for a linear output layer: the loss's own
+    :meth:`~curvcore.protocol.GranularLoss.granular_term`, after :func:`check_loss`.
 
     Raises:
-        NotImplementedError: a loss other than MSE and CrossEntropy.
+        NotImplementedError: a loss without a closed-form granular term.
     """
-    xp = array_namespace(out)
-    if isinstance(loss, MSE):
-        return ghat_n, sq_norm(ghat_n)
-    if isinstance(loss, CrossEntropy):
-        onehot = loss.onehot(out, y)
-        p_y = xp.sum(loss.softmax(out) * onehot, axis=1)
-        p_y = xp.maximum(p_y, xp.asarray(xp.finfo(out.dtype).smallest_normal, dtype=out.dtype, device=_dev(out)))
-        q = (1.0 / out.shape[1] - onehot) / p_y[:, None]
-        return q, (1 - p_y) / p_y
     check_loss(loss)
-    raise AssertionError("unreachable")  # pragma: no cover
+    return loss.granular_term(out, y, ghat_n)
 
 
-def granular_share(loss: Loss, gq: Array, ghat_n: Array) -> Array:
-    """``ĝ_nᵀq / ||ĝ_n||²`` without the square: exactly 1 for MSE (``q = ĝ_n``), ``(gq/n)/n`` otherwise."""
-    n = norm(ghat_n)
-    if isinstance(loss, MSE):
-        xp = array_namespace(n)
-        return xp.where(n > 0, xp.ones_like(n), xp.zeros_like(n))
-    return per_gamma(gq, n)
-
-
-def compute_terms(rec: Records, loss: Loss, y: Array, weights: Sequence[Array], lam: Any, reg_grad: bool,
+def compute_terms(rec: Records, loss: GranularLoss, y: Array, weights: Sequence[Array], lam: Any, reg_grad: bool,
                   lam_out: Any = 1.0, validate: bool = True) -> Terms:
     """Spec §5 steps 2-4 from the records of ONE pass (one forward, one backward) of the output chain.
 
@@ -238,7 +196,8 @@ def compute_terms(rec: Records, loss: Loss, y: Array, weights: Sequence[Array], 
     ``reg_grad`` the gradients are then recomputed for ``J_R``.
 
     Raises:
-        NotImplementedError: a loss other than MSE/CE, a non-linear output layer.
+        NotImplementedError: a loss without a closed-form granular term (not a
+                :class:`~curvcore.protocol.GranularLoss`), a non-linear output layer.
         FloatingPointError: the output or the back-propagated gradients are not finite.
     """
     check_loss(loss)
@@ -256,14 +215,17 @@ def compute_terms(rec: Records, loss: Loss, y: Array, weights: Sequence[Array], 
         rho = scale_rho(rho, lam_out)
     if reg_grad:
         ghat = regularized_backward(ghat, recs, weights, rho)
-    q, gq = granular_term(loss, out, y, ghat[-1])
-    return Terms([r.a for r in recs], ghat, rho, q, gq, granular_share(loss, gq, ghat[-1]))
+    q, gq = loss.granular_term(out, y, ghat[-1])
+    return Terms([r.a for r in recs], ghat, rho, q, gq, loss.granular_share(gq, ghat[-1]))
 
 
-def check_loss(loss: Loss) -> None:
-    """Raise ``NotImplementedError`` for losses without a closed-form granular term."""
-    if not isinstance(loss, (MSE, CrossEntropy)):
-        raise NotImplementedError(f"ESN/MK support the MSE and CrossEntropy losses, got {type(loss).__name__}")
+def check_loss(loss: Any) -> None:
+    """Raise ``NotImplementedError`` unless ``loss`` has the granular term in closed form
+    (:class:`~curvcore.protocol.GranularLoss`: ``granular_term`` and ``granular_share``)."""
+    if not satisfies(loss, GranularLoss):
+        raise NotImplementedError(
+            f"ESN/MK support losses with a closed-form granular term (curvcore.protocol.GranularLoss: "
+            f"granular_term and granular_share), such as MSE and CrossEntropy; got {type(loss).__name__}")
 
 
 # ---------------------------------------------------------------------------
@@ -321,13 +283,14 @@ class ChainMethod(LayerwiseMethod):
         """``([N_1, η_1, ...], new state, info extras)`` over the chain's layers (abstract)."""
         raise NotImplementedError
 
-    def terms(self, model: Model, loss: Loss, params: Sequence[Array], x: Array, y: Array,
+    def terms(self, model: Model, loss: GranularLoss, params: Sequence[Array], x: Array, y: Array,
               candidates: Sequence[LayerSpec] | None = None) -> tuple[Array, Records, Terms]:
         """``(loss, records, per-sample terms)`` of the output chain from one recorded pass (spec §5 steps 1-4).
 
         Raises:
             ValueError: the model has no chain of dense layers ending at the output.
-            NotImplementedError: a loss other than MSE/CE, a non-linear output layer.
+            NotImplementedError: a loss without a closed-form granular term (not a
+                :class:`~curvcore.protocol.GranularLoss`), a non-linear output layer.
         """
         candidates = self.layer_candidates(params, model) if candidates is None else candidates
         check_loss(loss)
@@ -339,7 +302,7 @@ class ChainMethod(LayerwiseMethod):
         return value, rec, compute_terms(rec, loss, y, weights, self.lam, self.reg_grad, getattr(self, "lam_out", 1.0),
                                          validate=self.validate)
 
-    def direction(self, model: Model, loss: Loss, params: Sequence[Array], state: Any, x: Array, y: Array
+    def direction(self, model: Model, loss: GranularLoss, params: Sequence[Array], state: Any, x: Array, y: Array
                   ) -> tuple[list[Array], Any, dict[str, Array]]:
         """The direction ``d = [N_1, η_1, ..., N_n, η_n]`` over the output chain (update ``params - lr d``),
         the new state and the info extras (``loss``, ``n_preconditioned``, the records as ``records``).
@@ -348,7 +311,8 @@ class ChainMethod(LayerwiseMethod):
         the chain is every layer, and ``d`` is the whole update direction.
 
         Raises:
-            NotImplementedError: a loss other than MSE/CE, a non-linear output layer.
+            NotImplementedError: a loss without a closed-form granular term (not a
+                :class:`~curvcore.protocol.GranularLoss`), a non-linear output layer.
             FloatingPointError: the forward/backward pass overflowed.
         """
         candidates = self.layer_candidates(params, model)
@@ -358,7 +322,7 @@ class ChainMethod(LayerwiseMethod):
         return d, new_state, {"loss": value, "n_preconditioned": n_preconditioned(xp, rec, params[0]),
                               "records": rec, **extras}
 
-    def flat_step(self, model: Model, loss: Loss, params: Sequence[Array], state: Any, x: Array, y: Array):
+    def flat_step(self, model: Model, loss: GranularLoss, params: Sequence[Array], state: Any, x: Array, y: Array):
         """One step; ``info``: ``loss``, ``step_norm``, ``n_preconditioned`` and the method's extras."""
         d, new_state, extras = self.direction(model, loss, params, state, x, y)
         rec, value = extras.pop("records"), extras.pop("loss")

@@ -12,6 +12,7 @@ from .._namespace import array_namespace
 
 from .._checks import check_choice, check_interval, check_nonnegative, check_positive, check_shapes, concrete_bool
 from .._linalg import cho_solve, eigh
+from .._samplewise import sq_norm
 from .._reduce import batch_any, batch_gram, batch_mean, batch_size, current
 from ..protocol import Array, Model
 from . import _layerwise as lw
@@ -57,7 +58,7 @@ def closed_form(terms: lw.Terms, variant: str, eps: float) -> tuple[list[Array],
     masks: list[Array] = []
     for k, (ghat, a, rho) in enumerate(zip(terms.ghat, terms.a, terms.rho)):
         w_coef, bad = lw.weight_coef(ghat, rho, 0.0, eps)[:2]
-        eta = batch_mean(ghat * (sign * lw.sq_norm(a) * w_coef)[:, None])
+        eta = batch_mean(ghat * (sign * sq_norm(a) * w_coef)[:, None])
         if k == n - 1:
             eta = eta + batch_mean(terms.q)
         direction += [lw.weight_mean(ghat, w_coef, a), eta]
@@ -72,7 +73,7 @@ def first_zero_gradient(terms: lw.Terms, eps: float) -> tuple[int, int] | None:
     """
     xp = array_namespace(terms.ghat[0])
     for k in range(1, len(terms.ghat)):
-        bad = lw.sq_norm(terms.ghat[k]) <= eps
+        bad = sq_norm(terms.ghat[k]) <= eps
         if concrete_bool(batch_any(bad)):
             return k + 1, int(xp.argmax(xp.astype(bad, xp.int32)))
     return None

@@ -10,6 +10,7 @@ from array_api_compat import device
 from .._namespace import array_namespace
 
 from .._checks import check_nonnegative, check_positive
+from .._samplewise import sq_norm
 from .._reduce import batch_mean
 from ..protocol import Array, Model
 from . import _layerwise as lw
@@ -121,7 +122,7 @@ def mk_direction(terms: lw.Terms, mu: float, eps: float) -> tuple[list[Array], l
     for k, (ghat, a, rho) in enumerate(zip(terms.ghat, terms.a, terms.rho)):
         last = k == n - 1
         w_coef, w_bad, rho_rel, gamma = lw.weight_coef(ghat, rho, mu, eps)
-        s = lw.sq_norm(a)
+        s = sq_norm(a)
         c = rho * s + (terms.gq if last else 0.0)
         b_coef, b_bad = lw.damped_ratio(rho_rel * s + (terms.gq_rel if last else 0.0), mu * c + gamma, mu, eps)
         direction += [lw.weight_mean(ghat, w_coef, a), batch_mean(ghat * b_coef[:, None])]
