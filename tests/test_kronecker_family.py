@@ -16,7 +16,7 @@ import pytest
 import curvcore as cc
 from cases import make_problem
 from curvcore._reduce import Reducer, reducing
-from curvcore.methods import _kronecker, kronecker as kr
+from curvcore.methods import kronecker as kr
 from reference import assert_rel, layer_inputs, to_np
 
 SIZES = [5, 7, 6, 3]
@@ -153,7 +153,3 @@ def test_family_methods_import_only_the_family_module():
         assert "kronecker" in imported and not imported & methods, (name, imported)
         assert issubclass(getattr(cc, {"kfac": "KFAC", "acp": "ACP", "centered_sgd": "CenteredSGD"}[name]),
                           kr.KroneckerMethod)
-
-
-def test_the_family_module_keeps_its_private_name():
-    assert _kronecker.owned is kr.owned and _kronecker.KroneckerMethod is kr.KroneckerMethod

@@ -21,8 +21,7 @@ builders (``A`` from layer inputs, convolution patches included; ``G`` from
 output vectors: empirical, type-2 or Monte-Carlo), the damped Kronecker solve,
 the refresh schedule, the centring with its bias correction, and the step
 template :class:`KroneckerMethod` the three methods fill in. It is public: a
-new member subclasses :class:`KroneckerMethod` and chooses its factors
-(``curvcore.methods._kronecker`` is the same module under its earlier name).
+new member subclasses :class:`KroneckerMethod` and chooses its factors.
 """
 
 from __future__ import annotations
