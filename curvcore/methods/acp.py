@@ -194,6 +194,13 @@ class ACP(kr.KroneckerMethod):
         n = C.shape[0]
         return xp.concat([Us, kr.whitening_matrix(Us[:n, :], self.alpha * Us[n, :] + self.eps)], axis=0)
 
+    def step_factors(self, xp: Any, factors: dict[str, list]) -> dict[str, list]:
+        """The factors and, for a constant ``alpha``, ``cached``: per layer whether its ``P`` was computed
+        (:func:`kr.cached_flags`: one host sync per step on an eager backend, not one per layer)."""
+        if self.alpha == "adaptive":
+            return factors
+        return {**factors, "cached": kr.cached_flags(factors["P"])}
+
     def layer_step(self, xp: Any, k: int, rec: LayerRecord, grad: kr.LayerGradient,
                    factors: dict[str, Array]) -> tuple[Array, dict]:
         """``(ΔΘ, {"alpha": α})`` of one layer (spec §2): ``ΔW = -lr Ĝ P``, ``Δb = -(lr/α) ĝ - ΔW ā``."""
@@ -210,7 +217,8 @@ class ACP(kr.KroneckerMethod):
         d = alpha * s + self.eps
         self._check_nonsingular(xp, k, d, positive)
         if positive is None:
-            precondition = lambda G: kr.whiten_cached(G, P, U, d)  # noqa: E731 - G P, P = U diag(1/d) U^T
+            cached = factors["cached"]
+            precondition = lambda G: kr.whiten_cached(G, P, U, d, cached)  # noqa: E731 - G P, P = U diag(1/d) U^T
         else:  # alpha = 0 (all g = 0): G_hat = 0, avoid 0/0
             d = xp.where(positive, d, xp.ones_like(d))
             precondition = lambda G: kr.whiten(G, U, d)  # noqa: E731

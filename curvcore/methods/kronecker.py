@@ -36,7 +36,7 @@ from .._namespace import array_namespace
 
 from .._control import cond
 from .._linalg import eigh
-from .._checks import check_shapes
+from .._checks import check_shapes, concrete_bool
 from .._reduce import batch_gram, batch_max, batch_mean, batch_size, current, global_count, param_sums
 from ..layers import LayerSpec, Records, bias_vector, matrix_to_weight, positions, records, rows, weight_matrix
 from ..protocol import Array, LayerRecord, Loss, Model
@@ -322,12 +322,34 @@ def whitening_matrix(U: Array, d: Array) -> Array:
     return xp.where(xp.all(positive), P, xp.zeros_like(P))
 
 
-def whiten_cached(G: Array, P: Array, U: Array, d: Array) -> Array:
+def whiten_cached(G: Array, P: Array, U: Array, d: Array, cached: Any = None) -> Array:
     """``G P`` with the cached ``P = U diag(1/d) Uᵀ``, or :func:`whiten` when ``P`` was not computed at a
-    refresh (zeros: a state from ``init`` or edited by hand; a computed ``P`` is positive definite, so
-    ``P[0, 0] > 0``). Through :func:`cond`, so it traces under jit."""
+    refresh (zeros: a state from ``init`` or edited by hand).
+
+    ``cached`` says which: an entry of :func:`cached_flags` (decided once per step), or ``None`` to test
+    ``P`` here (``P[0, 0] > 0``: a host sync on an eager backend). Through :func:`cond`, so it traces
+    under jit."""
     xp = array_namespace(G)
-    return cond(P[0, 0] > 0, lambda G: xp.matmul(G, P), lambda G: whiten(G, U, d), G)
+    pred = P[0, 0] > 0 if cached is None else cached
+    return cond(pred, lambda G: xp.matmul(G, P), lambda G: whiten(G, U, d), G)
+
+
+def cached_flags(Ps: Sequence[Array]) -> list[Any]:
+    """Per layer whether its cached ``P`` was computed at a refresh (a computed ``P`` is positive
+    definite, so ``P[0, 0] > 0``; zeros: not computed), for :func:`whiten_cached`.
+
+    With concrete values ONE host sync per step decides for every layer: ``True`` for all when all
+    were computed (every step but one after a hand edit), else a Python bool per layer. Inside
+    ``jax.jit`` the per-layer 0-d predicates (each layer's ``cond`` then costs no host sync).
+    """
+    flags = [P[0, 0] > 0 for P in Ps]
+    if not flags:
+        return flags
+    xp = array_namespace(*Ps)
+    everywhere = concrete_bool(xp.all(xp.stack(flags)))
+    if everywhere is None:
+        return flags
+    return [True] * len(flags) if everywhere else [bool(f) for f in flags]
 
 
 # ---------------------------------------------------------------------------
@@ -336,7 +358,7 @@ def whiten_cached(G: Array, P: Array, U: Array, d: Array) -> Array:
 
 
 class KroneckerMethod(LayerwiseMethod):
-    """One step of the family; a member chooses its factors by filling in five hooks.
+    """One step of the family; a member chooses its factors by filling in five hooks (and an optional sixth).
 
     Per step: check the per-layer state against the params, one recorded pass
     (``g = ∂L/∂z`` and the layer inputs), refresh the per-layer factors when
@@ -352,6 +374,8 @@ class KroneckerMethod(LayerwiseMethod):
         ``layer_step(xp, k, record, grad, factors)``: ``(ΔΘ, extras)`` of layer ``k`` (``grad``:
         its :class:`LayerGradient`).
         ``step_extras(xp, state, refreshed, extras, **kw)``: more ``info`` entries.
+        ``step_factors(xp, factors)`` (optional): what ``layer_step`` sees of this step's factors (default
+        the factors; ACP adds its ``cached`` flags, decided once per step).
     """
 
     refresh_every: int | None = None
@@ -372,6 +396,11 @@ class KroneckerMethod(LayerwiseMethod):
 
     def step_extras(self, xp: Any, state: Any, refreshed: Array, extras: list[dict], **kw: Any) -> dict[str, Array]:
         return {}
+
+    def step_factors(self, xp: Any, factors: dict[str, list]) -> dict[str, list]:
+        """The per-layer lists ``layer_step`` reads (``factors``, the state's fields, plus anything decided
+        once per step); only ``factors`` go into the new state."""
+        return factors
 
     def check_step_inputs(self, params: Sequence[Array], x: Array, **kw: Any) -> None:
         """Check the step's extra inputs (ACP's ``cov_batch``) before anything runs; here: none allowed.
@@ -413,11 +442,12 @@ class KroneckerMethod(LayerwiseMethod):
             check_grads_finite([r.g for r in rec.layers], self.validate)
         slot = {s.weight: i for i, s in enumerate(specs)}
         factors, refreshed = self._scheduled_factors(xp, model, loss, params, x, y, rec, state, slot, **kw)
+        seen = self.step_factors(xp, factors)
         deltas: dict[int, Array] = {}
         extras = []
         for sp, r, grad in zip(rec.specs, rec.layers, layer_gradients(rec)):
             i = slot[sp.weight]
-            step, more = self.layer_step(xp, i, r, grad, {f: factors[f][i] for f in factors})
+            step, more = self.layer_step(xp, i, r, grad, {f: seen[f][i] for f in seen})
             deltas.update(split_joint(step, sp, params))
             extras.append(more)
         info = step_info(value, self.all_deltas(params, rec.grads, deltas, self.lr),
