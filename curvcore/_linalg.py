@@ -82,7 +82,15 @@ def _is_linalg_error(err: BaseException) -> bool:
 
 
 def _checked_solve(A: Array, B: Array) -> Array:
-    """The fallback: ``xp.linalg.solve`` (LU), NaN unless ``xp.linalg.cholesky(A)`` succeeds (``A`` positive definite)."""
+    """The fallback: ``xp.linalg.solve`` (LU), NaN unless ``xp.linalg.cholesky(A)`` succeeds (``A`` positive definite).
+
+    Two factorisations (``n³/3 + 2n³/3`` flops) because the array API has no
+    triangular solve (nor has array-api-extra): solving with the factor
+    through ``xp.linalg.solve(L, ·)`` and ``xp.linalg.solve(Lᵀ, ·)`` is two LU
+    factorisations (``n³/3 + 4n³/3``), and ``xp.linalg.inv(L)`` costs more
+    still. A backend with a triangular solve registers the one-factorisation
+    form (:func:`register_cho_solve`).
+    """
     xp = array_namespace(A, B)
     L = xp.linalg.cholesky(A)  # raises a LinAlgError or gives NaN where A is not positive definite
     return _poison(xp.linalg.solve(A, B), xp.all(xp.isfinite(L)))
