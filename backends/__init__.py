@@ -26,7 +26,6 @@ from typing import Any
 
 import numpy as np
 
-from curvcore._linalg import register_cho_solve
 from curvcore._namespace import library_of
 from curvcore.random import register_host_generator
 from curvcore.tree import leaves_of
@@ -43,15 +42,7 @@ ALL = ("numpy", "array_api_strict", "torch", "jax", "cupy")
 
 register_host_generator(np.random.default_rng)
 
-
-def _scipy_cho_solve(A: Array, B: Array) -> Array:
-    """``A^{-1} B`` by SciPy's Cholesky for NumPy arrays (:func:`curvcore._linalg.cho_solve`; imported on first use)."""
-    sla = importlib.import_module("scipy.linalg")
-    return sla.cho_solve(sla.cho_factor(A, lower=True, check_finite=False), B, check_finite=False)
-
-
-if importlib.util.find_spec("scipy") is not None:  # else NumPy's SPD solves fall back to xp.linalg.solve
-    register_cho_solve(lambda a: isinstance(a, np.ndarray), _scipy_cho_solve)
+from . import numpy as _numpy_adapter  # noqa: E402,F401  (imported with curvcore: registers SciPy's Cholesky solve)
 
 
 __all__ = [
