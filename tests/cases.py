@@ -40,8 +40,8 @@ def grid(base: dict, **axes) -> list[dict]:
 
 # the protocol checks (test_protocol, test_jets): every activation, both losses
 # (CASES above); the per-method checks:
-CURVEBALL_CASES = grid({"sizes": [4, 5, 3], "activation": "tanh", "batch": 7, "seed": 0}, loss=["mse", "ce"])
-BASELINE_CASES = grid({"sizes": [4, 5, 3], "activation": "tanh", "batch": 7}, loss=["mse", "ce"])
+CURVEBALL_CASES = grid({"sizes": [4, 5, 3], "activation": "tanh", "batch": 7, "seed": 0}, loss=LOSSES)
+BASELINE_CASES = grid({"sizes": [4, 5, 3], "activation": "tanh", "batch": 7}, loss=LOSSES)
 # the partition pseudo-Hessian (spec Sec. 9): 4-5-3 and 4-6-3, B = 7..12, tanh and sigmoid, MSE and CE
 PSEUDO_HESSIAN_CASES = [
     {"sizes": [4, 5, 3], "activation": "tanh", "loss": "ce", "batch": 7, "seed": 0},
