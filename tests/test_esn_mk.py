@@ -7,7 +7,6 @@ recomputed here in NumPy/torch, never taken from curvcore's own code.
 
 from __future__ import annotations
 
-import functools
 import time
 
 import numpy as np
@@ -16,7 +15,7 @@ import pytest
 import curvcore as cc
 from curvcore.layers import records
 from backend_list import EAGER, params, require
-from cases import ESN_NETS, make_problem
+from cases import ESN_CASES, ESN_EXACT_CASES, case_id, case_model, case_problem, net
 from curvcore.methods import _layerwise as lw
 from reference import (auto_rho, batch_stats, direction, flatten, grad_hess, granular_ref, lam_value, loss_of_theta,
                        np_forward, per_sample_grads, rel_err, residual)
@@ -26,9 +25,6 @@ try:  # the dense autodiff references; the tests that use them are marked needs_
 except ImportError:  # the NumPy and JAX tests still run
     torch = None
 needs_torch = pytest.mark.skipif(torch is None, reason="the dense autodiff reference needs torch")
-
-ACTS = ("tanh", "sigmoid", "leaky_relu")
-NETS = ESN_NETS
 
 
 @pytest.fixture(params=params(EAGER))
@@ -41,30 +37,30 @@ def eager_backend(request):
 # independent references
 # ---------------------------------------------------------------------------
 
-@functools.lru_cache(maxsize=None)
-def newton_reference(act, loss_name, rho_spec, seed=3):
-    """Cached ``(∇J_R, H, q)`` of the B = 1 problem (identical numbers on every backend)."""
-    sizes = NETS[loss_name]
-    _, params, x, y, _ = make_problem("numpy", sizes, act, loss_name, batch=1, seed=seed)
-    _, rho = lam_value(rho_spec, sizes, act, loss_name, params, x, y)
-    g, H = grad_hess(sizes, act, loss_name, params, x, y, rho)
-    _, out = np_forward(sizes, act, params, x)
-    return g, H, granular_ref(loss_name, out, y)[0]
+NEWTON_REFERENCES = {}
+
+
+def newton_reference(case):
+    """Cached ``(∇J_R, H, q)`` of a B = 1 case at its ``rho`` (identical numbers on every backend)."""
+    key = repr(sorted(case.items()))
+    if key not in NEWTON_REFERENCES:
+        _, params, x, y, _ = case_problem("numpy", case)
+        _, rho = lam_value(case["rho"], *net(case), params, x, y)
+        g, H = grad_hess(*net(case), params, x, y, rho)
+        _, out = np_forward(case["sizes"], case["activation"], params, x)
+        NEWTON_REFERENCES[key] = g, H, granular_ref(case["loss"], out, y)[0]
+    return NEWTON_REFERENCES[key]
 
 
 # ---------------------------------------------------------------------------
 # 1-3. exactness, paper sign of the granular term, null space (B = 1)
 # ---------------------------------------------------------------------------
 
-RHOS = [(0.7, 0.4, 0.9), "auto", (0.0, 0.4, 0.9), (3.0, 0.4, 0.9)]
-
-
-def check_newton_exact(backend, act, loss_name, rho_spec):
-    sizes = NETS[loss_name]
-    model, params, x, y, loss = make_problem(backend, sizes, act, loss_name, batch=1, seed=3)
-    lam = rho_spec if rho_spec == "auto" else list(rho_spec)
+def check_newton_exact(backend, case):
+    model, params, x, y, loss = case_problem(backend, case)
+    lam = case["rho"] if case["rho"] == "auto" else list(case["rho"])
     d, _, _ = direction(cc.ESN(variant="newton", lam=lam), model, loss, params, x, y)
-    g, H, q = newton_reference(act, loss_name, rho_spec)
+    g, H, q = newton_reference(case)
     r = residual(H, flatten(d), g)
     assert r < 1e-10, f"Newton residual {r:.2e}"
     # the paper's sign of the granular term (MK eq 34/35, ICLR A.3): eta_n = ... - q instead of + q
@@ -74,53 +70,48 @@ def check_newton_exact(backend, act, loss_name, rho_spec):
     assert r_paper > 0.1, f"paper sign residual only {r_paper:.2e}"
 
 
-@pytest.mark.parametrize("loss_name", ["mse", "ce"])
-@pytest.mark.parametrize("act", ACTS)
-@pytest.mark.parametrize("rho_spec", RHOS, ids=["rho", "auto", "rho1=0", "rho1=3"])
+@pytest.mark.parametrize("case", ESN_EXACT_CASES["newton"], ids=case_id)
 @needs_torch
-def test_newton_is_exact(array_api_backend, act, loss_name, rho_spec):
+def test_newton_is_exact(array_api_backend, case):
     """§9.1: ||H d - ∇J_R|| / ||∇J_R|| < 1e-10 with the dense autodiff Hessian; §9.2: paper sign > 0.1."""
-    check_newton_exact(array_api_backend, act, loss_name, rho_spec)
+    check_newton_exact(array_api_backend, case)
 
 
-@pytest.mark.parametrize("act,loss_name,rho_spec", [("tanh", "mse", "auto"), ("leaky_relu", "ce", RHOS[0])])
+@pytest.mark.parametrize("case", ESN_EXACT_CASES["newton_eager"], ids=case_id)
 @needs_torch
-def test_newton_is_exact_eager_frameworks(eager_backend, act, loss_name, rho_spec):
+def test_newton_is_exact_eager_frameworks(eager_backend, case):
     """§9.1 on every eager backend (torch included) for two cases."""
-    check_newton_exact(eager_backend, act, loss_name, rho_spec)
+    check_newton_exact(eager_backend, case)
 
 
-@pytest.mark.parametrize("loss_name", ["mse", "ce"])
-@pytest.mark.parametrize("act", ACTS)
+@pytest.mark.parametrize("case", ESN_EXACT_CASES["null_space"], ids=case_id)
 @needs_torch
-def test_layer1_part_is_in_the_null_space(act, loss_name):
+def test_layer1_part_is_in_the_null_space(case):
     """§9.3: H (N_1, -N_1 a_1, 0, ...) ≈ 0 (< 1e-10 ||H|| ||N_1||)."""
-    sizes = NETS[loss_name]
-    model, params, x, y, loss = make_problem("numpy", sizes, act, loss_name, batch=1, seed=5)
+    model, params, x, y, loss = case_problem("numpy", case)
     d, _, _ = direction(cc.ESN(variant="newton", lam="auto"), model, loss, params, x, y)
-    _, H = grad_hess(sizes, act, loss_name, params, x, y, auto_rho(sizes, act, loss_name, params, x, y))
+    _, H = grad_hess(*net(case), params, x, y, auto_rho(*net(case), params, x, y))
     v = [np.zeros_like(p) for p in d]
     v[0], v[1] = d[0], -d[0] @ cc.backends.to_numpy(x)[0]
     assert np.linalg.norm(d[0]) > 1e-3
     assert np.linalg.norm(H @ flatten(v)) < 1e-10 * np.linalg.norm(H, 2) * np.linalg.norm(d[0])
 
 
-@pytest.mark.parametrize("loss_name", ["mse", "ce"])
+@pytest.mark.parametrize("case", ESN_CASES["batch_mean"], ids=case_id)
 @needs_torch
-def test_batch_mean_of_newton_directions_is_not_exact(loss_name):
+def test_batch_mean_of_newton_directions_is_not_exact(case):
     """§9.4: B = 2, mean of per-sample Newton directions: residual > 1e-3 (documents non-exactness)."""
-    sizes = NETS[loss_name]
-    model, params, x, y, loss = make_problem("numpy", sizes, "tanh", loss_name, batch=2, seed=1)
+    model, params, x, y, loss = case_problem("numpy", case)
     rho = (0.7, 0.4, 0.9)
     d, _, _ = direction(cc.ESN(variant="newton", lam=list(rho)), model, loss, params, x, y)
-    g, H = grad_hess(sizes, "tanh", loss_name, params, x, y, np.array(rho)[None, :])
+    g, H = grad_hess(*net(case), params, x, y, np.array(rho)[None, :])
     assert residual(H, flatten(d), g) > 1e-3
     # ... while each sample's own direction is exact for its own J_R
     xn, yn = cc.backends.to_numpy(x), cc.backends.to_numpy(y)
-    for p in range(2):
+    for p in range(case["batch"]):
         xb, yb = x[p:p + 1, ...], y[p:p + 1, ...]
         dp, _, _ = direction(cc.ESN(variant="newton", lam=list(rho)), model, loss, params, xb, yb)
-        gp, Hp = grad_hess(sizes, "tanh", loss_name, params, xn[p:p + 1], yn[p:p + 1], np.array(rho)[None, :])
+        gp, Hp = grad_hess(*net(case), params, xn[p:p + 1], yn[p:p + 1], np.array(rho)[None, :])
         assert residual(Hp, flatten(dp), gp) < 1e-10
 
 
@@ -128,27 +119,25 @@ def test_batch_mean_of_newton_directions_is_not_exact(loss_name):
 # 5. per-layer identities (B = 1)
 # ---------------------------------------------------------------------------
 
-@pytest.mark.parametrize("loss_name", ["mse", "ce"])
-@pytest.mark.parametrize("act", ACTS)
+@pytest.mark.parametrize("case", ESN_EXACT_CASES["layer_identities"], ids=case_id)
 @needs_torch
-def test_per_layer_inner_products(array_api_backend, act, loss_name):
+def test_per_layer_inner_products(array_api_backend, case):
     """§9.5: newton <N_k,G_k> = ρ s, <η_k,g_k> = -ρ s (k<n); MK <N,G> = ρsγ/(μρ+γ), <η,g> = cγ/(μc+γ)."""
-    sizes = NETS[loss_name]
-    n = len(sizes) - 1
-    model, params, x, y, loss = make_problem(array_api_backend, sizes, act, loss_name, batch=1, seed=7)
-    recs, out = np_forward(sizes, act, params, x)
+    n = len(case["sizes"]) - 1
+    model, params, x, y, loss = case_problem(array_api_backend, case)
+    recs, out = np_forward(case["sizes"], case["activation"], params, x)
     s = [float(np.sum(a[0] ** 2)) for a, _ in recs]
-    rho = auto_rho(sizes, act, loss_name, params, x, y)[0]
-    q = granular_ref(loss_name, out, y)[0]
+    rho = auto_rho(*net(case), params, x, y)[0]
+    q = granular_ref(case["loss"], out, y)[0]
     # newton: gradients of J_R (regularised)
     d, _, _ = direction(cc.ESN(variant="newton", lam="auto"), model, loss, params, x, y)
-    G = per_sample_grads(sizes, act, loss_name, params, x, y, rho[None, :])[0]
+    G = per_sample_grads(*net(case), params, x, y, rho[None, :])[0]
     for k in range(n):
         assert rel_err(np.sum(d[2 * k] * G[2 * k]), rho[k] * s[k]) < 1e-12
         if k < n - 1:
             assert rel_err(np.sum(d[2 * k + 1] * G[2 * k + 1]), -rho[k] * s[k]) < 1e-12
     # MK (reg_grad=False): gradients of ℓ
-    G = per_sample_grads(sizes, act, loss_name, params, x, y)[0]
+    G = per_sample_grads(*net(case), params, x, y)[0]
     for mu in (0.0, 0.3):
         d, _, _ = direction(cc.MK(mu=mu), model, loss, params, x, y)
         for k in range(n):
@@ -169,39 +158,38 @@ def test_descent_in_50_random_draws(method):
     make = {"mk0": lambda: cc.MK(mu=0.0), "mk0.1": lambda: cc.MK(mu=0.1), "mk1": lambda: cc.MK(mu=1.0),
             "saddle_free": lambda: cc.ESN(variant="saddle_free")}[method]
     ok = 0
-    for draw in range(50):
-        act, loss_name = ACTS[draw % 3], ("mse", "ce")[draw % 2]
-        sizes = NETS[loss_name]
-        model, params, x, y, loss = make_problem("numpy", sizes, act, loss_name, batch=1, seed=100 + draw)
+    draws = ESN_EXACT_CASES["descent_draws"]
+    for case in draws:
+        model, params, x, y, loss = case_problem("numpy", case)
         d, _, _ = direction(make(), model, loss, params, x, y)
-        fun = loss_of_theta(sizes, act, loss_name, x, y)
+        fun = loss_of_theta(*net(case), x, y)
         theta = flatten(params)
-        grad = flatten(per_sample_grads(sizes, act, loss_name, params, x, y)[0])
+        grad = flatten(per_sample_grads(*net(case), params, x, y)[0])
         dv = flatten(d)
         ok += bool(dv @ grad > 0 and fun(theta - 1e-4 * dv) < fun(theta))
-    assert ok == 50
+    assert ok == len(draws) == 50
 
 
 # ---------------------------------------------------------------------------
 # 7. damping
 # ---------------------------------------------------------------------------
 
-@pytest.mark.parametrize("act", ACTS)
+@pytest.mark.parametrize("case", ESN_EXACT_CASES["mk_damping"], ids=case_id)
 @needs_torch
-def test_mk_damping_limits_and_eq41(array_api_backend, act):
+def test_mk_damping_limits_and_eq41(array_api_backend, case):
     """§9.7: MK(μ=0) ≡ saddle_free (MSE, 1e-14); ||μ d(μ) - ∇||/||∇|| < 1e-5 at μ=1e6;
     eq 41 residual < 1e-12; "auto": N_k = ĝ aᵀ/(μ + m_{k-1}||ĝ||) to 1e-12."""
-    sizes = NETS["mse"]
-    model, params, x, y, loss = make_problem(array_api_backend, sizes, act, "mse", batch=1, seed=11)
+    assert case["loss"] == "mse"
+    model, params, x, y, loss = case_problem(array_api_backend, case)
     mk0 = flatten(direction(cc.MK(mu=0.0), model, loss, params, x, y)[0])
     sf = flatten(direction(cc.ESN(variant="saddle_free"), model, loss, params, x, y)[0])
     assert np.max(np.abs(mk0 - sf)) <= 1e-14 * np.max(np.abs(sf))
-    grads = per_sample_grads(sizes, act, "mse", params, x, y)[0]
+    grads = per_sample_grads(*net(case), params, x, y)[0]
     gflat = flatten(grads)
     dbig = flatten(direction(cc.MK(mu=1e6), model, loss, params, x, y)[0])
     assert np.linalg.norm(1e6 * dbig - gflat) / np.linalg.norm(gflat) < 1e-5
-    recs, _ = np_forward(sizes, act, params, x)
-    rho = auto_rho(sizes, act, "mse", params, x, y)[0]
+    recs, _ = np_forward(case["sizes"], case["activation"], params, x)
+    rho = auto_rho(*net(case), params, x, y)[0]
     for mu in (0.5, 2.0):
         d = direction(cc.MK(mu=mu), model, loss, params, x, y)[0]
         for k, (a, D) in enumerate(recs):
@@ -217,15 +205,14 @@ def test_mk_damping_limits_and_eq41(array_api_backend, act):
 # 8. randomized ESN
 # ---------------------------------------------------------------------------
 
-@pytest.mark.parametrize("loss_name", ["mse", "ce"])
-def test_randomized_rank_one_equals_damped_mk(eager_backend, loss_name):
+@pytest.mark.parametrize("case", ESN_EXACT_CASES["rank_one"], ids=case_id)
+def test_randomized_rank_one_equals_damped_mk(eager_backend, case):
     """§9.8: B = 1, batch estimator, scalar ρ: N_k = MK weights with μ = δ/ρ (1e-12); η_k = N_k a_k."""
-    sizes = NETS[loss_name]
-    model, params, x, y, loss = make_problem(eager_backend, sizes, "tanh", loss_name, batch=1, seed=13)
+    model, params, x, y, loss = case_problem(eager_backend, case)
     lam, delta = 0.6, 1.5
     d = direction(cc.ESN(lam=lam, damping=delta), model, loss, params, x, y)[0]
     m = direction(cc.MK(lam=lam, mu=delta / lam), model, loss, params, x, y)[0]
-    recs, _ = np_forward(sizes, "tanh", params, x)
+    recs, _ = np_forward(case["sizes"], case["activation"], params, x)
     for k, (a, _) in enumerate(recs):
         assert np.max(np.abs(d[2 * k] - m[2 * k])) < 1e-12 * np.max(np.abs(m[2 * k]))
         np.testing.assert_allclose(d[2 * k + 1], d[2 * k] @ a[0], rtol=1e-12, atol=0)
@@ -235,10 +222,10 @@ def test_randomized_rank_one_equals_damped_mk(eager_backend, loss_name):
 @needs_torch
 def test_randomized_solvers(array_api_backend, damping):
     """§9.8: Sylvester residual ||(δI+C)N + NV - R||/||R|| < 1e-10; identity solver (δI+C)N = R."""
-    sizes = [4, 5, 3, 3]
-    model, params, x, y, loss = make_problem(array_api_backend, sizes, "sigmoid", "ce", batch=8, seed=17)
-    rho = auto_rho(sizes, "sigmoid", "ce", params, x, y)
-    stats = batch_stats(sizes, "sigmoid", "ce", params, x, y, rho)
+    case = ESN_CASES["solvers"]
+    model, params, x, y, loss = case_problem(array_api_backend, case)
+    rho = auto_rho(*net(case), params, x, y)
+    stats = batch_stats(*net(case), params, x, y, rho)
     syl = direction(cc.ESN(solver="sylvester", damping=damping), model, loss, params, x, y)[0]
     ide = direction(cc.ESN(damping=damping), model, loss, params, x, y)[0]
     for k, (C, R, m, V) in enumerate(stats):
@@ -253,23 +240,23 @@ def test_randomized_solvers(array_api_backend, damping):
 
 def test_randomized_granular_adds_mean_q(array_api_backend):
     """granular=True adds the batch mean of q to the output bias only."""
-    sizes = NETS["ce"]
-    model, params, x, y, loss = make_problem(array_api_backend, sizes, "tanh", "ce", batch=4, seed=19)
+    case = ESN_CASES["granular"]
+    model, params, x, y, loss = case_problem(array_api_backend, case)
     d0 = direction(cc.ESN(), model, loss, params, x, y)[0]
     d1 = direction(cc.ESN(granular=True), model, loss, params, x, y)[0]
-    _, out = np_forward(sizes, "tanh", params, x)
+    _, out = np_forward(case["sizes"], case["activation"], params, x)
     for a, b in zip(d0[:-1], d1[:-1]):
         np.testing.assert_array_equal(a, b)
-    np.testing.assert_allclose(d1[-1] - d0[-1], granular_ref("ce", out, y).mean(0), rtol=1e-12, atol=1e-14)
+    np.testing.assert_allclose(d1[-1] - d0[-1], granular_ref(case["loss"], out, y).mean(0), rtol=1e-12, atol=1e-14)
 
 
 @pytest.mark.parametrize("solver", ["identity", "sylvester"])
 @needs_torch
 def test_ema_estimator(eager_backend, solver):
     """§9.8: EMA with β → 0 equals the batch estimator (3 steps); β = 0.5 matches a hand-written EMA."""
-    sizes = [4, 5, 3, 2]
-    model, params, _, _, loss = make_problem(eager_backend, sizes, "tanh", "mse", batch=4, seed=23)
-    batches = [make_problem(eager_backend, sizes, "tanh", "mse", batch=4, seed=s)[2:4] for s in (30, 31, 32)]
+    case = ESN_CASES["ema"]
+    model, params, _, _, loss = case_problem(eager_backend, case)
+    batches = [case_problem(eager_backend, case, seed=s)[2:4] for s in (30, 31, 32)]
     ema = cc.ESN(estimator="ema", beta=1e-14, solver=solver)
     bat = cc.ESN(solver=solver)
     pe, pb, se, sb = params, params, ema.init(params), bat.init(params)
@@ -284,7 +271,7 @@ def test_ema_estimator(eager_backend, solver):
     stats = []
     for xb, yb in batches[:2]:
         _, st, _ = opt.direction(model, loss, params, st, xb, yb)
-        stats.append(batch_stats(sizes, "tanh", "mse", params, xb, yb, np.full((4, 3), 0.3)))
+        stats.append(batch_stats(*net(case), params, xb, yb, np.full((4, 3), 0.3)))
     assert int(st.t) == 2
     for k in range(3):
         for i, field in enumerate(("C", "R", "m")):
@@ -296,30 +283,32 @@ def test_ema_estimator(eager_backend, solver):
 # 9. inertia of H, 10. CE granular term, 11. lam_out and reg_grad
 # ---------------------------------------------------------------------------
 
-@pytest.mark.parametrize("act", ACTS)
+@pytest.mark.parametrize("case", ESN_EXACT_CASES["inertia"], ids=case_id)
 @needs_torch
-def test_inertia_of_the_single_sample_hessian(act):
+def test_inertia_of_the_single_sample_hessian(case):
     """§9.9 (corrects MK eqs 60-70): #λ>τ = Σ_{k<=n} n_k (-1 for CE), #λ<-τ = Σ_{k<n} n_k."""
-    for i, loss_name in enumerate(("mse", "ce", "mse")):
-        sizes = NETS[loss_name]
-        model, params, x, y, loss = make_problem("numpy", sizes, act, loss_name, batch=1, seed=40 + i)
-        rho = np.random.default_rng(i).uniform(0.2, 2.0, (1, 3)) if i == 2 else \
-            auto_rho(sizes, act, loss_name, params, x, y)
-        _, H = grad_hess(sizes, act, loss_name, params, x, y, rho)
-        ev = np.linalg.eigvalsh(H)
-        tau = 1e-9 * np.max(np.abs(ev))
-        pos, neg = int(np.sum(ev > tau)), int(np.sum(ev < -tau))
-        assert pos == sum(sizes[1:]) - (loss_name == "ce"), (act, loss_name, pos)
-        assert neg == sum(sizes[1:-1]), (act, loss_name, neg)
+    sizes = case["sizes"]
+    model, params, x, y, loss = case_problem("numpy", case)
+    if "rho_seed" in case:
+        rho = np.random.default_rng(case["rho_seed"]).uniform(0.2, 2.0, (1, len(sizes) - 1))
+    else:
+        rho = auto_rho(*net(case), params, x, y)
+    _, H = grad_hess(*net(case), params, x, y, rho)
+    ev = np.linalg.eigvalsh(H)
+    tau = 1e-9 * np.max(np.abs(ev))
+    pos, neg = int(np.sum(ev > tau)), int(np.sum(ev < -tau))
+    assert pos == sum(sizes[1:]) - (case["loss"] == "ce"), pos
+    assert neg == sum(sizes[1:-1]), neg
 
 
 def test_ce_granular_term_closed_form(eager_backend):
     """§9.10: q = pinv(diag(p) - ppᵀ) ĝ_n and ĝ_nᵀq = (1 - p_y)/p_y (1e-12)."""
-    model, params, x, y, loss = make_problem(eager_backend, [4, 5, 6], "tanh", "ce", batch=5, seed=2)
+    case = ESN_CASES["ce_granular"]
+    model, params, x, y, loss = case_problem(eager_backend, case)
     out = model.forward(params, x)
-    ghat = loss.grad(out, y) * 5
+    ghat = loss.grad(out, y) * case["batch"]
     q, gq = lw.granular_term(loss, out, y, ghat)
-    ref = granular_ref("ce", cc.backends.to_numpy(out), y)
+    ref = granular_ref(case["loss"], cc.backends.to_numpy(out), y)
     np.testing.assert_allclose(cc.backends.to_numpy(q), ref, rtol=1e-12, atol=1e-12 * np.max(np.abs(ref)))
     np.testing.assert_allclose(cc.backends.to_numpy(gq), np.sum(cc.backends.to_numpy(ghat) * ref, 1), rtol=1e-12)
 
@@ -327,7 +316,8 @@ def test_ce_granular_term_closed_form(eager_backend):
 @needs_torch
 def test_lam_out_equals_scaled_lam(array_api_backend):
     """§9.11: lam_out = s equals lam / s (1e-14), for a float and a per-layer list."""
-    model, params, x, y, loss = make_problem(array_api_backend, NETS["ce"], "tanh", "ce", batch=3, seed=4)
+    case = ESN_CASES["lam_out"]
+    model, params, x, y, loss = case_problem(array_api_backend, case)
     for lam in (0.8, [0.5, 1.5, 2.5]):
         scaled = [v / 4.0 for v in lam] if isinstance(lam, list) else lam / 4.0
         a = flatten(direction(cc.MK(lam=lam, lam_out=4.0), model, loss, params, x, y)[0])
@@ -335,30 +325,29 @@ def test_lam_out_equals_scaled_lam(array_api_backend):
         assert np.max(np.abs(a - b)) <= 1e-14 * np.max(np.abs(b))
     # "auto": λ_n = ||ĝ_n|| per sample: one sample at a time equals lam = auto-ρ / ||ĝ_n||
     x1, y1 = x[:1, ...], y[:1, ...]
-    rho = auto_rho(NETS["ce"], "tanh", "ce", params, x1, y1)[0]
-    gn = np.linalg.norm(per_sample_grads(NETS["ce"], "tanh", "ce", params, x1, y1)[0][-1])
+    rho = auto_rho(*net(case), params, x1, y1)[0]
+    gn = np.linalg.norm(per_sample_grads(*net(case), params, x1, y1)[0][-1])
     a = flatten(direction(cc.MK(lam_out="auto"), model, loss, params, x1, y1)[0])
     b = flatten(direction(cc.MK(lam=list(rho / gn)), model, loss, params, x1, y1)[0])
     assert np.max(np.abs(a - b)) <= 1e-12 * np.max(np.abs(b))
 
 
-@pytest.mark.parametrize("act", ACTS)
+@pytest.mark.parametrize("case", ESN_CASES["reg_backward"], ids=case_id)
 @needs_torch
-def test_regularized_backward_is_the_gradient_of_jr(eager_backend, act):
+def test_regularized_backward_is_the_gradient_of_jr(eager_backend, case):
     """§9.11: the reg_grad backward (spec §5 step 3) equals autodiff ∂J_R/∂z per sample (1e-12)."""
-    sizes = [4, 5, 3, 2]
-    model, params, x, y, loss = make_problem(eager_backend, sizes, act, "mse", batch=3, seed=6)
+    model, params, x, y, loss = case_problem(eager_backend, case)
     for lam in ("auto", [0.7, 0.4, 0.9]):
         rec = records(model, params, x, lambda out: loss.grad(out, y), chain=True)
         terms = lw.compute_terms(rec, loss, y, params[0::2], lam, reg_grad=True)
-        rho = auto_rho(sizes, act, "mse", params, x, y) if lam == "auto" else np.array(lam)[None, :]
-        grads = per_sample_grads(sizes, act, "mse", params, x, y, rho)
-        for k in range(3):
+        rho = auto_rho(*net(case), params, x, y) if lam == "auto" else np.array(lam)[None, :]
+        grads = per_sample_grads(*net(case), params, x, y, rho)
+        for k in range(len(case["sizes"]) - 1):
             ref = np.array([g[2 * k + 1] for g in grads])
             got = cc.backends.to_numpy(terms.ghat[k])
             assert np.max(np.abs(got - ref)) <= 1e-12 * np.max(np.abs(ref))
-            np.testing.assert_allclose(cc.backends.to_numpy(terms.rho[k]), np.broadcast_to(rho[:, k], (3,)),
-                                       rtol=1e-12)
+            np.testing.assert_allclose(cc.backends.to_numpy(terms.rho[k]),
+                                       np.broadcast_to(rho[:, k], (case["batch"],)), rtol=1e-12)
 
 
 # ---------------------------------------------------------------------------
@@ -376,7 +365,7 @@ class TanhOutputMLP(cc.backends.ArrayAPIMLP):
 
 def dead_relu_problem(backend):
     """A ReLU net whose second hidden layer is dead for every sample (ĝ_2 = ĝ_1 = 0)."""
-    model, params, x, y, loss = make_problem(backend, [4, 5, 3, 2], "relu", "mse", batch=3, seed=0)
+    model, params, x, y, loss = case_problem(backend, ESN_CASES["dead_relu"])
     params = list(params)
     params[3] = params[3] - 100.0
     return model, params, x, y, loss
@@ -384,7 +373,8 @@ def dead_relu_problem(backend):
 
 def test_errors(eager_backend):
     """§9.12: NaN/Inf, zero ĝ under newton, non-linear output, bad hyperparameters."""
-    model, params, x, y, loss = make_problem(eager_backend, [4, 5, 3], "tanh", "mse", batch=3, seed=0)
+    case = ESN_CASES["errors"]
+    model, params, x, y, loss = case_problem(eager_backend, case)
     xp = model.xp
     for opt in (cc.ESN(), cc.MK()):
         st = opt.init(params)
@@ -395,7 +385,7 @@ def test_errors(eager_backend):
         with pytest.raises(ValueError, match=r"params\[1\] contains NaN or Inf"):
             opt.step(model, loss, p_bad, st, x, y)
         with pytest.raises(NotImplementedError, match="ESN/MK need a linear output layer"):
-            opt.step(TanhOutputMLP([4, 5, 3], "tanh", xp=xp), loss, params, st, x, y)
+            opt.step(TanhOutputMLP(case["sizes"], case["activation"], xp=xp), loss, params, st, x, y)
     with pytest.raises(ValueError, match="lam lists 2 values but the model has 2 layers|lam lists 3 values"):
         cc.MK(lam=[1.0, 2.0, 3.0]).step(model, loss, params, cc.MK().init(params), x, y)
     model, params, x, y, loss = dead_relu_problem(eager_backend)
@@ -433,7 +423,7 @@ def test_bad_hyperparameters(cls, kwargs, match):
 
 
 def test_unsupported_loss():
-    model, params, x, y, _ = make_problem("numpy", [4, 5, 3], "tanh", "mse", batch=2, seed=0)
+    model, params, x, y, _ = case_problem("numpy", ESN_CASES["unsupported_loss"])
 
     class Huber(cc.losses.MSE):
         pass
@@ -466,7 +456,7 @@ def test_info_skipped_and_state(eager_backend):
     assert int(info["skipped"]) == 6
     assert set(info) == {"loss", "step_norm", "finite", "n_preconditioned", "lam_mean", "skipped", "damping"}
     # no hidden state: two identical calls agree; step_norm = lr ||d||
-    model, params, x, y, loss = make_problem(eager_backend, [4, 5, 3], "tanh", "ce", batch=4, seed=1)
+    model, params, x, y, loss = case_problem(eager_backend, ESN_CASES["purity"])
     for opt in (cc.ESN(lr=0.3, estimator="ema"), cc.MK(lr=0.3)):
         st0 = opt.init(params)
         a = opt.step(model, loss, params, st0, x, y)
@@ -491,7 +481,7 @@ def test_cross_backend_ten_steps(eager_backend):
     for opt in variants:
         finals = []
         for name in ("numpy", eager_backend):
-            model, params, x, y, loss = make_problem(name, [4, 6, 3], "tanh", "ce", batch=5, seed=8)
+            model, params, x, y, loss = case_problem(name, ESN_CASES["cross_backend"])
             st = opt.init(params)
             for _ in range(10):
                 params, st, _ = opt.step(model, loss, params, st, x, y)
@@ -504,12 +494,11 @@ def test_jax_jit_no_recompile_and_stable_dtypes():
     require("jax")
     import jax
 
-    sizes = [4, 5, 3, 3]
     for opt in (cc.ESN(estimator="ema", solver="sylvester", granular=True), cc.ESN(variant="newton"),
                 cc.MK(mu=0.0, lam_out="auto", reg_grad=True)):
         finals = []
         for name in ("numpy", "jax"):
-            model, params, x, y, loss = make_problem(name, sizes, "tanh", "ce", batch=4, seed=9)
+            model, params, x, y, loss = case_problem(name, ESN_CASES["jit"])
             traces = []
 
             def step(p, s, xb, yb, opt=opt, model=model, loss=loss, traces=traces):
@@ -556,10 +545,11 @@ def test_digits_training_smoke():
 
 
 def train_digits_3_epochs(x_tr, y_tr, x_te, y_te, targets):
-    t_tr = np.eye(10)[y_tr]
-    loss = cc.losses.MSE()
+    case = ESN_CASES["digits"]
+    t_tr = np.eye(case["sizes"][-1])[y_tr]
+    loss = cc.losses.get(case["loss"])
     for name, opt in (("ESN", cc.ESN()), ("MK", cc.MK())):
-        model, params = cc.backends.mlp("numpy", [64, 64, 32, 10], activation="leaky_relu", init="he", seed=0)
+        model, params = case_model("numpy", case)
         opt.validate = False  # speed: 4311 online steps; finiteness is checked per epoch below
         state = opt.init(params)
         rng = np.random.default_rng(0)

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 import curvcore as cc
-from cases import make_problem
+from cases import ESN_CASES, case_problem
 from curvcore import _linalg
 from curvcore.methods import esn
 from reference import assert_rel
@@ -113,9 +113,10 @@ def test_eq26_solves_equal_lu(backend, B, n_out, n_in):
 
 def test_randomized_direction_equals_lu(backend):
     """The whole randomized ESN direction == LU per layer; B = 7: B x B systems in layers 1-2, 5 x 5 in layer 3."""
-    sizes, batch = (6, 12, 9, 5), 7
+    case = ESN_CASES["batch_systems"]
+    sizes, batch = case["sizes"], case["batch"]
     opt = cc.ESN(damping=0.5)
-    model, params, x, y, loss = make_problem(backend, sizes=sizes, loss="mse", batch=batch)
+    model, params, x, y, loss = case_problem(backend, case)
     d, _, _ = opt.direction(model, loss, params, opt.init(params, model), x, y)
     _, _, terms = opt.terms(model, loss, params, x, y)
     for k, n_out in enumerate(sizes[1:]):
@@ -130,7 +131,7 @@ def test_randomized_direction_under_jit_equals_eager():
     """The B x B path traces under ``jax.jit`` and gives the eager direction."""
     jax = pytest.importorskip("jax")
     opt = cc.ESN(damping=0.5)
-    model, params, x, y, loss = make_problem("jax", sizes=(6, 12, 9, 5), loss="mse", batch=7)
+    model, params, x, y, loss = case_problem("jax", ESN_CASES["batch_systems"])
     state = opt.init(params, model)
     eager = opt.step(model, loss, params, state, x, y)[0]
     jitted = jax.jit(lambda p, s, x, y: opt.step(model, loss, p, s, x, y)[0])(params, state, x, y)

@@ -11,11 +11,9 @@ import pytest
 
 import curvcore as cc
 from backend_list import ALL_SLOW_BEYOND_ARRAY_API, REFERENCE, require
-from cases import KRONECKER_SIZES, make_problem
+from cases import CENTERED_SGD_CASES, KFAC_CASES, case_id, case_model, case_problem, net
 from curvcore import _linalg
 from reference import assert_rel, grads, kfac_kron_step, layer_inputs, mc_delta, per_example_dz, softmax, to_np
-
-SIZES = KRONECKER_SIZES
 
 
 def _deltas(new, old):
@@ -25,42 +23,43 @@ def _deltas(new, old):
 # --------------------------------------------------------------------------- C7 (K-FAC)
 @pytest.mark.parametrize("backend", REFERENCE)
 @pytest.mark.parametrize("fisher", ["empirical", "mc"])
-@pytest.mark.parametrize("loss_name", ["mse", "ce"])
-def test_c7_kfac_equals_explicit_kronecker_solve(backend, loss_name, fisher):
+@pytest.mark.parametrize("case", KFAC_CASES["explicit_kronecker"], ids=case_id)
+def test_c7_kfac_equals_explicit_kronecker_solve(backend, case, fisher):
     """C7: K-FAC == -lr (G_d kron A_d)^-1 vec_row([gW gb]) built with np.kron (<= 1e-10)."""
-    model, params, x, y, loss = make_problem(backend, SIZES, "tanh", loss_name, batch=9, seed=12, shift=0.4)
+    assert case["activation"] == "tanh", "the MC reference below pulls back through tanh"
+    model, params, x, y, loss = case_problem(backend, case)
     lr, damping, seed = 0.3, 1e-2, 5
     opt = cc.KFAC(lr=lr, damping=damping, refresh_every=1, fisher=fisher, seed=seed)
     state = opt.init(params)._replace(count=opt.init(params).count + 4)  # an MC draw at count 4
     new, _, info = opt.step(model, loss, params, state, x, y)
     got = _deltas(new, params)
     ps, xn, yn = to_np(params), cc.backends.to_numpy(x), cc.backends.to_numpy(y)
-    g = grads(SIZES, "tanh", loss_name, ps, xn, yn)
-    a = layer_inputs(SIZES, "tanh", ps, xn)
+    g = grads(*net(case), ps, xn, yn)
+    a = layer_inputs(case["sizes"], case["activation"], ps, xn)
     B = xn.shape[0]
     if fisher == "mc":  # per-example dl/dz at the sampled targets: the output delta pulled back layer by layer
         from reference import forward_from
 
-        f = forward_from(SIZES, "tanh", ps, xn)
-        dout = mc_delta(loss_name, f, seed, 4)
-    for k in range(len(SIZES) - 1):
+        f = forward_from(case["sizes"], case["activation"], ps, xn)
+        dout = mc_delta(case["loss"], f, seed, 4)
+    for k in range(len(a)):
         if fisher == "empirical":
-            delta = B * per_example_dz(SIZES, "tanh", loss_name, ps, xn, yn, k)
+            delta = B * per_example_dz(*net(case), ps, xn, yn, k)
         else:
             delta = dout
-            for j in range(len(SIZES) - 2, k, -1):  # delta_k = (delta_{k+1} W_{k+1}) * tanh'(z_k)
+            for j in range(len(a) - 1, k, -1):  # delta_k = (delta_{k+1} W_{k+1}) * tanh'(z_k)
                 z = a[j]  # a[j] = tanh(z_{j-1})
                 delta = (delta @ ps[2 * j]) * (1 - z ** 2)
         dW, db = kfac_kron_step(a[k], delta, g[2 * k], g[2 * k + 1], damping, lr)
         assert_rel(got[2 * k], dW, 1e-10, f"dW{k}")
         assert_rel(got[2 * k + 1], db, 1e-10, f"db{k}")
     assert float(info["refreshed"]) == 1.0
+
+
 @pytest.mark.parametrize("backend", REFERENCE)
-
-
 def test_kfac_refresh_interval_keeps_factors(backend):
     """With refresh_every=3 the inverses change only at counts 0, 3, 6 and are reused in between."""
-    model, params, x, y, loss = make_problem(backend, SIZES, "tanh", "ce", batch=9, seed=1)
+    model, params, x, y, loss = case_problem(backend, KFAC_CASES["refresh"])
     opt = cc.KFAC(lr=0.1, refresh_every=3)
     state = opt.init(params)
     flags = []
@@ -74,18 +73,19 @@ def test_kfac_refresh_interval_keeps_factors(backend):
     assert flags == [1.0, 0.0, 0.0, 1.0, 0.0, 0.0, 1.0]
 
 
-@pytest.mark.parametrize("loss_name", ["mse", "ce"])
-def test_kfac_mc_fisher_matches_its_expectation(loss_name):
+@pytest.mark.parametrize("case", KFAC_CASES["mc_expectation"], ids=case_id)
+def test_kfac_mc_fisher_matches_its_expectation(case):
     """Last layer: E[G_mc] = 1/B sum_i H_i (MSE: I; CE: diag p_i - p_i p_i^T); the error shrinks with repeats."""
-    model, params, x, y, loss = make_problem("numpy", [4, 5, 3], "tanh", loss_name, batch=6, seed=2)
+    model, params, x, y, loss = case_problem("numpy", case)
     f = model.forward(params, x)
-    B = f.shape[0]
-    expected = np.eye(3) if loss_name == "mse" else sum(np.diag(p) - np.outer(p, p) for p in softmax(f)) / B
+    B, n_out = f.shape
+    expected = (np.eye(n_out) if case["loss"] == "mse"
+                else sum(np.diag(p) - np.outer(p, p) for p in softmax(f)) / B)
     Gs = []
     for seed in range(400):
         opt = cc.KFAC(fisher="mc", seed=seed, damping=1e-2)
         st = opt.step(model, loss, params, opt.init(params), x, y)[1]
-        Gs.append(np.linalg.inv(st.G_inv[-1]) - np.sqrt(opt.damping) * np.eye(3))
+        Gs.append(np.linalg.inv(st.G_inv[-1]) - np.sqrt(opt.damping) * np.eye(n_out))
     errs = [np.max(np.abs(np.mean(Gs[:n], axis=0) - expected)) / np.max(np.abs(expected)) for n in (25, 400)]
     assert errs[1] < errs[0] and errs[1] < 0.15, errs
     # the same seed and count give the same draw; another count another one
@@ -98,7 +98,8 @@ def test_kfac_mc_fisher_matches_its_expectation(loss_name):
 
 
 def test_kfac_singular_factor_and_bad_loss():
-    model, params, x, y, loss = make_problem("numpy", [4, 5, 3], "tanh", "ce", batch=2, seed=0)
+    case = KFAC_CASES["singular"]
+    model, params, x, y, loss = case_problem("numpy", case)
     opt = cc.KFAC(damping=0.0)
     with pytest.raises(ValueError, match=r"KFAC: the damped .* factor .* of dense layer 'layer \d' is not positive definite"):
         opt.step(model, loss, params, opt.init(params), x, y)
@@ -108,7 +109,8 @@ def test_kfac_singular_factor_and_bad_loss():
 
     opt = cc.KFAC(fisher="mc")
     with pytest.raises(ValueError, match="KFAC: fisher='mc' supports"):
-        opt.step(model, Other(), params, opt.init(params), x, cc.backends.asarray("numpy", np.zeros((2, 3))))
+        y_mse = cc.backends.asarray("numpy", np.zeros((case["batch"], case["sizes"][-1])))
+        opt.step(model, Other(), params, opt.init(params), x, y_mse)
 
 
 @pytest.mark.slow
@@ -116,7 +118,7 @@ def test_kfac_mc_refuses_jit():
     require("jax")
     import jax
 
-    model, params, x, y, loss = make_problem("jax", SIZES, "tanh", "ce", batch=9, seed=1)
+    model, params, x, y, loss = case_problem("jax", KFAC_CASES["refresh"])
     opt = cc.KFAC(fisher="mc")
     with pytest.raises(TypeError, match="KFAC: fisher='mc'.*cannot run inside jax.jit"):
         jax.jit(lambda p, s: opt.step(model, loss, p, s, x, y))(params, opt.init(params))
@@ -125,7 +127,7 @@ def test_kfac_mc_refuses_jit():
     p, s = params, emp.init(params)
     for _ in range(3):
         p, s, _ = jstep(p, s)
-    ref_model, ref_params, x0, y0, _ = make_problem("numpy", SIZES, "tanh", "ce", batch=9, seed=1)
+    ref_model, ref_params, x0, y0, _ = case_problem("numpy", KFAC_CASES["refresh"])
     rs = emp.init(ref_params)
     for _ in range(3):
         ref_params, rs, _ = emp.step(ref_model, loss, ref_params, rs, x0, y0)
@@ -137,13 +139,15 @@ def test_kfac_mc_refuses_jit():
 @pytest.mark.parametrize("backend", REFERENCE)
 def test_c7_centered_gd_equals_sgd_on_zero_mean_inputs(backend):
     """C7: one layer whose inputs have zero batch mean: centered GD == SGD (<= 1e-13)."""
+    case = CENTERED_SGD_CASES["zero_mean_inputs"]
+    (n_in, n_out), B = case["sizes"], case["batch"]
     rng = np.random.default_rng(4)
-    X = rng.standard_normal((12, 5))
+    X = rng.standard_normal((B, n_in))
     X = X - X.mean(0)
-    model, params = cc.backends.mlp(backend, [5, 3], activation="identity", seed=3)
+    model, params = case_model(backend, case)
     x = cc.backends.asarray(backend, X)
-    y = cc.backends.asarray(backend, rng.integers(0, 3, 12))
-    loss = cc.losses.CrossEntropy()
+    y = cc.backends.asarray(backend, rng.integers(0, n_out, B))
+    loss = cc.losses.get(case["loss"])
     for bc in (False, True):
         c = cc.CenteredSGD(lr=0.3, bias_correction=bc)
         s = cc.SGD(lr=0.3)
@@ -157,12 +161,13 @@ def test_c7_centered_gd_equals_sgd_on_zero_mean_inputs(backend):
 @pytest.mark.parametrize("bias_correction", [False, True])
 def test_centered_gd_matches_reference(backend, bias_correction):
     """Alg 3: dW = -lr sum_i g_i (a_i - abar)^T, db = -lr sum_i g_i (- dW abar), on a shifted MLP."""
-    model, params, x, y, loss = make_problem(backend, SIZES, "sigmoid", "mse", batch=8, seed=5, shift=1.5)
+    case = CENTERED_SGD_CASES["reference"]
+    model, params, x, y, loss = case_problem(backend, case)
     opt = cc.CenteredSGD(lr=0.4, bias_correction=bias_correction)
     got = _deltas(opt.step(model, loss, params, opt.init(params), x, y)[0], params)
     ps, xn, yn = to_np(params), cc.backends.to_numpy(x), cc.backends.to_numpy(y)
-    for k, a in enumerate(layer_inputs(SIZES, "sigmoid", ps, xn)):
-        g = per_example_dz(SIZES, "sigmoid", "mse", ps, xn, yn, k)
+    for k, a in enumerate(layer_inputs(case["sizes"], case["activation"], ps, xn)):
+        g = per_example_dz(*net(case), ps, xn, yn, k)
         dW = -0.4 * g.T @ (a - a.mean(0))
         db = -0.4 * g.sum(0) - (dW @ a.mean(0) if bias_correction else 0)
         assert_rel(got[2 * k], dW, 1e-12, f"dW{k}")
@@ -171,7 +176,7 @@ def test_centered_gd_matches_reference(backend, bias_correction):
 
 def test_centered_gd_bias_corrected_is_acp_with_identity_covariance():
     """bias_correction=True is ACP with C := I, alpha = 1, eps = 0 (spec §5)."""
-    model, params, x, y, loss = make_problem("numpy", SIZES, "tanh", "ce", batch=8, seed=6, shift=1.0)
+    model, params, x, y, loss = case_problem("numpy", CENTERED_SGD_CASES["acp_identity_covariance"])
     acp = cc.ACP(lr=0.2, eps=0.0, alpha=1.0, refresh_every=1000)
     state = acp.init(params)._replace(count=acp.init(params).count + 1)  # no refresh at count 1
     state = state._replace(s=[np.ones_like(s) for s in state.s])
@@ -188,7 +193,7 @@ def test_centered_gd_bias_corrected_is_acp_with_identity_covariance():
 @pytest.mark.parametrize("steps", [1, 10])
 def test_cross_backend(backend, name, steps):
     def run(b):
-        model, params, x, y, loss = make_problem(b, SIZES, "tanh", "ce", batch=10, seed=9)
+        model, params, x, y, loss = case_problem(b, KFAC_CASES["cross_backend"])
         opt = cc.get_method(name).make_test()
         state = opt.init(params)
         for _ in range(steps):
@@ -202,7 +207,7 @@ def test_cross_backend(backend, name, steps):
 @pytest.mark.parametrize("backend", ALL_SLOW_BEYOND_ARRAY_API)
 def test_kfac_mc_cross_backend(backend):
     def run(b):
-        model, params, x, y, loss = make_problem(b, SIZES, "tanh", "mse", batch=10, seed=9)
+        model, params, x, y, loss = case_problem(b, KFAC_CASES["mc_cross_backend"])
         opt = cc.KFAC(lr=0.1, fisher="mc", seed=7, refresh_every=2)
         state = opt.init(params)
         for _ in range(5):

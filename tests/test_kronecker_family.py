@@ -14,12 +14,11 @@ import numpy as np
 import pytest
 
 import curvcore as cc
-from cases import make_problem
+from cases import ACP_CASES, KFAC_CASES, case_problem
 from curvcore._reduce import Reducer, reducing
 from curvcore.methods import kronecker as kr
 from reference import assert_rel, layer_inputs, to_np
 
-SIZES = [5, 7, 6, 3]
 BACKENDS = [b for b in ("numpy", "torch") if cc.backends.available(b)]
 
 
@@ -38,11 +37,12 @@ def _dense_whitening(a, alpha, eps):
 @pytest.mark.parametrize("alpha", [1.0, 0.3])
 def test_acp_cached_preconditioner_is_the_inverse_damped_covariance(backend, alpha):
     """P stored at a refresh = inv(alpha C + eps I), C the biased covariance of the cov_batch layer inputs."""
-    model, params, x, y, loss = make_problem(backend, SIZES, "tanh", "ce", batch=9, seed=1, shift=0.5)
-    xc = cc.backends.asarray(backend, np.random.default_rng(2).standard_normal((13, SIZES[0])) + 0.5)
+    case = ACP_CASES["cached_preconditioner"]
+    model, params, x, y, loss = case_problem(backend, case)
+    xc = cc.backends.asarray(backend, np.random.default_rng(2).standard_normal((13, case["sizes"][0])) + 0.5)
     opt = cc.ACP(lr=0.3, eps=0.05, alpha=alpha, refresh_every=4)
     _, state, _ = opt.step(model, loss, params, opt.init(params), x, y, cov_batch=xc)
-    inputs = layer_inputs(SIZES, "tanh", to_np(params), cc.backends.to_numpy(xc))
+    inputs = layer_inputs(case["sizes"], case["activation"], to_np(params), cc.backends.to_numpy(xc))
     for k, P in enumerate(state.P):
         assert_rel(cc.backends.to_numpy(P), _dense_whitening(inputs[k], alpha, 0.05), 1e-10, f"P{k}")
 
@@ -51,7 +51,7 @@ def test_acp_cached_preconditioner_is_the_inverse_damped_covariance(backend, alp
 @pytest.mark.parametrize("bias_correction", [True, False])
 def test_acp_steps_with_the_cached_preconditioner_equal_the_eigen_formula(backend, bias_correction):
     """Between refreshes, -lr G_hat P (cached) = -lr (G_hat U) diag(1/(alpha s + eps)) U^T (P = 0: recomputed)."""
-    model, params, x, y, loss = make_problem(backend, SIZES, "tanh", "mse", batch=10, seed=4, shift=0.7)
+    model, params, x, y, loss = case_problem(backend, ACP_CASES["cached_steps"])
     opt = cc.ACP(lr=0.2, eps=0.03, alpha=0.5, refresh_every=3, bias_correction=bias_correction)
     state = opt.init(params)
     for step in range(5):  # counts 0..4: refreshes at 0 and 3
@@ -65,15 +65,15 @@ def test_acp_steps_with_the_cached_preconditioner_equal_the_eigen_formula(backen
 
 
 def test_acp_adaptive_alpha_keeps_no_cached_preconditioner():
-    model, params, x, y, loss = make_problem("numpy", SIZES, "tanh", "ce", batch=8, seed=2)
+    model, params, x, y, loss = case_problem("numpy", ACP_CASES["adaptive_uncached"])
     opt = cc.ACP(alpha="adaptive", lr=0.05, refresh_every=2)
     _, state, _ = opt.step(model, loss, params, opt.init(params), x, y)
-    assert [tuple(P.shape) for P in state.P] == [(0, 0)] * (len(SIZES) - 1)
+    assert [tuple(P.shape) for P in state.P] == [(0, 0)] * (len(params) // 2)
 
 
 def test_acp_singular_cached_preconditioner_still_raises_the_named_error():
     """eps = 0 with a rank-deficient covariance: no P is cached and the step names the problem."""
-    model, params, x, y, loss = make_problem("numpy", SIZES, "tanh", "ce", batch=4, seed=3)
+    model, params, x, y, loss = case_problem("numpy", ACP_CASES["singular_uncached"])
     opt = cc.ACP(eps=0.0, refresh_every=5)
     with pytest.raises(ValueError, match="ACP: alpha\\*C \\+ eps\\*I is singular"):
         opt.step(model, loss, params, opt.init(params), x, y)
@@ -91,7 +91,8 @@ class _Rank(Reducer):
 def test_acp_refresh_owner_map_gives_each_layer_from_its_owner():
     """Data-parallel refresh: each layer's [U; s; P] is made on one owner (the others hold zeros of the same
     shape until the broadcast); the owner's P equals U diag(1/(alpha s + eps)) U^T and inv(alpha C + eps I)."""
-    model, params, x, y, loss = make_problem("numpy", [4, 6, 6, 5, 3], "tanh", "ce", batch=12, seed=5)
+    case = ACP_CASES["refresh_owners"]
+    model, params, x, y, loss = case_problem("numpy", case)
     opt = cc.ACP(lr=0.1, eps=0.02, alpha=0.7)
     specs = opt.layer_candidates(params, None)
     from curvcore.layers import records
@@ -100,10 +101,10 @@ def test_acp_refresh_owner_map_gives_each_layer_from_its_owner():
     per_rank = []
     for rank in (0, 1):
         with reducing(_Rank(rank)) as r:
-            owners = r.owners([float(n) ** 3 for n in (4, 6, 6, 5)])
+            owners = r.owners([float(n) ** 3 for n in case["sizes"][:-1]])
             per_rank.append(opt.refresh_factors(model, loss, params, x, y, rec, 0))
     assert set(owners) == {0, 1}
-    inputs = layer_inputs([4, 6, 6, 5, 3], "tanh", params, x)
+    inputs = layer_inputs(case["sizes"], case["activation"], params, x)
     for k, owner in enumerate(owners):
         mine, other = per_rank[owner][k], per_rank[1 - owner][k]
         assert not np.any(other["P"]) and other["P"].shape == mine["P"].shape
@@ -118,7 +119,7 @@ def test_acp_refresh_owner_map_gives_each_layer_from_its_owner():
 @pytest.mark.parametrize("fisher", ["empirical", "type-2"])
 def test_kfac_steps_between_refreshes_apply_the_cached_inverses(fisher):
     """At counts 1, 2 (no refresh) ΔΘ = -lr solve(G + √d I, ∇Θ) solve(A + √d I) with the factors of count 0."""
-    model, params, x, y, loss = make_problem("numpy", SIZES, "tanh", "ce", batch=9, seed=6, shift=0.3)
+    model, params, x, y, loss = case_problem("numpy", KFAC_CASES["cached_inverses"])
     opt = cc.KFAC(lr=0.2, damping=0.04, refresh_every=3, fisher=fisher)
     factors = opt.kronecker_factors(model, loss, params, x, y)
     state = opt.init(params)
