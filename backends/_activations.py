@@ -31,36 +31,45 @@ def _sigmoid(xp: Any, z: Array) -> Array:
 
 
 def derivatives(name: str, z: Array, order: int) -> list[Array]:
-    """``[act(z), act'(z), ..., act^(order)(z)]`` for ``order`` in 0..3."""
+    """``[act(z), act'(z), ..., act^(order)(z)]`` for ``order`` in 0..3 (only those are computed)."""
     xp = array_namespace(z)
     if name == "tanh":
         t = xp.tanh(z)
-        d1 = 1 - t * t
-        out = [t, d1, -2 * t * d1, d1 * (6 * t * t - 2)]
-    elif name in ("sigmoid", "softplus"):
+        return _chain([t], order, lambda: 1 - t * t, lambda d1: -2 * t * d1, lambda d1: d1 * (6 * t * t - 2))
+    if name in ("sigmoid", "softplus"):
         s = _sigmoid(xp, z)
-        d1 = s * (1 - s)
-        d2 = d1 * (1 - 2 * s)
-        d3 = d1 * (1 - 6 * s + 6 * s * s)
+        ds = [lambda: s * (1 - s), lambda d1: d1 * (1 - 2 * s), lambda d1: d1 * (1 - 6 * s + 6 * s * s)]
         if name == "sigmoid":
-            out = [s, d1, d2, d3]
-        else:  # softplus = log(1 + e^z), stable form; its derivatives are the sigmoid's
-            sp = xp.where(z > 0, z, xp.zeros_like(z)) + xp.log(1 + xp.exp(-xp.abs(z)))
-            out = [sp, s, d1, d2]
-    elif name in ("relu", "leaky_relu", "identity"):
-        out = _piecewise_linear(xp, name, z)
-    else:
-        check_activation(name)
-    return out[: order + 1]
+            return _chain([s], order, *ds)
+        # softplus = log(1 + e^z), stable form; its derivatives are the sigmoid's
+        sp = xp.where(z > 0, z, xp.zeros_like(z)) + xp.log(1 + xp.exp(-xp.abs(z)))
+        return [sp, *_chain([s], order - 1, *ds)] if order else [sp]
+    if name in ("relu", "leaky_relu", "identity"):
+        return _piecewise_linear(xp, name, z, order)
+    check_activation(name)
+    raise AssertionError("unreachable")  # pragma: no cover
 
 
-def _piecewise_linear(xp: Any, name: str, z: Array) -> list[Array]:
-    """``[act, act', 0, 0]`` of relu, leaky_relu or identity."""
+def _chain(out: list[Array], order: int, first: Any, *higher: Any) -> list[Array]:
+    """``out`` extended to ``order`` derivatives: ``first()``, then each of ``higher`` applied to the first."""
+    if order >= 1:
+        d1 = first()
+        out.append(d1)
+        out += [h(d1) for h in higher[: order - 1]]
+    return out
+
+
+def _piecewise_linear(xp: Any, name: str, z: Array, order: int) -> list[Array]:
+    """``[act, act', 0, 0][:order + 1]`` of relu, leaky_relu or identity."""
+    if name == "identity" and not order:
+        return [z]
     one, zero = xp.ones_like(z), xp.zeros_like(z)
     if name == "relu":
         pos = z > 0
-        return [xp.where(pos, z, zero), xp.where(pos, one, zero), zero, zero]
-    if name == "leaky_relu":
+        out = [xp.where(pos, z, zero), xp.where(pos, one, zero)]
+    elif name == "leaky_relu":
         pos = z > 0
-        return [xp.where(pos, z, LEAKY_SLOPE * z), xp.where(pos, one, LEAKY_SLOPE * one), zero, zero]
-    return [z, one, zero, zero]
+        out = [xp.where(pos, z, LEAKY_SLOPE * z), xp.where(pos, one, LEAKY_SLOPE * one)]
+    else:
+        out = [z, one]
+    return (out + [zero, zero])[: order + 1]

@@ -81,12 +81,12 @@ class ArrayAPIMLP:
     # -- primitives --------------------------------------------------------
     def _forward_records(self, params: Sequence[Array], x: Array) -> list[tuple[Array, Array, Array, Array]]:
         """Per layer ``(a, z, dact, h)``."""
-        xp = self._check(params, x)
+        self._check(params, x)
         recs = []
         a = x
         for k in range(self.n_layers):
             W, b = params[2 * k], params[2 * k + 1]
-            z = a @ xp.matrix_transpose(W) + b
+            z = a @ W.T + b
             h, dact = self._act(k, z, 1)
             recs.append((a, z, dact, h))
             a = h
@@ -94,10 +94,10 @@ class ArrayAPIMLP:
 
     def forward(self, params: Sequence[Array], x: Array) -> Array:
         """The logits ``f(params, x)``, shape ``(B, sizes[-1])``."""
-        xp = self._check(params, x)
+        self._check(params, x)
         a = x
         for k in range(self.n_layers):
-            z = a @ xp.matrix_transpose(params[2 * k]) + params[2 * k + 1]
+            z = a @ params[2 * k].T + params[2 * k + 1]
             a = self._act(k, z, 0)[0]
         return a
 
@@ -188,11 +188,10 @@ class ArrayAPIMLP:
 
     def _taylor_forward(self, params: Sequence[Array], x: Array, order: int) -> tuple[Array, list]:
         """``(f, [(a_k, [act, act', ..., act^(order)] at z_k) per layer])``; derivatives that vanish are ``None``."""
-        xp = array_namespace(x)
         cache = []
         a = x
         for k in range(self.n_layers):
-            s = self._act(k, a @ xp.matrix_transpose(params[2 * k]) + params[2 * k + 1], order)
+            s = self._act(k, a @ params[2 * k].T + params[2 * k + 1], order)
             if self.activation in _PIECEWISE_LINEAR or k == self.n_layers - 1:
                 s = s[:2] + [None] * (order - 1)
             cache.append((a, s))
@@ -270,5 +269,5 @@ def _grads_from_records(recs: list[LayerRecord]) -> list[Array]:
     grads: list[Array] = []
     for r in recs:
         xp = array_namespace(r.g)  # over this process's batch: data-parallel sums happen in the core
-        grads += [xp.matrix_transpose(r.g) @ r.a, xp.sum(r.g, axis=0)]
+        grads += [r.g.T @ r.a, xp.sum(r.g, axis=0)]
     return grads

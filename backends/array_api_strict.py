@@ -12,6 +12,8 @@ from typing import Any
 import array_api_strict as xp
 import numpy as np
 
+from curvcore._checks import register_quiet
+
 from ._mlp import ArrayAPIMLP
 
 __all__ = ["build_mlp", "from_numpy", "namespace", "probe", "synchronize", "to_numpy"]
@@ -45,3 +47,6 @@ def build_mlp(sizes: Sequence[int], activation: str, params_np: Sequence[np.ndar
               device: Any = None) -> tuple[ArrayAPIMLP, list[Any]]:
     """The array-API MLP holding ``params_np`` as ``array_api_strict`` arrays."""
     return ArrayAPIMLP(sizes, activation, xp=xp), [from_numpy(p) for p in params_np]
+
+
+register_quiet(type(xp.asarray(0.0)), lambda: np.errstate(all="ignore"))  # NumPy underneath

@@ -15,6 +15,7 @@ from typing import Any
 import array_api_compat.numpy as xp
 import numpy as np
 
+from curvcore._checks import register_quiet
 from curvcore._linalg import register_cho_solve
 
 from ._mlp import ArrayAPIMLP
@@ -60,3 +61,5 @@ def _scipy_cho_solve(A: np.ndarray, B: np.ndarray) -> np.ndarray:
 
 if importlib.util.find_spec("scipy") is not None:  # else NumPy's SPD solves fall back to xp.linalg.solve
     register_cho_solve(lambda a: isinstance(a, np.ndarray), _scipy_cho_solve)
+
+register_quiet(np.ndarray, lambda: np.errstate(all="ignore"))  # a validated step names NaN/Inf itself

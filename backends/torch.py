@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import copy
 import inspect
+import math
 import re
 import threading
 from collections.abc import Callable, Iterator, Sequence
@@ -52,7 +53,9 @@ from curvcore._checks import (
     check_params_and_x, check_same_structure, in_step, register_all_finite, register_device_attribute, value_checks_on,
 )
 from curvcore._linalg import register_cho_solve
-from curvcore.layers import LayerSpec, Records, check_cotangent_shape, output_cotangent
+from curvcore.losses import register_cross_entropy
+from curvcore.tree_algebra import FusedTreeOps, register_fused
+from curvcore.layers import LayerSpec, Records, check_cotangent_shape, mlp_records, output_cotangent
 from curvcore.protocol import Cotangent, LayerRecord, jets_by_jet, linearize_by_composition
 
 from . import _torch_pass as tp
@@ -86,6 +89,39 @@ def _all_finite(tensors: Sequence[Array]) -> Array | None:
 
 
 register_all_finite(torch.Tensor, _all_finite)
+
+
+def _cross_entropy(f: torch.Tensor, y: torch.Tensor, ignore_index: int | None, mean: bool
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """curvcore's ``CrossEntropy`` (classes last) from one ``log_softmax``; NaN when a label is out of range."""
+    C = f.shape[-1]
+    inside = y.clamp(0, C - 1)
+    keep = None if ignore_index is None else y.ne(ignore_index)
+    wrong = inside.ne(y) if keep is None else inside.ne(y) & keep
+    weight = None if keep is None else keep.to(f.dtype)
+    if not mean:
+        scale = f.new_ones(())
+    elif weight is None:
+        scale = f.new_full((), 1.0 / y.numel())
+    else:
+        scale = weight.sum().reciprocal()
+    scale = scale.masked_fill_(wrong.any(), math.nan)
+    logp = torch.log_softmax(f, dim=-1)
+    labels = inside.to(torch.int64).unsqueeze(-1)
+    picked = logp.gather(-1, labels).squeeze(-1)
+    grad = logp.exp().scatter_add_(-1, labels, f.new_full(labels.shape, -1.0))
+    if weight is not None:
+        picked, grad = picked * weight, grad.mul_(weight.unsqueeze(-1))
+    return picked.sum().neg_() * scale, grad.mul_(scale)
+
+
+register_cross_entropy(torch.Tensor, _cross_entropy)
+register_fused(torch.Tensor, FusedTreeOps(  # lists in and out (the _foreach ops return tuples)
+    add=lambda a, b: list(torch._foreach_add(a, b)), sub=lambda a, b: list(torch._foreach_sub(a, b)),
+    scale=lambda a, s: list(torch._foreach_mul(a, s)),
+    axpy=lambda alpha, x, y: list(torch._foreach_add(y, x, alpha=alpha)),
+    norm=lambda a: torch.linalg.vector_norm(torch.stack(torch._foreach_norm(a))),
+))
 register_device_attribute(torch.Tensor)
 
 _ACTIVATIONS: dict[str, Callable[[], nn.Module]] = {
@@ -248,15 +284,16 @@ class TorchModel:
     def step_scope(self) -> Iterator[_Scope]:
         """One method step: every pass replays the same dropout masks; the first pass's buffers are kept.
 
-        The masks advance when the scope ends. Yields the scope (``scope.buffers``).
+        The masks advance when the step succeeds (a step that raises changes nothing). Yields the
+        scope (``scope.buffers``).
         """
         scope = _Scope((self.seed + self._steps * 0x9E3779B97F4A7C15) % (2**63))
         self._local.scope = scope
         try:
             yield scope
+            self._steps += 1
         finally:
             self._local.scope = None
-            self._steps += 1
 
     def _check(self, params: Sequence[Array], x: Array) -> None:
         if in_step():
@@ -284,9 +321,9 @@ class TorchModel:
         self._check(params, x)
         mlp = self._plain_mlp(x)
         if mlp is not None:
-            return mlp.forward([p.detach() for p in params], x)
+            return mlp.forward(cc_tree.detached(params), x)
         with torch.no_grad():
-            return self._run([p.detach() for p in params], x)[0]
+            return self._run(cc_tree.detached(params), x)[0]
 
     def jvp(self, params: Sequence[Array], x: Array, tangent: Sequence[Array]) -> tuple[Array, Array]:
         """``(f, J tangent)`` by :func:`torch.func.jvp` (forward mode)."""
@@ -303,7 +340,7 @@ class TorchModel:
         self._check(params, x)
         mlp = self._plain_mlp(x)
         if mlp is not None:
-            return mlp.vjp([p.detach() for p in params], x)
+            return mlp.vjp(cc_tree.detached(params), x)
         leaves = [p.detach().requires_grad_(True) for p in params]
         with torch.enable_grad():
             out = self._run(leaves, x)[0]
@@ -325,7 +362,7 @@ class TorchModel:
         self._check(params, x)
         mlp = self._plain_mlp(x)
         if mlp is not None:
-            return mlp.linearize([p.detach() for p in params], x)
+            return mlp.linearize(cc_tree.detached(params), x)
         return linearize_by_composition(self, params, x)
 
     def jet(self, params: Sequence[Array], x: Array, tangent: Sequence[Array], order: int) -> list[Array]:
@@ -358,7 +395,7 @@ class TorchModel:
         mlp = self._plain_mlp(x)
         if mlp is None:
             return jets_by_jet(self, params, x)
-        out, jet_fn = mlp.jets([p.detach() for p in params], x)
+        out, jet_fn = mlp.jets(cc_tree.detached(params), x)
         return out, lambda t, order: jet_fn([None if q is None else q.detach() for q in t], order)
 
     def layers(self, params: Sequence[Array], x: Array, out_cotangent: Cotangent) -> list[LayerRecord]:
@@ -511,13 +548,7 @@ def _as_plain_mlp(module: nn.Module, names: list[str]) -> ArrayAPIMLP | None:
 def _mlp_records(mlp: ArrayAPIMLP, params: Sequence[Array], x: Array, cotangent: Cotangent,
                  all_specs: Sequence[LayerSpec], specs: Sequence[LayerSpec]) -> Records:
     """Records of a plain MLP from its hand-written sweep (every layer is in the output chain)."""
-    recs = mlp.layers([p.detach() for p in params], x, cotangent)
-    grads: list[Array] = []
-    for r in recs:
-        grads += [torch.matmul(r.g.mT, r.a), r.g.sum(0)]
-    wanted = {s.weight for s in specs}
-    kept = [(s, r) for s, r in zip(all_specs, recs) if s.weight in wanted]
-    return Records(recs[-1].h, grads, [s for s, _ in kept], [r for _, r in kept])
+    return mlp_records(mlp.layers(cc_tree.detached(params), x, cotangent), all_specs, specs)
 
 
 def _called_once(calls: list[tp.Call]) -> list[tp.Call]:

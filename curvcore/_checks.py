@@ -3,10 +3,18 @@
 Checks that inspect array values (finiteness, label ranges) force a device
 sync; they are skipped automatically while a JAX trace is running (values
 are abstract there), and a method's ``validate`` attribute turns them off
-for benchmarks. A method step validates its inputs once, at its boundary,
-inside :func:`step_scope`; the model primitives and losses it calls then skip
-their own input checks (:func:`in_step`) and follow the step's ``validate``
+for benchmarks. A method step checks the structure of its inputs (library,
+dtype, device, shapes) at its boundary, before computing anything; inside
+:func:`step_scope` the model primitives and losses it calls skip their own
+input checks (:func:`in_step`) and follow the step's ``validate``
 (:func:`value_checks_on`).
+
+The value checks of a step cost one device sync in all: the finiteness of
+the inputs is fused into the check of the result, and value checks of the
+losses (label ranges) are deferred (:func:`check_later`; a bad label poisons
+the loss with NaN). Only when that one check fails does the step run the
+input and deferred checks to name the problem, and nothing is returned or
+written back.
 """
 
 from __future__ import annotations
@@ -14,7 +22,7 @@ from __future__ import annotations
 import contextvars
 import math
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from typing import Any
 
 from ._namespace import array_namespace, library_of
@@ -30,19 +38,54 @@ class _Step:
 
     def __init__(self, validate: bool, method: str | None):
         self.validate, self.method, self.checked = bool(validate), method, set()
+        self.deferred: list[Callable[[], None]] = []
+
+    def run_deferred(self) -> None:
+        """Run the checks deferred by :func:`check_later` (they raise on a problem)."""
+        for check in self.deferred:
+            check()
 
 
 _STEP: contextvars.ContextVar[_Step | None] = contextvars.ContextVar("curvcore_step", default=None)
 
 
 @contextmanager
-def step_scope(validate: bool, method: str | None = None) -> Iterator[None]:
-    """Mark the code inside as one step of ``method`` whose inputs are validated (``validate``: value checks on)."""
-    token = _STEP.set(_Step(validate, method))
+def step_scope(validate: bool, method: str | None = None) -> Iterator[_Step]:
+    """Mark the code inside as one step of ``method`` (``validate``: value checks on); yields the step."""
+    step = _Step(validate, method)
+    token = _STEP.set(step)
     try:
-        yield
+        yield step
     finally:
         _STEP.reset(token)
+
+
+def check_later(check: Callable[[], None]) -> None:
+    """Run a value check now, or, inside a method step, only if the step's result is not finite.
+
+    A deferred check must leave a trace in the result when it would fail (a
+    bad label makes the loss NaN), so the step's one finiteness check sees it.
+    """
+    step = _STEP.get()
+    if step is None:
+        check()
+    else:
+        step.deferred.append(check)
+
+
+_QUIET: dict[type, Callable[[], Any]] = {}
+
+
+def register_quiet(array_type: type, context: Callable[[], Any]) -> None:
+    """``context()``: a context manager that silences the library's own warnings on NaN/Inf/overflow
+    (NumPy: ``np.errstate``); a validated step runs in it, because it reports those itself."""
+    _QUIET[array_type] = context
+
+
+def quiet(array: Array) -> Any:
+    """The registered quiet context for ``array``'s type (a null context when there is none)."""
+    context = _QUIET.get(type(array))
+    return nullcontext() if context is None else context()
 
 
 def step_method() -> str | None:

@@ -24,9 +24,9 @@ from typing import NamedTuple
 
 from ._namespace import array_namespace
 
-from .protocol import Array, Cotangent, LayerModel, Model, RecordsModel, resolve_cotangent
+from .protocol import Array, Cotangent, LayerModel, LayerRecord, Model, RecordsModel, resolve_cotangent
 
-__all__ = ["LayerSpec", "Records", "layer_specs", "mlp_specs", "records", "rows", "weight_matrix",
+__all__ = ["LayerSpec", "MLPGrads", "Records", "layer_specs", "mlp_records", "mlp_specs", "records", "rows", "weight_matrix",
            "matrix_to_weight", "bias_vector", "positions"]
 
 KINDS = ("dense", "conv2d")
@@ -123,17 +123,45 @@ def records(model: LayerModel | RecordsModel, params: Sequence[Array], x: Array,
     own = getattr(model, "records", None)
     if own is not None:
         return own(params, x, cotangent, specs, chain)
-    recs = model.layers(params, x, cotangent)
-    all_specs = mlp_specs(params)
-    grads: list[Array] = []
-    for rec in recs:
-        xp = array_namespace(rec.g)
-        grads += [xp.matmul(xp.matrix_transpose(rec.g), rec.a), xp.sum(rec.g, axis=0)]
+    return mlp_records(model.layers(params, x, cotangent), mlp_specs(params), specs)
+
+
+def mlp_records(recs: Sequence[LayerRecord], all_specs: Sequence[LayerSpec],
+                specs: Sequence[LayerSpec] | None = None) -> Records:
+    """:class:`Records` from an MLP's layer records (one per layer, output last), keeping ``specs``
+    (default all); the parameter gradient is :class:`MLPGrads` (formed where read)."""
+    grads = MLPGrads(recs)
     if specs is None:
-        return Records(recs[-1].h, grads, all_specs, list(recs))
+        return Records(recs[-1].h, grads, list(all_specs), list(recs))
     wanted = {s.weight for s in specs}
     kept = [(s, r) for s, r in zip(all_specs, recs) if s.weight in wanted]
     return Records(recs[-1].h, grads, [s for s, _ in kept], [r for _, r in kept])
+
+
+class MLPGrads(Sequence):
+    """``[g_1ᵀa_1, Σ_batch g_1, g_2ᵀa_2, ...]``, the parameter gradient of MLP layer records, each entry
+    formed on first use: a layer-wise method never reads the plain gradient of a layer it preconditions
+    from its own factors (ESN, MK), and skipping it saves one ``(B, n_out) x (B, n_in)`` product per layer.
+    """
+
+    def __init__(self, recs: Sequence[LayerRecord]):
+        self._recs: list = list(recs)
+        self._done: dict[int, Array] = {}
+
+    def __len__(self) -> int:
+        return 2 * len(self._recs)
+
+    def __getitem__(self, i):  # type: ignore[override]
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self)))]
+        i = i + len(self) if i < 0 else i
+        if not 0 <= i < len(self):
+            raise IndexError(f"params index {i} out of range for {len(self)} tensors")
+        if i not in self._done:
+            r = self._recs[i // 2]
+            xp = array_namespace(r.g)
+            self._done[i] = xp.matmul(xp.matrix_transpose(r.g), r.a) if i % 2 == 0 else xp.sum(r.g, axis=0)
+        return self._done[i]
 
 
 def rows(a: Array) -> Array:

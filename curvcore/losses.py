@@ -22,18 +22,19 @@ instead, so a method's non-finite guard keeps the old params.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any
 
 from ._namespace import array_namespace
 from array_api_compat import device as _device
 
-from ._checks import check_choice, concrete_bool, first_check, namespace, value_checks_on
-from ._reduce import batch_any, batch_size, batch_sum_all, global_count
+from ._checks import check_choice, check_later, concrete_bool, first_check, namespace, value_checks_on
+from ._reduce import batch_any, batch_size, batch_sum_all, current, global_count
 from ._samplewise import norm, per_gamma, sq_norm
 
 Array = Any
 
-__all__ = ["MSE", "CrossEntropy", "Loss", "get"]
+__all__ = ["MSE", "CrossEntropy", "Loss", "get", "register_cross_entropy"]
 
 
 class Loss:
@@ -184,13 +185,7 @@ class CrossEntropy(Loss):
         in_range = (y >= 0) & (y < C)
         bad = ~in_range if labelled is None else labelled & ~in_range
         any_bad = batch_any(bad)
-        if value_checks_on() and first_check(y) and concrete_bool(any_bad):
-            wrong = xp.where(bad, y, xp.zeros_like(y))
-            raise ValueError(
-                f"CrossEntropy: labels must lie in [0, {C})" + (f" or equal ignore_index={self.ignore_index}"
-                                                                if self.ignore_index is not None else "")
-                + f"; got {int(xp.sum(xp.astype(bad, xp.int64)))} label(s) outside, e.g. "
-                f"{int(xp.max(wrong)) if concrete_bool(xp.any(wrong > 0)) else int(xp.min(wrong))}")
+        self._check_labels_later(xp, f, y)
         mask = None if labelled is None else xp.astype(labelled, f.dtype)
         if self.reduction == "sum":
             n = xp.ones((), dtype=f.dtype, device=_device(f))
@@ -200,6 +195,36 @@ class CrossEntropy(Loss):
             n = batch_sum_all(mask)
         nan = xp.asarray(math.nan, dtype=f.dtype, device=_device(f))
         return mask, xp.where(any_bad, nan, n)
+
+    def _check_labels_later(self, xp: Any, f: Array, y: Array) -> None:
+        """Check the labels once per step, after it (:func:`~curvcore._checks.check_later`): bad labels
+        already made the loss NaN, so the step's finiteness check sees them."""
+        if value_checks_on() and first_check(y):
+            check_later(lambda: self._check_labels(xp, f, y))
+
+    def _check_labels(self, xp: Any, f: Array, y: Array) -> None:
+        """``ValueError`` naming the labels outside ``[0, C)`` (and not ``ignore_index``)."""
+        C = f.shape[-1]
+        bad = (y < 0) | (y >= C)
+        if self.ignore_index is not None:
+            bad = bad & (y != self.ignore_index)
+        if not concrete_bool(xp.any(bad)):
+            return
+        wrong = xp.where(bad, y, xp.zeros_like(y))
+        raise ValueError(
+            f"CrossEntropy: labels must lie in [0, {C})" + (f" or equal ignore_index={self.ignore_index}"
+                                                            if self.ignore_index is not None else "")
+            + f"; got {int(xp.sum(xp.astype(bad, xp.int64)))} label(s) outside, e.g. "
+            f"{int(xp.max(wrong)) if concrete_bool(xp.any(wrong > 0)) else int(xp.min(wrong))}")
+
+    def _fused(self, xp: Any, f: Array, y: Array) -> tuple[Array, Array] | None:
+        """``(value, grad)`` from a kernel registered for the array type (:func:`register_cross_entropy`),
+        or None: no kernel, a distributed step, or no labels."""
+        kernel = _KERNELS.get(type(f))
+        if kernel is None or current().distributed or not math.prod(y.shape):
+            return None
+        self._check_labels_later(xp, f, y)
+        return kernel(f, y, self.ignore_index, self.reduction == "mean")
 
     @staticmethod
     def _logsumexp(xp: Any, f: Array) -> Array:
@@ -227,6 +252,9 @@ class CrossEntropy(Loss):
     def value(self, f: Array, y: Array) -> Array:
         """``sum (logsumexp(f) - f[y]) / n`` over labelled positions."""
         xp = self._check(f, y)
+        fused = self._fused(xp, f, y)
+        if fused is not None:
+            return fused[0]
         mask, n = self._weights(xp, f, y)
         per = self._logsumexp(xp, f)[..., 0] - xp.sum(f * self.onehot(f, y), axis=-1)
         return batch_sum_all(self._masked(per, mask)) / n
@@ -234,12 +262,18 @@ class CrossEntropy(Loss):
     def grad(self, f: Array, y: Array) -> Array:
         """``(softmax(f) - onehot(y)) / n`` (zero at ignored positions)."""
         xp = self._check(f, y)
+        fused = self._fused(xp, f, y)
+        if fused is not None:
+            return fused[1]
         mask, n = self._weights(xp, f, y)
         return self._masked(self.softmax(f) - self.onehot(f, y), mask) / n
 
     def value_and_grad(self, f: Array, y: Array) -> tuple[Array, Array]:
         """:meth:`value` and :meth:`grad` from one check and one ``exp`` (the same values, bit for bit)."""
         xp = self._check(f, y)
+        fused = self._fused(xp, f, y)
+        if fused is not None:
+            return fused
         mask, n = self._weights(xp, f, y)
         m = xp.max(f, axis=-1, keepdims=True)
         e = xp.exp(f - m)
@@ -293,6 +327,23 @@ class CrossEntropy(Loss):
     def granular_share(self, gq: Array, ghat_n: Array) -> Array:
         """``ĝ_nᵀq / ||ĝ_n||²`` as ``(gq/||ĝ_n||)/||ĝ_n||`` (no square formed), 0 where ``ĝ_n = 0``."""
         return per_gamma(gq, norm(ghat_n))
+
+
+_KERNELS: dict[type, Callable[[Array, Array, int | None, bool], tuple[Array, Array]]] = {}
+
+
+def register_cross_entropy(array_type: type,
+                           kernel: Callable[[Array, Array, int | None, bool], tuple[Array, Array]]) -> None:
+    """A fused softmax cross-entropy for arrays of exactly ``array_type`` (PyTorch: ``log_softmax``).
+
+    ``kernel(f, y, ignore_index, mean)`` returns :class:`CrossEntropy`'s
+    ``(value, grad)`` on one process: ``sum (logsumexp(f) - f_y) / n`` and
+    ``(softmax(f) - onehot(y)) / n`` over the labelled positions (``n``: their
+    number when ``mean``, else 1), both NaN when a label other than
+    ``ignore_index`` lies outside ``[0, C)`` (the step's finiteness check then
+    names the labels). Used for ``value``, ``grad`` and ``value_and_grad`` alike.
+    """
+    _KERNELS[array_type] = kernel
 
 
 _BY_NAME = {"mse": MSE, "ce": CrossEntropy, "cross_entropy": CrossEntropy, "crossentropy": CrossEntropy}

@@ -96,6 +96,19 @@ def _builtin_unflatten(spec: Any, leaves: list) -> Any:
     return build(spec)
 
 
+_ARRAY_TYPES: set[type] = set()
+
+
+def _is_array(a: Any) -> bool:
+    """``array_api_compat.is_array_api_obj``, cached by type (it is type-based)."""
+    if type(a) in _ARRAY_TYPES:
+        return True
+    if is_array_api_obj(a):
+        _ARRAY_TYPES.add(type(a))
+        return True
+    return False
+
+
 def flatten(tree: Any, what: str = "params") -> tuple[list[Array], TreeDef]:
     """``(leaves, treedef)`` of a tree of arrays; every leaf must be an array.
 
@@ -103,21 +116,20 @@ def flatten(tree: Any, what: str = "params") -> tuple[list[Array], TreeDef]:
         TypeError: a leaf is not an array (a string, ``None`` inside a list,
             a number), naming its position; or the tree has no arrays.
     """
-    if isinstance(tree, list) and all(is_array_api_obj(a) for a in tree):
-        leaves, treedef = list(tree), TreeDef("list", len(tree))
+    if isinstance(tree, list) and tree and all(_is_array(a) for a in tree):  # the common case, checked
+        return list(tree), TreeDef("list", len(tree))
+    for f in reversed(_FLATTENERS):
+        if f.applies(tree):
+            leaves, spec = f.flatten(tree)
+            treedef = TreeDef(f.name, spec)
+            break
     else:
-        for f in reversed(_FLATTENERS):
-            if f.applies(tree):
-                leaves, spec = f.flatten(tree)
-                treedef = TreeDef(f.name, spec)
-                break
-        else:
-            leaves, spec = _builtin_flatten(tree)
-            treedef = TreeDef("builtin", spec)
+        leaves, spec = _builtin_flatten(tree)
+        treedef = TreeDef("builtin", spec)
     if not leaves:
         raise TypeError(f"{what} holds no arrays (got {type(tree).__name__}); pass a list or pytree of arrays")
     for i, leaf in enumerate(leaves):
-        if not is_array_api_obj(leaf):
+        if not _is_array(leaf):
             raise TypeError(f"{what} leaf {i} is a {type(leaf).__name__} ({leaf!r:.60}), not an array; "
                             "every leaf of the params must be an array")
     return leaves, treedef

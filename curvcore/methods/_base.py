@@ -34,8 +34,8 @@ from .._namespace import array_namespace
 
 from .. import tree
 from .._checks import (
-    all_finite, check_batch, check_params, check_same_structure, concrete_bool, step_method,
-    step_scope,
+    all_finite, check_batch, check_named_finite, check_params, check_same_structure, concrete_bool, quiet,
+    step_method, step_scope,
 )
 from .._reduce import current, param_sums
 from ..layers import LayerSpec, Records, layer_specs, records
@@ -144,12 +144,20 @@ class Method:
                 if not provides(fmodel, need):
                     raise TypeError(f"{type(self).__name__} needs model.{need}(...); "
                                     f"{type(model).__name__} does not provide it")
-            xp = check_batch(leaves, x, y, validate=self.validate, extra=state_arrays)
+            xp = check_batch(leaves, x, y, validate=False)
+        inputs = [("x", x), ("y", y), *((f"params[{i}]", p) for i, p in enumerate(leaves)), *state_arrays]
         scope_fn = getattr(fmodel, "step_scope", None)
         model_scope = scope_fn() if scope_fn is not None else nullcontext()
-        with step_scope(self.validate, type(self).__name__), model_scope as scope:
-            new, new_state, info = self.flat_step(fmodel, loss, leaves, flat_state, x, y, **kwargs)
-        new, new_state, info = self._keep_finite(xp, leaves, flat_state, new, new_state, dict(info), fmodel)
+        values = quiet(x) if self.validate else nullcontext()  # a validated step reports NaN/Inf itself
+        with step_scope(self.validate, type(self).__name__) as running, model_scope as scope, values:
+            try:
+                new, new_state, info = self.flat_step(fmodel, loss, leaves, flat_state, x, y, **kwargs)
+            except Exception:
+                if self.validate:
+                    self._name_bad_input(running, inputs)
+                raise
+            new, new_state, info = self._keep_finite(xp, leaves, flat_state, new, new_state, dict(info), fmodel,
+                                                     running, inputs)
         buffers = getattr(scope, "buffers", None)
         if buffers is not None:
             info["buffers"] = buffers
@@ -190,20 +198,37 @@ class Method:
 
     # -- the non-finite guard ------------------------------------------------
     def _keep_finite(self, xp: Any, old: list[Array], old_state: Any, new: list[Array], new_state: Any,
-                     info: dict, model: Model | None = None) -> tuple[list[Array], Any, dict]:
-        """Raise (eager, ``validate``) or select the old params and state when the step is not finite."""
-        finite = all_finite([*new, info["loss"]])
+                     info: dict, model: Model | None, running: Any, inputs: Sequence[tuple[str, Array]]
+                     ) -> tuple[list[Array], Any, dict]:
+        """Raise (eager, ``validate``) or select the old params and state when the step is not finite.
+
+        Eagerly with ``validate`` this is the step's one value check: the
+        inputs and the result in one fused reduction; only when it fails are
+        the inputs and the deferred checks run one by one, to name the problem.
+        """
+        result = [*new, info["loss"]]
+        if self.validate:
+            finite = all_finite([*(a for _, a in inputs), *result])
+            known = concrete_bool(finite)
+            if known is True:
+                info["finite"] = finite
+                return new, new_state, info
+            if known is False:
+                self._name_bad_input(running, inputs)
+                raise FloatingPointError(self._not_finite_message(new, info["loss"], model))
+        finite = all_finite(result)
         info["finite"] = finite
-        known = concrete_bool(finite) if self.validate else None
-        if known is True:
-            return new, new_state, info
-        if known is False:
-            raise FloatingPointError(self._not_finite_message(new, info["loss"], model))
 
         def select(n: Any, o: Any) -> Any:
             return xp.where(finite, n, o) if hasattr(n, "shape") and hasattr(o, "shape") else n
 
         return [select(n, o) for n, o in zip(new, old)], tree.map_leaves(select, new_state, old_state), info
+
+    def _name_bad_input(self, running: Any, inputs: Sequence[tuple[str, Array]]) -> None:
+        """After a failed step: ``ValueError`` naming a non-finite input or a bad label, if there is one."""
+        with method_errors(type(self).__name__):
+            check_named_finite(inputs)
+            running.run_deferred()
 
     def _not_finite_message(self, new: list[Array], loss_value: Array, model: Model | None) -> str:
         """Which quantity of a non-finite step is bad (the loss, the update of which parameter tensors)."""
@@ -376,12 +401,12 @@ class LayerwiseMethod(Method):
 
     def assemble(self, params: Sequence[Array], grads: Sequence[Array], deltas: dict[int, Array]) -> list[Array]:
         """New params: ``params + deltas[i]`` where given, ``params - lr grads`` elsewhere."""
-        return [p + deltas[i] if i in deltas else p - self.lr * g for i, (p, g) in enumerate(zip(params, grads))]
+        return [p + deltas[i] if i in deltas else p - self.lr * grads[i] for i, p in enumerate(params)]
 
     @staticmethod
     def all_deltas(params: Sequence[Array], grads: Sequence[Array], deltas: dict[int, Array], lr: float) -> list[Array]:
         """Every update as a list (the plain ``-lr g`` where no layer delta is given), for ``step_norm``."""
-        return [deltas[i] if i in deltas else -lr * g for i, g in enumerate(grads)]
+        return [deltas[i] if i in deltas else -lr * grads[i] for i in range(len(grads))]
 
 
 def n_preconditioned(xp: Any, rec: Records, like: Array) -> Array:

@@ -8,7 +8,7 @@ from typing import Any, NamedTuple
 from .._checks import check_interval, check_nonnegative, check_positive
 from ..protocol import Array, Loss, Model
 from ..tree import tree_scale, tree_sub, tree_zeros_like
-from ._base import Method, check_grads_finite, count_as_float, step_info, value_and_grad, zero_count
+from ._base import Method, count_as_float, step_info, value_and_grad, zero_count
 from ._ema import adam_direction
 from ._registry import register
 
@@ -51,7 +51,6 @@ class Adam(Method):
     def flat_step(self, model: Model, loss: Loss, params: Sequence[Array], state: AdamState, x: Array, y: Array):
         """One Adam step; ``info``: ``loss``, ``step_norm``."""
         value, g, _ = value_and_grad(model, loss, params, x, y)
-        check_grads_finite(g, self.validate)
         count = state.count + 1
         u, m, v = adam_direction(g, state.m, state.v, self.betas, self.eps, count_as_float(count, params[0]))
         delta = tree_scale(u, self.lr)

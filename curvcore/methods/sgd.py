@@ -7,8 +7,8 @@ from typing import Any, NamedTuple
 
 from .._checks import check_interval, check_nonnegative, check_positive
 from ..protocol import Array, Loss, Model
-from ..tree_algebra import tree_axpy, tree_norm, tree_scale, tree_sub, tree_zeros_like
-from ._base import Method, check_grads_finite, step_info, value_and_grad, zero_count
+from ..tree_algebra import tree_axpy, tree_norm, tree_zeros_like
+from ._base import Method, value_and_grad, zero_count
 from ._registry import register
 
 
@@ -50,14 +50,13 @@ class SGD(Method):
     def flat_step(self, model: Model, loss: Loss, params: Sequence[Array], state: SGDState, x: Array, y: Array):
         """One SGD step; ``info``: ``loss``, ``step_norm``, ``grad_norm``."""
         value, g, _ = value_and_grad(model, loss, params, x, y)
-        check_grads_finite(g, self.validate)
         if self.weight_decay:
             g = tree_axpy(self.weight_decay, params, g)
         v = tree_axpy(self.momentum, state.v, g) if self.momentum else g
         direction = tree_axpy(self.momentum, v, g) if self.nesterov else v
-        delta = tree_scale(direction, self.lr)
-        info = step_info(value, delta, grad_norm=tree_norm(g))
-        return tree_sub(params, delta), SGDState(v=v if self.momentum else state.v, count=state.count + 1), info
+        info = {"loss": value, "step_norm": self.lr * tree_norm(direction), "grad_norm": tree_norm(g)}
+        new = tree_axpy(-self.lr, direction, params)
+        return new, SGDState(v=v if self.momentum else state.v, count=state.count + 1), info
 
 
 register("sgd", SGD, compare={"lr": 0.1, "momentum": 0.9}, test={"lr": 0.1, "momentum": 0.9},
