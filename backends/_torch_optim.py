@@ -172,8 +172,7 @@ class Optimizer(torch.optim.Optimizer):
         else:
             new, self.state, self.info = self._distributed_step(method, lossf, params, x, y, kwargs)
         with torch.no_grad():
-            for p, value in zip(self.model.parameters(), new):
-                p.copy_(value)
+            torch._foreach_copy_(self.model.parameters(), new)  # one launch for every parameter
             if "buffers" in self.info:
                 buffers = dict(self.module.named_buffers())
                 for name, value in self.info["buffers"].items():

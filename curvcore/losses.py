@@ -31,6 +31,7 @@ from array_api_compat import device as _device
 from ._checks import check_choice, check_later, concrete_bool, first_check, namespace, value_checks_on
 from ._reduce import batch_any, batch_size, batch_sum_all, current, global_count
 from ._samplewise import norm, per_gamma, sq_norm
+from .protocol import Loss as LossProtocol, satisfies
 
 Array = Any
 
@@ -350,17 +351,19 @@ _BY_NAME = {"mse": MSE, "ce": CrossEntropy, "cross_entropy": CrossEntropy, "cros
 
 
 def get(name: str | Loss) -> Loss:
-    """Return a loss instance by name (``"mse"``, ``"ce"``) or pass an instance through.
+    """Return a loss instance by name (``"mse"``, ``"ce"``), or pass a loss through: a curvcore loss or any
+    object with the :class:`~curvcore.protocol.Loss` methods (``value``, ``grad``, ``hvp``).
 
     Raises:
         ValueError: unknown name.
-        TypeError: neither a name nor a curvcore loss (the torch adapter maps
-            ``torch.nn`` loss modules; see ``curvcore.backends.torch.Optimizer``).
+        TypeError: neither a name, a curvcore loss nor an object with ``value``, ``grad`` and ``hvp``
+            (the torch adapter maps ``torch.nn`` loss modules; see ``curvcore.backends.torch.Optimizer``).
     """
-    if isinstance(name, Loss):
+    if isinstance(name, Loss) or (not isinstance(name, str) and satisfies(name, LossProtocol)):
         return name
     if not isinstance(name, str):
-        raise TypeError(f"loss must be 'mse', 'ce' or a curvcore.losses instance, got {type(name).__name__}")
+        raise TypeError(f"loss must be 'mse', 'ce', a curvcore.losses instance or an object with value, grad and "
+                        f"hvp (curvcore.protocol.Loss), got {type(name).__name__}")
     try:
         return _BY_NAME[name.lower()]()
     except KeyError:

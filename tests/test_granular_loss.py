@@ -38,6 +38,13 @@ class HalfSquares(cc.losses.Loss):
         return (np.abs(ghat_n).sum(axis=1) > 0).astype(gq.dtype)
 
 
+class DuckHalfSquares:
+    """The same loss without curvcore's base class: the protocol alone is what a method needs."""
+
+    value, grad, hvp = HalfSquares.value, HalfSquares.grad, HalfSquares.hvp
+    granular_term, granular_share = HalfSquares.granular_term, HalfSquares.granular_share
+
+
 class NoGranular(cc.losses.Loss):
     """A loss with value/grad/hvp but no granular term."""
 
@@ -79,16 +86,17 @@ def test_a_user_loss_with_the_protocol_steps_like_mse(make):
     """Three steps with the user's loss equal three MSE steps (params, state and info) to 1e-12 relative."""
     model, params, x, y = _problem()
     runs = []
-    for loss in (cc.losses.MSE(), HalfSquares()):
+    for loss in (cc.losses.MSE(), HalfSquares(), DuckHalfSquares()):
         opt = make()
         p, state = params, opt.init(params)
         for _ in range(3):
             p, state, info = opt.step(model, loss, p, state, x, y)
         runs.append((p, info))
-    (p_mse, info_mse), (p_user, info_user) = runs
-    for got, want in zip(p_user, p_mse):
-        np.testing.assert_allclose(got, want, rtol=0, atol=1e-12 * np.max(np.abs(want)))
-    assert float(info_user["loss"]) == pytest.approx(float(info_mse["loss"]), rel=1e-12)
+    (p_mse, info_mse), *users = runs
+    for p_user, info_user in users:
+        for got, want in zip(p_user, p_mse):
+            np.testing.assert_allclose(got, want, rtol=0, atol=1e-12 * np.max(np.abs(want)))
+        assert float(info_user["loss"]) == pytest.approx(float(info_mse["loss"]), rel=1e-12)
     moved = max(np.max(np.abs(a - b)) for a, b in zip(p_mse, params))
     assert moved > 1e-3  # the steps did something
 

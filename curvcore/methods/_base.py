@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import inspect
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, nullcontext
 from typing import Any
 
@@ -138,14 +138,18 @@ class Method:
             loss = get_loss(loss)
             leaves, treedef = tree.flatten(params)
             leaves = tree.detached(leaves)
-            flat_state, state_arrays = self._flat_state(state, leaves, treedef)
+            flat_state, state_fields = self._flat_state(state, leaves, treedef)
             fmodel = reduced_model(flat_model(model, treedef))
             for need in self.needs:
                 if not provides(fmodel, need):
                     raise TypeError(f"{type(self).__name__} needs model.{need}(...); "
                                     f"{type(model).__name__} does not provide it")
             xp = check_batch(leaves, x, y, validate=False)
-        inputs = [("x", x), ("y", y), *((f"params[{i}]", p) for i, p in enumerate(leaves)), *state_arrays]
+
+        def inputs() -> list[tuple[str, Array]]:  # named only when a check failed
+            return [("x", x), ("y", y), *((f"params[{i}]", p) for i, p in enumerate(leaves)),
+                    *((f"state.{f}[{i}]", a) for f, flat in state_fields.items() for i, a in enumerate(flat))]
+
         scope_fn = getattr(fmodel, "step_scope", None)
         model_scope = scope_fn() if scope_fn is not None else nullcontext()
         values = quiet(x) if self.validate else nullcontext()  # a validated step reports NaN/Inf itself
@@ -175,9 +179,9 @@ class Method:
         fields = {f: tree.unflatten(treedef, getattr(state, f)) for f in self.param_fields if len(getattr(state, f))}
         return state._replace(**fields)
 
-    def _flat_state(self, state: Any, params: list[Array], treedef: tree.TreeDef) -> tuple[Any, list]:
+    def _flat_state(self, state: Any, params: list[Array], treedef: tree.TreeDef) -> tuple[Any, dict]:
         """The state with flat per-parameter fields (checks that it is this method's and matches the params),
-        and its per-parameter arrays as ``(name, array)`` pairs, whose values ``check_batch`` checks."""
+        and those fields as ``{name: flat list}``."""
         name = type(self).__name__
         if self.state_type is not None and not isinstance(state, self.state_type):
             raise TypeError(f"{name}.step got a {type(state).__name__} as its state; a {name} needs the "
@@ -193,41 +197,38 @@ class Method:
                                  f" the state was made for other params")
             check_same_structure(f"state.{f}", flat, params)
             fields[f] = flat
-        named = [(f"state.{f}[{i}]", a) for f, flat in fields.items() for i, a in enumerate(flat)]
-        return (state._replace(**fields) if fields else state), named
+        return (state._replace(**fields) if fields else state), fields
 
     # -- the non-finite guard ------------------------------------------------
     def _keep_finite(self, xp: Any, old: list[Array], old_state: Any, new: list[Array], new_state: Any,
-                     info: dict, model: Model | None, running: Any, inputs: Sequence[tuple[str, Array]]
+                     info: dict, model: Model | None, running: Any, inputs: Callable[[], list]
                      ) -> tuple[list[Array], Any, dict]:
         """Raise (eager, ``validate``) or select the old params and state when the step is not finite.
 
-        Eagerly with ``validate`` this is the step's one value check: the
-        inputs and the result in one fused reduction; only when it fails are
+        Eagerly with ``validate`` this is the step's one value check, one fused
+        reduction over the new params and the loss: a non-finite input (x, y,
+        params, state) or a bad label makes them non-finite, and only then are
         the inputs and the deferred checks run one by one, to name the problem.
         """
-        result = [*new, info["loss"]]
+        finite = all_finite([*new, info["loss"]])
+        info["finite"] = finite
         if self.validate:
-            finite = all_finite([*(a for _, a in inputs), *result])
             known = concrete_bool(finite)
             if known is True:
-                info["finite"] = finite
                 return new, new_state, info
             if known is False:
                 self._name_bad_input(running, inputs)
                 raise FloatingPointError(self._not_finite_message(new, info["loss"], model))
-        finite = all_finite(result)
-        info["finite"] = finite
 
         def select(n: Any, o: Any) -> Any:
             return xp.where(finite, n, o) if hasattr(n, "shape") and hasattr(o, "shape") else n
 
         return [select(n, o) for n, o in zip(new, old)], tree.map_leaves(select, new_state, old_state), info
 
-    def _name_bad_input(self, running: Any, inputs: Sequence[tuple[str, Array]]) -> None:
+    def _name_bad_input(self, running: Any, inputs: Callable[[], list]) -> None:
         """After a failed step: ``ValueError`` naming a non-finite input or a bad label, if there is one."""
         with method_errors(type(self).__name__):
-            check_named_finite(inputs)
+            check_named_finite(inputs())
             running.run_deferred()
 
     def _not_finite_message(self, new: list[Array], loss_value: Array, model: Model | None) -> str:
