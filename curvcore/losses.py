@@ -218,6 +218,12 @@ class CrossEntropy(Loss):
             + f"; got {int(xp.sum(xp.astype(bad, xp.int64)))} label(s) outside, e.g. "
             f"{int(xp.max(wrong)) if concrete_bool(xp.any(wrong > 0)) else int(xp.min(wrong))}")
 
+    def _start(self, f: Array, y: Array) -> tuple[Any, tuple[Array, Array] | None, Array | None, Array | None]:
+        """``(xp, (value, grad) from the kernel or None, mask, n)``: the checks, then the kernel or the weights."""
+        xp = self._check(f, y)
+        fused = self._fused(xp, f, y)
+        return (xp, fused, None, None) if fused is not None else (xp, None, *self._weights(xp, f, y))
+
     def _fused(self, xp: Any, f: Array, y: Array) -> tuple[Array, Array] | None:
         """``(value, grad)`` from a kernel registered for the array type (:func:`register_cross_entropy`),
         or None: no kernel, a distributed step, or no labels."""
@@ -252,30 +258,24 @@ class CrossEntropy(Loss):
 
     def value(self, f: Array, y: Array) -> Array:
         """``sum (logsumexp(f) - f[y]) / n`` over labelled positions."""
-        xp = self._check(f, y)
-        fused = self._fused(xp, f, y)
+        xp, fused, mask, n = self._start(f, y)
         if fused is not None:
             return fused[0]
-        mask, n = self._weights(xp, f, y)
         per = self._logsumexp(xp, f)[..., 0] - xp.sum(f * self.onehot(f, y), axis=-1)
         return batch_sum_all(self._masked(per, mask)) / n
 
     def grad(self, f: Array, y: Array) -> Array:
         """``(softmax(f) - onehot(y)) / n`` (zero at ignored positions)."""
-        xp = self._check(f, y)
-        fused = self._fused(xp, f, y)
+        xp, fused, mask, n = self._start(f, y)
         if fused is not None:
             return fused[1]
-        mask, n = self._weights(xp, f, y)
         return self._masked(self.softmax(f) - self.onehot(f, y), mask) / n
 
     def value_and_grad(self, f: Array, y: Array) -> tuple[Array, Array]:
         """:meth:`value` and :meth:`grad` from one check and one ``exp`` (the same values, bit for bit)."""
-        xp = self._check(f, y)
-        fused = self._fused(xp, f, y)
+        xp, fused, mask, n = self._start(f, y)
         if fused is not None:
             return fused
-        mask, n = self._weights(xp, f, y)
         m = xp.max(f, axis=-1, keepdims=True)
         e = xp.exp(f - m)
         total = xp.sum(e, axis=-1, keepdims=True)

@@ -21,24 +21,37 @@ from ._reduce import vdot
 
 Array = Any
 
-__all__ = ["FusedTreeOps", "register_fused", "tree_add", "tree_axpy", "tree_dot", "tree_map", "tree_norm",
-           "tree_scale", "tree_size", "tree_sub", "tree_zeros_like"]
+__all__ = ["FusedTreeOps", "register_fused", "tree_add", "tree_addcmul", "tree_axpy", "tree_div", "tree_dot",
+           "tree_lerp", "tree_map", "tree_mul", "tree_norm", "tree_scale", "tree_shift", "tree_size", "tree_sqrt",
+           "tree_sub", "tree_zeros_like"]
 
 
 class FusedTreeOps:
     """Fused list operations of one array library; every entry is optional (None: the generic form).
 
+    A scalar ``s`` below is a Python number or a 0-d array of the library.
+
     Attributes:
         add: ``(a, b) -> a + b``.
         sub: ``(a, b) -> a - b``.
-        scale: ``(a, s) -> s a`` for a Python number ``s``.
+        mul: ``(a, b) -> a * b``.
+        div: ``(a, b) -> a / b``.
+        scale: ``(a, s) -> s a``.
+        shift: ``(a, s) -> a + s``.
+        sqrt: ``a -> sqrt(a)``.
         axpy: ``(alpha, x, y) -> alpha x + y`` for a Python number ``alpha``.
+        lerp: ``(a, b, w) -> a + w (b - a)`` for a Python number ``w``.
+        addcmul: ``(a, b, c, w) -> a + w b c`` for a Python number ``w``.
         norm: ``a -> ||a||`` (0-d).
     """
 
-    def __init__(self, add: Callable | None = None, sub: Callable | None = None, scale: Callable | None = None,
-                 axpy: Callable | None = None, norm: Callable | None = None):
-        self.add, self.sub, self.scale, self.axpy, self.norm = add, sub, scale, axpy, norm
+    def __init__(self, **ops: Callable):
+        for name in self.NAMES:
+            setattr(self, name, ops.pop(name, None))
+        if ops:
+            raise TypeError(f"unknown fused operations: {', '.join(sorted(ops))}")
+
+    NAMES = ("add", "sub", "mul", "div", "scale", "shift", "sqrt", "axpy", "lerp", "addcmul", "norm")
 
 
 _FUSED: dict[type, FusedTreeOps] = {}
@@ -56,6 +69,15 @@ def _fused(a: Sequence[Array]) -> FusedTreeOps:
 
 def _number(s: Any) -> bool:
     return isinstance(s, (int, float)) and not isinstance(s, bool)
+
+
+def _scalar(s: Any, like: Sequence[Array]) -> bool:
+    """A Python number or a 0-d array of the list's own type."""
+    return _number(s) or (type(s) is type(like[0]) and s.ndim == 0)
+
+
+def _same(a: Sequence[Array], *others: Sequence[Array]) -> bool:
+    return all(len(o) == len(a) for o in others)
 
 
 
@@ -87,7 +109,7 @@ def tree_sub(a: Sequence[Array], b: Sequence[Array]) -> list[Array]:
 def tree_scale(a: Sequence[Array], s: Any) -> list[Array]:
     """``s * a`` for a scalar (Python or 0-d array) ``s``."""
     fused = _fused(a).scale
-    if fused is not None and _number(s):
+    if fused is not None and _scalar(s, a):
         return fused(a, s)
     return [s * u for u in a]
 
@@ -98,6 +120,46 @@ def tree_axpy(alpha: Any, x: Sequence[Array], y: Sequence[Array]) -> list[Array]
     if fused is not None and _number(alpha) and len(x) == len(y):
         return fused(alpha, x, y)
     return tree_map(lambda u, v: alpha * u + v, x, y)
+
+
+def tree_mul(a: Sequence[Array], b: Sequence[Array]) -> list[Array]:
+    """``a * b`` elementwise."""
+    fused = _fused(a).mul
+    return fused(a, b) if fused is not None and _same(a, b) else tree_map(lambda u, v: u * v, a, b)
+
+
+def tree_div(a: Sequence[Array], b: Sequence[Array]) -> list[Array]:
+    """``a / b`` elementwise."""
+    fused = _fused(a).div
+    return fused(a, b) if fused is not None and _same(a, b) else tree_map(lambda u, v: u / v, a, b)
+
+
+def tree_shift(a: Sequence[Array], s: Any) -> list[Array]:
+    """``a + s`` for a scalar (Python or 0-d array) ``s``."""
+    fused = _fused(a).shift
+    return fused(a, s) if fused is not None and _scalar(s, a) else [u + s for u in a]
+
+
+def tree_sqrt(a: Sequence[Array]) -> list[Array]:
+    """``sqrt(a)`` elementwise."""
+    fused = _fused(a).sqrt
+    return fused(a) if fused is not None else [array_namespace(u).sqrt(u) for u in a]
+
+
+def tree_lerp(a: Sequence[Array], b: Sequence[Array], w: float) -> list[Array]:
+    """``a + w (b - a)``: an exponential moving average ``(1 - w) a + w b`` for ``w = 1 - β``."""
+    fused = _fused(a).lerp
+    if fused is not None and _number(w) and _same(a, b):
+        return fused(a, b, w)
+    return tree_map(lambda u, v: u + w * (v - u), a, b)
+
+
+def tree_addcmul(a: Sequence[Array], b: Sequence[Array], c: Sequence[Array], w: float) -> list[Array]:
+    """``a + w b c`` elementwise."""
+    fused = _fused(a).addcmul
+    if fused is not None and _number(w) and _same(a, b, c):
+        return fused(a, b, c, w)
+    return tree_map(lambda u, v, z: u + w * (v * z), a, b, c)
 
 
 def tree_zeros_like(a: Sequence[Array]) -> list[Array]:

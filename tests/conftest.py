@@ -57,3 +57,35 @@ def array_api_backend(request):
 def problem():
     """``make_problem`` as a fixture: ``problem(backend, sizes=..., ...)``."""
     return make_problem
+
+
+class SyncCounter:
+    """Counts conversions of torch tensors to Python values (each a host sync on a GPU) in ``n``."""
+
+    n = 0
+
+    def per_step(self, method, model, params, x, y, steps: int, loss: str = "ce") -> tuple[list[int], dict]:
+        """The count of each of ``steps`` steps of ``method`` from its initial state, and the last ``info``."""
+        state, counts = method.init(params), []
+        for _ in range(steps):
+            self.n = 0
+            params, state, info = method.step(model, loss, params, state, x, y)
+            counts.append(self.n)
+        return counts, info
+
+
+@pytest.fixture
+def torch_syncs(monkeypatch) -> SyncCounter:
+    """A :class:`SyncCounter` over every ``Tensor.__bool__/__int__/__float__/__index__/item/tolist``."""
+    import torch
+
+    counter = SyncCounter()
+    for name in ("__bool__", "__int__", "__float__", "__index__", "item", "tolist"):
+        original = getattr(torch.Tensor, name)
+
+        def counted(self, *args, _original=original, **kwargs):
+            counter.n += 1
+            return _original(self, *args, **kwargs)
+
+        monkeypatch.setattr(torch.Tensor, name, counted)
+    return counter

@@ -62,32 +62,15 @@ def test_steps_across_refreshes_equal_the_dense_reference(backend, loss_name):
 
 
 @needs("torch")
-def test_the_cached_preconditioner_check_is_one_host_sync_per_step_not_one_per_layer(monkeypatch):
+def test_the_cached_preconditioner_check_is_one_host_sync_per_step_not_one_per_layer(torch_syncs):
     """With ``validate=False`` an ACP step on torch converts as many tensors to Python values on a 2-layer
     net as on a 5-layer net (the refresh schedule and the "P computed" decision, once each)."""
-    import torch
-
-    syncs = {"n": 0}
-    for name in ("__bool__", "__int__", "__float__", "__index__", "item", "tolist"):
-        original = getattr(torch.Tensor, name)
-
-        def counted(self, *args, _original=original, **kwargs):
-            syncs["n"] += 1
-            return _original(self, *args, **kwargs)
-
-        monkeypatch.setattr(torch.Tensor, name, counted)
     per_step = {}
     for sizes in ([4, 6, 3], [4, 6, 6, 6, 6, 3]):
         model, params, x, y = _problem("torch", "ce", sizes)
         x, y = cc.backends.asarray("torch", x), cc.backends.asarray("torch", y)
         opt = cc.ACP(refresh_every=2)
         opt.validate = False
-        state = opt.init(params)
-        counts = []
-        for _ in range(4):
-            syncs["n"] = 0
-            params, state, _ = opt.step(model, "ce", params, state, x, y)
-            counts.append(syncs["n"])
-        per_step[len(sizes) - 1] = counts
+        per_step[len(sizes) - 1] = torch_syncs.per_step(opt, model, params, x, y, steps=4)[0]
     assert per_step[2] == per_step[5], per_step
     assert max(per_step[5]) <= 2, per_step

@@ -29,43 +29,23 @@ def _problem(backend="torch", seed=0, batch=9):
     return model, params, x, y
 
 
-@pytest.fixture
-def syncs(monkeypatch):
-    """Counts every conversion of a torch tensor to a Python value (a host sync on a GPU)."""
-    count = {"n": 0}
-    for name in ("__bool__", "__int__", "__float__", "__index__", "item", "tolist"):
-        original = getattr(torch.Tensor, name)
-
-        def counted(self, *args, _original=original, **kwargs):
-            count["n"] += 1
-            return _original(self, *args, **kwargs)
-
-        monkeypatch.setattr(torch.Tensor, name, counted)
-    return count
-
-
 @pytest.mark.parametrize("method", [cc.SGD(lr=0.1, momentum=0.9), cc.Adam(lr=1e-2)], ids=lambda m: type(m).__name__)
-def test_a_validated_step_is_one_host_sync(method, syncs):
+def test_a_validated_step_is_one_host_sync(method, torch_syncs):
     model, params, x, y = _problem()
-    state = method.init(params)
-    counts = []
-    for _ in range(3):
-        syncs["n"] = 0
-        params, state, info = method.step(model, "ce", params, state, x, y)
-        counts.append(syncs["n"])
+    counts, info = torch_syncs.per_step(method, model, params, x, y, steps=3)
     assert counts == [1, 1, 1]
     assert bool(info["finite"])
 
 
-def test_the_torch_optimizer_step_with_nn_cross_entropy_is_one_host_sync(syncs):
+def test_the_torch_optimizer_step_with_nn_cross_entropy_is_one_host_sync(torch_syncs):
     torch.manual_seed(0)
     net = nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 4))
     opt = ct.Optimizer(net, cc.SGD(lr=0.1, momentum=0.9), nn.CrossEntropyLoss())  # ignore_index=-100
     x, y = torch.randn(9, 5), torch.randint(0, 4, (9,))
     opt.step(x, y)
-    syncs["n"] = 0
+    torch_syncs.n = 0
     opt.step(x, y)
-    assert syncs["n"] == 1
+    assert torch_syncs.n == 1
 
 
 @pytest.mark.parametrize("backend", backend_params(["numpy", "torch"]))
@@ -131,15 +111,20 @@ def _lists(dtype, seed=0):
 def test_fused_torch_list_algebra_equals_the_generic_code(dtype, monkeypatch):
     a, b = _lists(getattr(torch, dtype))
     eps = torch.finfo(getattr(torch, dtype)).eps
-    fused = {
-        "add": ta.tree_add(a, b), "sub": ta.tree_sub(a, b), "scale": ta.tree_scale(a, -0.7),
-        "axpy": ta.tree_axpy(0.3, a, b), "norm": [ta.tree_norm(a)],
-    }
+    s = torch.tensor(1.7, dtype=getattr(torch, dtype))
+    positive = [u.abs() + 0.1 for u in b]
+
+    def ops():
+        return {
+            "add": ta.tree_add(a, b), "sub": ta.tree_sub(a, b), "mul": ta.tree_mul(a, b),
+            "div": ta.tree_div(a, positive), "scale": ta.tree_scale(a, -0.7), "scale_0d": ta.tree_scale(a, s),
+            "shift": ta.tree_shift(a, s), "sqrt": ta.tree_sqrt(positive), "axpy": ta.tree_axpy(0.3, a, b),
+            "lerp": ta.tree_lerp(a, b, 0.1), "addcmul": ta.tree_addcmul(a, b, a, 0.3), "norm": [ta.tree_norm(a)],
+        }
+
+    fused = ops()
     monkeypatch.setattr(ta, "_FUSED", {})
-    generic = {
-        "add": ta.tree_add(a, b), "sub": ta.tree_sub(a, b), "scale": ta.tree_scale(a, -0.7),
-        "axpy": ta.tree_axpy(0.3, a, b), "norm": [ta.tree_norm(a)],
-    }
+    generic = ops()
     for name in fused:
         assert all(isinstance(t, torch.Tensor) for t in fused[name])
         assert isinstance(fused[name], list)

@@ -7,14 +7,18 @@ arrays. :class:`Method` wraps them into the public, pure API:
 * params (and the per-parameter fields of the state) are any pytree: they
   are flattened at entry and the same structure is returned
   (:mod:`curvcore.tree`);
-* inputs are validated once, at the boundary (library, dtype, device,
-  shapes, NaN/Inf when ``validate``), before anything is computed; the state
-  must be this method's and match the params;
+* the structure of the inputs (library, dtype, device, shapes) is checked
+  at the boundary, before anything is computed; the state must be this
+  method's and match the params;
 * a step never returns non-finite params: eagerly it raises
-  ``FloatingPointError`` (``validate=True``); inside ``jax.jit`` (or with
-  ``validate=False``) it returns the old params and state and sets
-  ``info["finite"]`` to False, a device-side select without a host sync
-  (like optax's ``apply_if_finite``);
+  (``validate=True``); inside ``jax.jit`` (or with ``validate=False``) it
+  returns the old params and state and sets ``info["finite"]`` to False, a
+  device-side select without a host sync (like optax's ``apply_if_finite``).
+  The eager check is the step's one host sync: NaN/Inf in ``x``, ``y``, the
+  params or the state, and bad labels, make the result non-finite, and only
+  then are the inputs checked one by one to name the problem
+  (``ValueError``), else ``FloatingPointError`` names the parameters whose
+  update is not finite;
 * models with state of their own (BatchNorm statistics, dropout RNG) run the
   step inside their ``step_scope()``; the updated buffers come back in
   ``info["buffers"]``.

@@ -12,7 +12,7 @@ from typing import Any
 
 from .._namespace import array_namespace
 from ..protocol import Array
-from ..tree import tree_map
+from ..tree_algebra import tree_addcmul, tree_div, tree_lerp, tree_scale, tree_shift, tree_sqrt
 
 
 def ema(old: Array, new: Array, beta: float) -> Array:
@@ -48,11 +48,12 @@ def adam_direction(g: Sequence[Array], m: Sequence[Array], v: Sequence[Array], b
 
     ``m <- ema(m, g, b1)``, ``v <- ema(v, g², b2)``, ``mhat = debias(m, b1, t)``,
     ``vhat = debias(v, b2, t)``; ``t >= 1`` the new step count as a float 0-d array.
+    Written as whole-list operations (one fused kernel each on torch): the
+    update is memory-bound, about ten passes over the parameters.
     """
     b1, b2 = betas
-    m = tree_map(lambda mi, gi: ema(mi, gi, b1), m, g)
-    v = tree_map(lambda vi, gi: ema(vi, gi * gi, b2), v, g)
-    xp = array_namespace(*g)
-    c1, c2 = correction(b1, t), correction(b2, t)
-    u = tree_map(lambda mi, vi: (mi / c1) / (xp.sqrt(vi / c2) + eps), m, v)
-    return u, m, v
+    m = tree_lerp(m, g, 1 - b1)
+    v = tree_addcmul(tree_scale(v, b2), g, g, 1 - b2)
+    root_c2 = array_namespace(t).sqrt(correction(b2, t))
+    denominator = tree_shift(tree_scale(tree_sqrt(v), 1 / root_c2), eps)  # sqrt(vhat) + eps
+    return tree_scale(tree_div(m, denominator), 1 / correction(b1, t)), m, v
