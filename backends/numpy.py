@@ -59,7 +59,19 @@ def _scipy_cho_solve(A: np.ndarray, B: np.ndarray) -> np.ndarray:
     return sla.cho_solve(sla.cho_factor(A, lower=True, check_finite=False), B, check_finite=False)
 
 
+def _scipy_cho_inverse(A: np.ndarray) -> np.ndarray:
+    """``A^{-1}``'s lower triangle by LAPACK's ``potrf`` and ``potri`` (:func:`curvcore._linalg.inv_psd`)."""
+    sla = importlib.import_module("scipy.linalg")
+    potrf, potri = sla.get_lapack_funcs(("potrf", "potri"), (A,))
+    factor, info = potrf(A, lower=1)
+    if info == 0:
+        inverse, info = potri(factor, lower=1)
+    if info != 0:
+        raise np.linalg.LinAlgError(f"the Cholesky inverse failed (LAPACK info {info}): not positive definite")
+    return inverse
+
+
 if importlib.util.find_spec("scipy") is not None:  # else NumPy's SPD solves fall back to xp.linalg.solve
-    register_cho_solve(lambda a: isinstance(a, np.ndarray), _scipy_cho_solve)
+    register_cho_solve(lambda a: isinstance(a, np.ndarray), _scipy_cho_solve, _scipy_cho_inverse)
 
 register_quiet(np.ndarray, lambda: np.errstate(all="ignore"))  # a validated step names NaN/Inf itself

@@ -68,7 +68,8 @@ __all__ = ["Optimizer", "TorchModel", "build_mlp", "from_numpy", "from_torch_los
            "to_numpy"]
 
 cc_tree.register_detach(lambda a: isinstance(a, torch.Tensor) and a.requires_grad, lambda a: a.detach())
-register_cho_solve(lambda a: isinstance(a, torch.Tensor), lambda A, B: torch.cholesky_solve(B, torch.linalg.cholesky(A)))
+register_cho_solve(lambda a: isinstance(a, torch.Tensor), lambda A, B: torch.cholesky_solve(B, torch.linalg.cholesky(A)),
+                   lambda A: torch.cholesky_inverse(torch.linalg.cholesky(A)))
 
 
 _ONE_READ_FROM = 1 << 16  # from this many elements, one min/max read per tensor beats abs (a copy) then max

@@ -64,16 +64,23 @@ def pinv(A: Array, rtol: float) -> Array:
 # ---------------------------------------------------------------------------
 
 _CHO_SOLVES: list[tuple[Callable[[Any], bool], Callable[[Array, Array], Array]]] = []
+_CHO_INVERSES: list[tuple[Callable[[Any], bool], Callable[[Array], Array]]] = []
 
 
-def register_cho_solve(applies: Callable[[Any], bool], cho_solve_fn: Callable[[Array, Array], Array]) -> None:
+def register_cho_solve(applies: Callable[[Any], bool], cho_solve_fn: Callable[[Array, Array], Array],
+                       cho_inverse_fn: Callable[[Array], Array] | None = None) -> None:
     """Register ``cho_solve_fn(A, B) -> A^{-1} B`` (Cholesky factor, two triangular solves) for ``A`` where ``applies(A)``.
 
     ``A`` is (n, n) symmetric positive definite and ``B`` (n, k). For an ``A``
     that is not positive definite the routine may raise a ``LinAlgError`` (NumPy,
     SciPy, torch) or return NaN (JAX); :func:`cho_solve` turns either into NaN.
+    ``cho_inverse_fn(A) -> A^{-1}`` (optional, LAPACK's ``potri``: a third of
+    the work of solving against the identity) serves :func:`inv_psd`; it may
+    return one triangle only (the other is filled from it).
     """
     _CHO_SOLVES.append((applies, cho_solve_fn))
+    if cho_inverse_fn is not None:
+        _CHO_INVERSES.append((applies, cho_inverse_fn))
 
 
 def _is_linalg_error(err: BaseException) -> bool:
@@ -114,17 +121,21 @@ def cho_solve(A: Array, b: Array) -> Array:
         A: (n, n) symmetric positive-definite matrix.
         b: (n,) vector or (n, k) matrix.
     """
-    xp = array_namespace(A, b)
     vector = b.ndim == 1
     B = b[:, None] if vector else b
+    X = _nan_if_failed(lambda: cho_solver(A)(A, B), A, B)
+    return X[:, 0] if vector else X
+
+
+def _nan_if_failed(factorised: Callable[[], Array], A: Array, like: Array) -> Array:
+    """``factorised()``, NaN (shaped like ``like``) where it raised a ``LinAlgError`` or ``A`` is not finite."""
     try:  # a non-finite A fails the factorisation (NaN pivot) or gives NaN; the scale below covers the rest
-        X = cho_solver(A)(A, B)
+        X = factorised()
     except Exception as err:
         if not _is_linalg_error(err):
             raise
-        X = xp.full_like(B, float("nan"))
-    X = X * _one_if_finite(A, X)
-    return X[:, 0] if vector else X
+        X = array_namespace(like).full_like(like, float("nan"))
+    return X * _one_if_finite(A, X)
 
 
 def _one_if_finite(A: Array, like: Array) -> Array:
@@ -152,7 +163,10 @@ def solve_psd(A: Array, b: Array, what: str = "matrix") -> Array:
     Raises:
         ValueError: ``A`` is not (numerically) positive definite or not finite.
     """
-    X = cho_solve(A, b)
+    return _raise_if_not_finite(cho_solve(A, b), what)
+
+
+def _raise_if_not_finite(X: Array, what: str) -> Array:
     xp = array_namespace(X)
     if concrete_bool(xp.all(xp.isfinite(X))) is False:
         raise ValueError(f"{what} is not positive definite (the Cholesky solve gave NaN or Inf)")
@@ -160,7 +174,11 @@ def solve_psd(A: Array, b: Array, what: str = "matrix") -> Array:
 
 
 def inv_psd(A: Array, what: str = "matrix") -> Array:
-    """``A^{-1}`` for a symmetric positive-definite ``A``, symmetrised (see :func:`solve_psd`)."""
+    """``A^{-1}`` for a symmetric positive-definite ``A``, symmetrised (see :func:`solve_psd`): the Cholesky
+    inverse a backend registered (``potri``), else a solve against the identity."""
     xp = array_namespace(A)
-    eye = xp.eye(A.shape[0], dtype=A.dtype, device=array_api_compat.device(A))
-    return sym(solve_psd(A, eye, what))
+    inverse = next((fn for applies, fn in _CHO_INVERSES if applies(A)), None)
+    if inverse is None:
+        return sym(solve_psd(A, xp.eye(A.shape[0], dtype=A.dtype, device=array_api_compat.device(A)), what))
+    X = _raise_if_not_finite(_nan_if_failed(lambda: inverse(A), A, A), what)
+    return xp.tril(X) + xp.matrix_transpose(xp.tril(X, k=-1))  # symmetric from the lower triangle

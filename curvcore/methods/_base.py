@@ -38,8 +38,8 @@ from .._namespace import array_namespace
 
 from .. import tree
 from .._checks import (
-    all_finite, check_batch, check_named_finite, check_params, check_same_structure, concrete_bool, quiet,
-    step_method, step_scope,
+    all_finite, check_batch, check_later, check_named_finite, check_params, check_same_structure, concrete_bool,
+    quiet, step_method, step_scope,
 )
 from .._reduce import current, param_sums
 from ..layers import LayerSpec, Records, layer_specs, records
@@ -308,8 +308,18 @@ def loss_and_records(model: LayerModel, loss: Loss, params: Sequence[Array], x: 
 
 def check_grads_finite(grads: Sequence[Array], validate: bool, what: str | Sequence[str] = "gradient") -> None:
     """Raise ``FloatingPointError`` naming the running method and the first non-finite array if the
-    gradient overflowed (``what``: a name for the list, or one name per array)."""
-    if not validate or concrete_bool(all_finite(grads)) is not False:  # one device sync when all is well
+    gradient overflowed (``what``: a name for the list, or one name per array).
+
+    Inside a step the check is deferred (:func:`~curvcore._checks.check_later`): a non-finite gradient
+    makes the step's result non-finite (or a solve raise), and only then does this check run and name it,
+    so a validated step keeps its one host sync. Outside a step it runs at once.
+    """
+    if validate:
+        check_later(lambda: _raise_if_not_finite(grads, what))
+
+
+def _raise_if_not_finite(grads: Sequence[Array], what: str | Sequence[str]) -> None:
+    if concrete_bool(all_finite(grads)) is not False:  # one device sync when all is well
         return
     names = [f"{what}[{i}]" for i in range(len(grads))] if isinstance(what, str) else list(what)
     bad = next(n for n, g in zip(names, grads) if concrete_bool(all_finite([g])) is False)

@@ -9,7 +9,7 @@ method's registered ``compare`` settings) this script
   formulas of docs/benchmarks.md ("Cost model"), counted from the code of
   ``curvcore/methods/*.py`` and ``backends/_mlp.py``;
 * measures the amortized step time over SGD's (asv_bench's steppers, one
-  process per run, interleaved, process CPU time, one thread, median of 3
+  process per run, interleaved, process CPU time, one thread, median of 7
   rounds) on NumPy, torch and JAX (``jit_step``) at ``medium``;
 * measures what input validation costs: each method's step with
   ``validate=True`` over the same step with ``validate=False``, NumPy and
@@ -128,6 +128,7 @@ def add_arguments(parser: Any) -> None:
     parser.add_argument("--parts", default="floors,ratios,validation,torch",
                         help="comma-separated: floors, ratios, validation, torch")
     parser.add_argument("--backends", default=",".join(BACKENDS), help="backends of the ratio measurement")
+    parser.add_argument("--rounds", type=int, default=7, help="interleaved rounds per ratio (the median is reported)")
 
 
 def _bench() -> Any:
@@ -175,14 +176,14 @@ def settings_of(C: Any) -> dict[str, dict]:
             "pseudo_hessian": {"order": 3 if opt["pseudo_hessian"].reg == "cubic" else 2}}
 
 
-def measure_ratios(C: Any, backend: str) -> dict[str, float | str]:
-    """``{method: median over 3 rounds of (amortized step / SGD step)}`` at ``medium``."""
+def measure_ratios(C: Any, backend: str, rounds: int = 7) -> dict[str, float | str]:
+    """``{method: median over ``rounds`` interleaved rounds of (amortized step / SGD step)}`` at ``medium``."""
     prob = C.problem(backend, "medium", 512)
     sgd_step, out = C.make_stepper("sgd", prob).call(1), {}
     for method in METHODS[1:]:
         try:
             fn, weight = C.amortized_call(C.make_stepper(method, prob, whole_cycle=True))
-            t = _rounds({"m": fn, "sgd": sgd_step}, 3)
+            t = _rounds({"m": fn, "sgd": sgd_step}, rounds)
             out[method] = statistics.median(a * weight / b for a, b in zip(t["m"], t["sgd"]))
         except Exception as err:  # one method's failure must not lose the others'
             out[method] = f"{type(err).__name__}: {err}"
@@ -236,7 +237,7 @@ def run(args: Any) -> dict:
         data.update({k: v for k, v in load_results(NAME).items() if k in data})
     data["settings"] = settings_of(C)
     seconds = data.setdefault("seconds_of", {})
-    measure = {"ratios": lambda: {b: measure_ratios(C, b) for b in args.backends.split(",")},
+    measure = {"ratios": lambda: {b: measure_ratios(C, b, args.rounds) for b in args.backends.split(",")},
                "validation": lambda: {b: {net: measure_validation(C, b, net) for net in NETS}
                                       for b in ("numpy", "torch:cpu")},
                "torch": measure_torch}
