@@ -74,6 +74,12 @@ class ArrayAPIMLP:
             raise ValueError(f"x has {x.shape[1]} features but the model expects {self.sizes[0]}")
         return xp
 
+    @staticmethod
+    def affine(a: Array, W: Array, b: Array) -> Array:
+        """``a Wᵀ + b`` for a batch ``a`` ``(B, n_in)``, ``W`` ``(n_out, n_in)``, ``b`` ``(n_out,)``; a backend may
+        fuse it (torch: ``addmm``)."""
+        return a @ W.T + b
+
     def _act(self, k: int, z: Array, order: int) -> list[Array]:
         """Activation of layer k and its derivatives (identity on the output layer)."""
         return derivatives(self.activation if k < self.n_layers - 1 else "identity", z, order)
@@ -86,7 +92,7 @@ class ArrayAPIMLP:
         a = x
         for k in range(self.n_layers):
             W, b = params[2 * k], params[2 * k + 1]
-            z = a @ W.T + b
+            z = self.affine(a, W, b)
             h, dact = self._act(k, z, 1)
             recs.append((a, z, dact, h))
             a = h
@@ -97,7 +103,7 @@ class ArrayAPIMLP:
         self._check(params, x)
         a = x
         for k in range(self.n_layers):
-            z = a @ params[2 * k].T + params[2 * k + 1]
+            z = self.affine(a, params[2 * k], params[2 * k + 1])
             a = self._act(k, z, 0)[0]
         return a
 
@@ -191,7 +197,7 @@ class ArrayAPIMLP:
         cache = []
         a = x
         for k in range(self.n_layers):
-            s = self._act(k, a @ params[2 * k].T + params[2 * k + 1], order)
+            s = self._act(k, self.affine(a, params[2 * k], params[2 * k + 1]), order)
             if self.activation in _PIECEWISE_LINEAR or k == self.n_layers - 1:
                 s = s[:2] + [None] * (order - 1)
             cache.append((a, s))

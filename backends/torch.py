@@ -550,7 +550,15 @@ def _as_plain_mlp(module: nn.Module, names: list[str]) -> ArrayAPIMLP | None:
     if names != expected:
         return None
     sizes = [linears[0].in_features] + [m.out_features for m in linears]
-    return ArrayAPIMLP(sizes, acts_named.pop() if acts_named else "identity", xp=xp_torch, validate=False)
+    return _TorchMLP(sizes, acts_named.pop() if acts_named else "identity", xp=xp_torch, validate=False)
+
+
+class _TorchMLP(ArrayAPIMLP):
+    """The array-API MLP on torch tensors, with ``nn.Linear``'s fused ``addmm``."""
+
+    @staticmethod
+    def affine(a: Array, W: Array, b: Array) -> Array:
+        return torch.addmm(b, a, W.T)
 
 
 def _mlp_records(mlp: ArrayAPIMLP, params: Sequence[Array], x: Array, cotangent: Cotangent,

@@ -220,7 +220,7 @@ def measure_torch() -> dict[str, dict[str, float]]:
             fns["curvcore, validate=False"] = T.steps(net, dtype, validate=False)["curvcore"]
             for fn in fns.values():
                 fn()
-            rounds = 100 if net == "small" else 7
+            rounds = 100 if net == "small" else 25
             out[f"{net}|{dtype}"] = {
                 "native_ms": 1e3 * min(_rounds({"native": fns["native"]}, rounds)["native"]),
                 "ratio": paired_ratio(fns, "curvcore", "native", rounds),
