@@ -41,7 +41,7 @@ def runner(key: str) -> Callable[[], None]:
 
     backend, method, _, batch = key.split("|")
     lib, dev = C.require(backend)
-    C.time_on(dev)  # C.timer: CPU time only for CPU problems
+    C.use_timer_for(dev)  # C.timer: CPU time only for CPU problems
     model, params = cc.backends.cnn(lib, dtype=C.DTYPE, seed=C.SEED, device=dev)
     split = digits(seed=0)
     n = int(batch)

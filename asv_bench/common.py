@@ -230,7 +230,7 @@ def timer() -> float:
     return time.process_time() if CPU_TIME and _CURRENT_DEVICE[0] == "cpu" else time.perf_counter()
 
 
-def time_on(dev: str) -> None:
+def use_timer_for(dev: str) -> None:
     """Let :func:`timer` measure process CPU time for problems on the CPU (``dev == "cpu"``), wall time otherwise."""
     _CURRENT_DEVICE[0] = dev
 
@@ -274,7 +274,7 @@ class Problem:
 def make_problem(backend: str, sizes: Sequence[int], batch: int, seed: int = SEED) -> Problem:
     """The same network and batch on every backend (weights drawn with NumPy, then converted)."""
     lib, dev = require(backend)
-    time_on(dev)
+    use_timer_for(dev)
     sizes = [int(s) for s in sizes]
     model, params = cc.backends.mlp(lib, sizes, activation="tanh", dtype=DTYPE, seed=seed,
                                     device=_device_arg(lib, dev))

@@ -9,12 +9,12 @@ dtype, device, shapes) at its boundary, before computing anything; inside
 input checks (:func:`in_step`) and follow the step's ``validate``
 (:func:`value_checks_on`).
 
-The value checks of a step cost one device sync in all: the finiteness of
-the inputs is fused into the check of the result, and value checks of the
-losses (label ranges) are deferred (:func:`check_later`; a bad label poisons
-the loss with NaN). Only when that one check fails does the step run the
-input and deferred checks to name the problem, and nothing is returned or
-written back.
+The value checks of a step cost one device sync in all, the finiteness of
+its result: a NaN or Inf in the inputs reaches the result, and the value
+checks of losses and methods (label ranges, gradients) are deferred
+(:func:`check_later`; a bad label poisons the loss with NaN). Only when that
+one check fails does the step check the inputs and run the deferred checks
+to name the problem, and nothing is returned or written back.
 """
 
 from __future__ import annotations

@@ -82,6 +82,15 @@ def worker(rank: int, size: int, port: int, folder: str, methods: list[str]) -> 
                 np.savez(os.path.join(folder, f"{method}-{net}-{rank}.npz"),
                          **{f"{t}_{i}": a for t, ps in res.items() for i, a in enumerate(ps)})
     finally:
+        _leave(dist)
+
+
+def _leave(dist) -> None:
+    """Wait for the other rank, then tear the group down: a rank destroying its gloo group while the other
+    still talks to it can abort (``terminate called without an active exception``, seen once under load)."""
+    try:
+        dist.barrier()
+    finally:
         dist.destroy_process_group()
 
 
@@ -110,4 +119,4 @@ def bad_setup_worker(rank: int, size: int, port: int, folder: str, scenario: str
     finally:
         with open(os.path.join(folder, f"{scenario}-{rank}.txt"), "w") as fh:
             fh.write(message)
-        dist.destroy_process_group()
+        _leave(dist)
