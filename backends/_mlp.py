@@ -15,6 +15,7 @@ from typing import Any
 from curvcore._namespace import array_namespace
 
 from curvcore._checks import check_batch, check_same_structure, in_step
+from curvcore.layers import MLPGrads
 from curvcore.protocol import Cotangent, LayerRecord, check_jet_order, check_jet_tangent, resolve_cotangent
 
 from ._activations import check_activation, derivatives
@@ -133,7 +134,7 @@ class ArrayAPIMLP:
             return self._push(params, cache, tangent, 1)[0]
 
         def pullback(u: Array) -> list[Array]:
-            return _grads_from_records(self._backward(params, recs, u))
+            return list(MLPGrads(self._backward(params, recs, u)))  # this process's batch: the core sums
 
         return recs[-1][3], jvp_fn, pullback
 
@@ -269,11 +270,3 @@ def _faa_di_bruno(s: list[Array], z: list[Array | None]) -> list[Array | None]:
         h.append(_sum(_prod(s[3], z[0], z[0], z[0]), _prod(3, s[2], z[0], z[1]), _prod(s[1], z[2])))
     return h
 
-
-def _grads_from_records(recs: list[LayerRecord]) -> list[Array]:
-    """``[g^T a, sum_batch g]`` per layer: the parameter gradient from the records."""
-    grads: list[Array] = []
-    for r in recs:
-        xp = array_namespace(r.g)  # over this process's batch: data-parallel sums happen in the core
-        grads += [r.g.T @ r.a, xp.sum(r.g, axis=0)]
-    return grads

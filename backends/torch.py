@@ -117,15 +117,17 @@ def _cross_entropy(f: torch.Tensor, y: torch.Tensor, ignore_index: int | None, m
 
 
 register_cross_entropy(torch.Tensor, _cross_entropy)
+
+
 def _listed(op: Callable) -> Callable:
     """A ``torch._foreach_*`` op returning a list (they return tuples)."""
     return lambda *args, **kwargs: list(op(*args, **kwargs))
 
 
 register_fused(torch.Tensor, FusedTreeOps(
-    add=_listed(torch._foreach_add), sub=_listed(torch._foreach_sub), mul=_listed(torch._foreach_mul),
-    div=_listed(torch._foreach_div), scale=_listed(torch._foreach_mul), shift=_listed(torch._foreach_add),
-    sqrt=_listed(torch._foreach_sqrt), lerp=_listed(torch._foreach_lerp),
+    add=_listed(torch._foreach_add), sub=_listed(torch._foreach_sub), div=_listed(torch._foreach_div),
+    scale=_listed(torch._foreach_mul), shift=_listed(torch._foreach_add), sqrt=_listed(torch._foreach_sqrt),
+    lerp=_listed(torch._foreach_lerp),
     axpy=lambda alpha, x, y: list(torch._foreach_add(y, x, alpha=alpha)),
     addcmul=lambda a, b, c, w: list(torch._foreach_addcmul(a, b, c, value=w)),
     norm=lambda a: torch.linalg.vector_norm(torch.stack(torch._foreach_norm(a))),

@@ -198,15 +198,24 @@ def check_tree_finite(name: str, tree: Sequence[Array], indexed: bool = True) ->
     check_named_finite([(f"{name}[{i}]" if indexed else name, a) for i, a in enumerate(tree)])
 
 
-def check_named_finite(named: Sequence[tuple[str, Array]]) -> None:
-    """``ValueError`` naming the first ``(name, array)`` with NaN or Inf: one fused reduction, one device sync."""
+def first_not_finite(named: Sequence[tuple[str, Array]]) -> str | None:
+    """The name of the first ``(name, array)`` with NaN or Inf, or None: one fused reduction, one device sync
+    when all is well (and one per array to find the culprit when not)."""
     ok = all_finite([a for _, a in named])
     if ok is None or concrete_bool(ok) is not False:
-        return
+        return None
     for name, a in named:
-        here = all_finite([a])
+        here = all_finite([a])  # None for an integer array (labels)
         if here is not None and concrete_bool(here) is False:
-            raise NonFiniteError(f"{name} contains NaN or Inf")
+            return name
+    return None
+
+
+def check_named_finite(named: Sequence[tuple[str, Array]]) -> None:
+    """``ValueError`` naming the first ``(name, array)`` with NaN or Inf (:func:`first_not_finite`)."""
+    bad = first_not_finite(named)
+    if bad is not None:
+        raise NonFiniteError(f"{bad} contains NaN or Inf")
 
 
 def check_shapes(name: str, arrays: Sequence[Array], shapes: Sequence[tuple[int, ...]], unit: str = "arrays") -> None:
@@ -324,14 +333,12 @@ def check_params_and_x(params: Sequence[Array], x: Array, validate: bool = True)
     return xp
 
 
-def check_batch(params: Sequence[Array], x: Array, y: Array | None = None, validate: bool = True,
-                extra: Sequence[tuple[str, Array]] = ()) -> Any:
+def check_batch(params: Sequence[Array], x: Array, y: Array | None = None, validate: bool = True) -> Any:
     """Validate a batch against params; return their common namespace.
 
     Checks: same array library and device, ``x`` of shape ``(B, ...)`` with
     ``B >= 1`` (a floating ``x`` must have the params' dtype), ``y`` with ``B``
-    rows, and (when ``validate``) no NaN/Inf in ``x``, ``y``, params or the
-    ``extra`` ``(name, array)`` pairs (e.g. a method state), in one fused reduction. Inside a
+    rows, and (when ``validate``) no NaN/Inf in ``x``, ``y`` or params, in one fused reduction. Inside a
     method step the step's ``validate`` decides (:func:`value_checks_on`), so
     a model called by a ``validate=False`` step does not raise on values.
 
@@ -347,7 +354,7 @@ def check_batch(params: Sequence[Array], x: Array, y: Array | None = None, valid
         raise ValueError(f"y must have one row per sample: x has {x.shape[0]}, y has shape {tuple(y.shape)}")
     if y is not None and _differ(y, x):
         raise ValueError(f"device mismatch: x is on {_device(x)} but y is on {_device(y)}")
-    if validate:  # one fused reduction over the batch, the params and the extra arrays
+    if validate:  # one fused reduction over the batch and the params
         check_named_finite([("x", x), *([("y", y)] if y is not None else []),
-                            *((f"params[{i}]", p) for i, p in enumerate(params)), *extra])
+                            *((f"params[{i}]", p) for i, p in enumerate(params))])
     return xp

@@ -22,7 +22,7 @@ from ._reduce import vdot
 Array = Any
 
 __all__ = ["FusedTreeOps", "register_fused", "tree_add", "tree_addcmul", "tree_axpy", "tree_div", "tree_dot",
-           "tree_lerp", "tree_map", "tree_mul", "tree_norm", "tree_scale", "tree_shift", "tree_size", "tree_sqrt",
+           "tree_lerp", "tree_map", "tree_norm", "tree_scale", "tree_shift", "tree_size", "tree_sqrt",
            "tree_sub", "tree_zeros_like"]
 
 
@@ -34,7 +34,6 @@ class FusedTreeOps:
     Attributes:
         add: ``(a, b) -> a + b``.
         sub: ``(a, b) -> a - b``.
-        mul: ``(a, b) -> a * b``.
         div: ``(a, b) -> a / b``.
         scale: ``(a, s) -> s a``.
         shift: ``(a, s) -> a + s``.
@@ -51,7 +50,7 @@ class FusedTreeOps:
         if ops:
             raise TypeError(f"unknown fused operations: {', '.join(sorted(ops))}")
 
-    NAMES = ("add", "sub", "mul", "div", "scale", "shift", "sqrt", "axpy", "lerp", "addcmul", "norm")
+    NAMES = ("add", "sub", "div", "scale", "shift", "sqrt", "axpy", "lerp", "addcmul", "norm")
 
 
 _FUSED: dict[type, FusedTreeOps] = {}
@@ -93,7 +92,7 @@ def tree_map(fn: Callable[..., Array], *trees: Sequence[Array]) -> list[Array]:
 def tree_add(a: Sequence[Array], b: Sequence[Array]) -> list[Array]:
     """``a + b``."""
     fused = _fused(a).add
-    if fused is not None and len(a) == len(b):
+    if fused is not None and _same(a, b):
         return fused(a, b)
     return tree_map(lambda u, v: u + v, a, b)
 
@@ -101,7 +100,7 @@ def tree_add(a: Sequence[Array], b: Sequence[Array]) -> list[Array]:
 def tree_sub(a: Sequence[Array], b: Sequence[Array]) -> list[Array]:
     """``a - b``."""
     fused = _fused(a).sub
-    if fused is not None and len(a) == len(b):
+    if fused is not None and _same(a, b):
         return fused(a, b)
     return tree_map(lambda u, v: u - v, a, b)
 
@@ -117,15 +116,9 @@ def tree_scale(a: Sequence[Array], s: Any) -> list[Array]:
 def tree_axpy(alpha: Any, x: Sequence[Array], y: Sequence[Array]) -> list[Array]:
     """``alpha * x + y``."""
     fused = _fused(x).axpy
-    if fused is not None and _number(alpha) and len(x) == len(y):
+    if fused is not None and _number(alpha) and _same(x, y):
         return fused(alpha, x, y)
     return tree_map(lambda u, v: alpha * u + v, x, y)
-
-
-def tree_mul(a: Sequence[Array], b: Sequence[Array]) -> list[Array]:
-    """``a * b`` elementwise."""
-    fused = _fused(a).mul
-    return fused(a, b) if fused is not None and _same(a, b) else tree_map(lambda u, v: u * v, a, b)
 
 
 def tree_div(a: Sequence[Array], b: Sequence[Array]) -> list[Array]:

@@ -39,13 +39,13 @@ from .._namespace import array_namespace
 from .. import tree
 from .._checks import (
     all_finite, check_batch, check_later, check_named_finite, check_params, check_same_structure, concrete_bool,
-    quiet, step_method, step_scope,
+    first_not_finite, quiet, step_method, step_scope,
 )
 from .._reduce import current, param_sums
 from ..layers import LayerSpec, Records, layer_specs, records
 from ..losses import get as get_loss
 from ..protocol import LAYERS, Array, LayerModel, Loss, Model, RecordsModel, flat_model, provides, reduced_model
-from ..tree_algebra import tree_norm
+from ..tree_algebra import tree_axpy, tree_norm
 
 
 @contextmanager
@@ -319,13 +319,20 @@ def check_grads_finite(grads: Sequence[Array], validate: bool, what: str | Seque
 
 
 def _raise_if_not_finite(grads: Sequence[Array], what: str | Sequence[str]) -> None:
-    if concrete_bool(all_finite(grads)) is not False:  # one device sync when all is well
-        return
     names = [f"{what}[{i}]" for i in range(len(grads))] if isinstance(what, str) else list(what)
-    bad = next(n for n, g in zip(names, grads) if concrete_bool(all_finite([g])) is False)
+    bad = first_not_finite(list(zip(names, grads)))
+    if bad is None:
+        return
     method = step_method()
     raise FloatingPointError(f"{method + ': ' if method else ''}{bad} contains NaN or Inf (the loss or the model "
                              "overflowed)")
+
+
+def descend(loss_value: Array, params: Sequence[Array], direction: Sequence[Array], lr: float,
+            **extra: Array) -> tuple[list[Array], dict[str, Array]]:
+    """``params - lr direction`` and the common ``info`` (``step_norm = lr ||direction||``): one fused
+    operation each on backends that register them, no separate ``delta`` list."""
+    return tree_axpy(-lr, direction, params), {"loss": loss_value, "step_norm": lr * tree_norm(direction), **extra}
 
 
 def step_info(loss_value: Array, delta: Sequence[Array], **extra: Array) -> dict[str, Array]:

@@ -7,8 +7,8 @@ from typing import Any, NamedTuple
 
 from .._checks import check_interval, check_nonnegative, check_positive
 from ..protocol import Array, Loss, Model
-from ..tree_algebra import tree_axpy, tree_norm, tree_zeros_like
-from ._base import Method, count_as_float, value_and_grad, zero_count
+from ..tree_algebra import tree_zeros_like
+from ._base import Method, count_as_float, descend, value_and_grad, zero_count
 from ._ema import adam_direction
 from ._registry import register
 
@@ -53,8 +53,8 @@ class Adam(Method):
         value, g, _ = value_and_grad(model, loss, params, x, y)
         count = state.count + 1
         u, m, v = adam_direction(g, state.m, state.v, self.betas, self.eps, count_as_float(count, params[0]))
-        info = {"loss": value, "step_norm": self.lr * tree_norm(u)}
-        return tree_axpy(-self.lr, u, params), AdamState(m=m, v=v, count=count), info
+        new, info = descend(value, params, u, self.lr)
+        return new, AdamState(m=m, v=v, count=count), info
 
 
 register("adam", Adam, compare={"lr": 1e-2}, test={"lr": 1e-2}, description="Adam (baseline)",

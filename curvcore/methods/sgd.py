@@ -8,7 +8,7 @@ from typing import Any, NamedTuple
 from .._checks import check_interval, check_nonnegative, check_positive
 from ..protocol import Array, Loss, Model
 from ..tree_algebra import tree_axpy, tree_norm, tree_zeros_like
-from ._base import Method, value_and_grad, zero_count
+from ._base import Method, descend, value_and_grad, zero_count
 from ._registry import register
 
 
@@ -54,8 +54,7 @@ class SGD(Method):
             g = tree_axpy(self.weight_decay, params, g)
         v = tree_axpy(self.momentum, state.v, g) if self.momentum else g
         direction = tree_axpy(self.momentum, v, g) if self.nesterov else v
-        info = {"loss": value, "step_norm": self.lr * tree_norm(direction), "grad_norm": tree_norm(g)}
-        new = tree_axpy(-self.lr, direction, params)
+        new, info = descend(value, params, direction, self.lr, grad_norm=tree_norm(g))
         return new, SGDState(v=v if self.momentum else state.v, count=state.count + 1), info
 
 
